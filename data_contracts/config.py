@@ -1,0 +1,266 @@
+"""The one typed configuration of a DPO run.
+
+Loaded from YAML, overridden field by field (``--set train.learning_rate=1e-6``) and validated with
+pydantic. Unknown or ill-typed fields raise :class:`ConfigError` whose message names the field.
+Defaults follow TRL's ``DPOConfig`` where TRL has the knob (beta 0.1, learning rate 1e-6,
+max_length 1024, truncation ``keep_start``...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN_DATASET = "builtin:answer-format"
+BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A user error in the run configuration (one line, names the field)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = Field(BUILTIN_DATASET, description="Train data: a local file/folder, a hub dataset id, "
+                        "or 'builtin:answer-format' (the bundled, generated dataset).")
+    eval_source: str | None = Field(None, description="Held-out data; default: the builtin eval split, or "
+                                    "eval_fraction of source.")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Held-out share of source when "
+                                 "eval_source is not given.")
+    format: str = Field("auto", description="Input layout: auto, or a named adapter.")
+    train_limit: int | None = Field(None, ge=1, description="Use only the first N valid train pairs "
+                                    "(after a seeded shuffle).")
+    eval_limit: int | None = Field(None, ge=1, description="Use only the first N valid eval pairs.")
+    max_length: int = Field(1024, ge=8, description="Max tokens of prompt + completion (TRL default).")
+    truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
+    invalid_policy: Literal["fail", "quarantine"] = "quarantine"
+    max_invalid_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    shuffle_seed: int = 0
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(BUILTIN_MODEL, description="Hugging Face id, local folder, or "
+                              "'builtin:smollm2-135m-instruct'.")
+    tokenizer: str | None = Field(None, description="Tokenizer id/folder (default: the model's).")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    chat_template_path: str | None = None
+
+
+class ReferenceConfig(_Section):
+    source: Literal["precomputed"] = "precomputed"
+    batch_size: int = Field(16, ge=1, description="Sequences per reference forward pass.")
+
+
+class LossConfig(_Section):
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    beta: float = Field(0.1, gt=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+
+
+class TrainConfig(_Section):
+    per_device_train_batch_size: int = Field(8, ge=1, description="Pairs per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-6, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    num_train_epochs: float = Field(1.0, gt=0.0)
+    max_steps: int = Field(-1, description="Optimizer steps; -1 derives them from num_train_epochs.")
+    seed: int = 42
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: fp32 on CPU, bf16 "
+                                                       "autocast on GPU.")
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    logit_chunk_size: int = Field(8192, ge=128, description="Vocabulary tile of the fused log-prob head.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("must be -1 (use num_train_epochs) or a positive number of steps")
+        return v
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(16, ge=1)
+    num_prompts: int = Field(32, ge=0, description="Held-out prompts to generate on (0: no generation).")
+    max_new_tokens: int = Field(32, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    judge: str | None = Field("data_contracts.builtin:judge", description="'module:function' scoring "
+                              "(prompt, response, row) -> float in [0, 1]; null: no judge.")
+
+
+class GateConfig(_Section):
+    thresholds: dict[str, float] = Field(default_factory=dict, description="metric -> minimum value "
+                                         "required for the new version to become champion.")
+
+
+class RegistryConfig(_Section):
+    enabled: bool = True
+    experiment: str = "dpo"
+    model_name: str = "dpo-policy"
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
+class TrackingConfig(_Section):
+    mlflow_tracking_uri: str | None = Field(None, description="Default: SQLite store under the state "
+                                            "home. Or set MLFLOW_TRACKING_URI.")
+
+
+class RunConfig(_Section):
+    run_name: str | None = Field(None, description="Run folder name (default: time stamp + config hash).")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _cross(self) -> "RunConfig":
+        if self.loss.loss_type == "hinge" and self.loss.label_smoothing:
+            raise ValueError("loss.label_smoothing has no effect with loss_type=hinge; set it to 0")
+        return self
+
+    def section_hash(self, *names: str) -> str:
+        """Stable hash of the named sections (e.g. ``"data", "model"``): a cache-key component."""
+        blob = json.dumps({n: getattr(self, n).model_dump(mode="json") for n in names}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+def _format_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif "input" in e and not isinstance(e["input"], (dict, list)):
+            msg = f"{msg} (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}")
+    return "config error: " + "; ".join(parts)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``train.learning_rate=1e-6`` -> (['train', 'learning_rate'], 1e-06). Values are YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"config error: override {item!r} must look like section.field=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"config error: override {item!r} has an empty field name")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any] | list[str] | None) -> dict:
+    """Apply ``{'train.lr': 1e-6}`` or ``['train.lr=1e-6']`` onto a nested dict (copied)."""
+    out = json.loads(json.dumps(data))
+    if not overrides:
+        return out
+    items = ([parse_override(o) for o in overrides] if isinstance(overrides, list)
+             else [([p for p in k.split(".") if p], v) for k, v in overrides.items()])
+    for path, value in items:
+        node = out
+        for p in path[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(f"config error: {'.'.join(path)}: {p} is not a section")
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None,
+                overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
+    """Read YAML (or start from defaults), apply overrides, validate. Raises ConfigError."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config error: file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config error: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config error: {p} must hold a mapping of sections")
+    data = apply_overrides(data, overrides)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+# ------------------------------------------------------------------------------------- state home
+
+def project_root() -> Path | None:
+    """The source checkout this package runs from, if any (holds pyproject.toml)."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def state_home() -> Path:
+    """Where Prefect, MLflow, caches and runs live: $DPO_HOME, else <checkout>/.dpo, else ./.dpo."""
+    env = os.environ.get("DPO_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    root = project_root()
+    return (root if root is not None else Path.cwd()) / ".dpo"
+
+
+def mlflow_uri(cfg: RunConfig | None = None) -> str:
+    if cfg is not None and cfg.tracking.mlflow_tracking_uri:
+        return cfg.tracking.mlflow_tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{state_home() / 'mlflow' / 'mlflow.db'}"  # absolute path -> four slashes
+
+
+def local_state_env() -> dict[str, str]:
+    """Environment that keeps Prefect, Hugging Face and MLflow state under the state home.
+    Apply with ``os.environ.setdefault`` before importing prefect: explicit settings win."""
+    home = state_home()
+    return {
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "prefect" / "results"),
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "true",
+        "HF_HOME": str(home / "hf"),
+        "HF_DATASETS_CACHE": str(home / "hf" / "datasets"),
+        "MPLCONFIGDIR": str(home / "matplotlib"),
+        "GIT_PYTHON_REFRESH": "quiet",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def apply_local_state_env() -> None:
+    for k, v in local_state_env().items():
+        os.environ.setdefault(k, v)

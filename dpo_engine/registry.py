@@ -1,0 +1,356 @@
+"""MLflow tracking and model registry for DPO runs (pure library, no Prefect).
+
+Every function works on an explicit run id through :class:`mlflow.MlflowClient`, so stages running
+in separate processes can log to the same run; nothing is left as MLflow's "active run".
+
+Local stores (sqlite) keep all artifacts under ``state_home()/mlflow/artifacts/<experiment>``,
+never in ``./mlruns`` or ``$HOME``.
+
+A registered model is an MLflow ``transformers`` model (task ``text-generation``): its artifacts
+hold ``model/`` (config.json, generation_config.json, model.safetensors) and
+``components/tokenizer/`` (tokenizer files and chat_template.jinja). ``download_hf_folder`` puts
+them back together as one Hugging Face folder; ``load_registered`` loads (model, tokenizer).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from data_contracts.config import state_home
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+MAX_TAG_LEN = 5000  # registry tag value limit
+BATCH = 100  # params/tags per log_batch request
+DEFAULT_METRICS = ["rewards/margins", "rewards/accuracies", "loss",
+                   "eval/rewards/accuracies", "eval/win_rate"]
+KEY_PARAMS = ["loss.loss_type", "loss.beta", "loss.label_smoothing", "train.learning_rate",
+              "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
+              "train.max_steps", "train.num_train_epochs", "model.name_or_path", "data.source"]
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking store cannot be reached or created (one-line message)."""
+
+
+def _client() -> MlflowClient:
+    return MlflowClient()
+
+
+def _unavailable(uri: str, reason: Any) -> TrackingUnavailable:
+    reason = " ".join(str(reason).split()) or type(reason).__name__
+    return TrackingUnavailable(f"cannot reach MLflow tracking server at {uri}: {reason}; "
+                               "start it or set tracking.mlflow_tracking_uri")
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(unquote(path))
+
+
+def _is_local_store(uri: str) -> bool:
+    return urlparse(uri).scheme in ("sqlite", "file", "")
+
+
+# ----------------------------------------------------------------------------------------- connect
+
+def connect(tracking_uri: str, timeout: float = 3.0) -> None:
+    """Point MLflow tracking and registry at ``tracking_uri``; fail fast if it cannot be used."""
+    scheme = urlparse(tracking_uri).scheme
+    if scheme in ("http", "https"):
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                if resp.status >= 400:
+                    raise _unavailable(tracking_uri, f"GET /health returned HTTP {resp.status}")
+        except urllib.error.HTTPError as e:
+            raise _unavailable(tracking_uri, f"GET /health returned HTTP {e.code}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise _unavailable(tracking_uri, getattr(e, "reason", e)) from None
+    elif (db := _sqlite_path(tracking_uri)) is not None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _unavailable(tracking_uri, f"cannot create folder {db.parent}: "
+                               f"{e.strerror or e}") from None
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+
+
+# ------------------------------------------------------------------------------------ experiments
+
+def ensure_experiment(name: str) -> str:
+    """Experiment id of ``name``, created (or restored) if needed."""
+    client = _client()
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        location = None
+        if _is_local_store(mlflow.get_tracking_uri()):
+            folder = state_home() / "mlflow" / "artifacts" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            location = folder.as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by another process
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def start_run(experiment: str, run_name: str, tags: dict | None = None,
+              run_id: str | None = None) -> str:
+    """Create a run (or re-open ``run_id``) and return its id. It is not made the active run."""
+    client = _client()
+    if run_id:
+        run = client.get_run(run_id)
+        if run.info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        if tags:
+            set_tags(run_id, tags)
+        return run_id
+    exp_id = ensure_experiment(experiment)
+    run = client.create_run(exp_id, run_name=run_name,
+                            tags={k: str(v) for k, v in (tags or {}).items()})
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    _client().set_terminated(run_id, status=status)
+
+
+# -------------------------------------------------------------------------------------- logging
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{'loss': {'beta': 0.1}}`` -> ``{'loss.beta': 0.1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def log_params(run_id: str, params: dict) -> None:
+    """Log (nested) params. Keys already logged with the same value are skipped; a different
+    value for an existing key raises ValueError (MLflow params are immutable)."""
+    client = _client()
+    existing = client.get_run(run_id).data.params
+    new, changed = [], []
+    for key, value in flatten(params).items():
+        value = str(value)[:MAX_PARAM_LEN]
+        if key not in existing:
+            new.append(Param(key, value))
+        elif existing[key] != value:
+            changed.append(f"{key} ({existing[key]!r} -> {value!r})")
+    if changed:
+        raise ValueError(f"run {run_id} already has different values for params: "
+                         + ", ".join(changed))
+    for i in range(0, len(new), BATCH):
+        client.log_batch(run_id, params=new[i:i + BATCH])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    """Log metrics in one batch; names are kept as given (``rewards/margins``). None is skipped."""
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+    for i in range(0, len(items), 1000):
+        _client().log_batch(run_id, metrics=items[i:i + 1000])
+
+
+def set_tags(run_id: str, tags: dict) -> None:
+    items = [RunTag(k, str(v)[:MAX_TAG_LEN]) for k, v in tags.items()]
+    for i in range(0, len(items), BATCH):
+        _client().log_batch(run_id, tags=items[i:i + BATCH])
+
+
+def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    """Log a file, or every file of a folder, under ``artifact_path``."""
+    path = Path(path)
+    if path.is_dir():
+        _client().log_artifacts(run_id, str(path), artifact_path)
+    else:
+        _client().log_artifact(run_id, str(path), artifact_path)
+
+
+def log_dict(run_id: str, dictionary: dict, filename: str) -> None:
+    """Write ``dictionary`` as JSON/YAML (by ``filename``'s suffix) into the run's artifacts."""
+    _client().log_dict(run_id, dictionary, filename)
+
+
+# -------------------------------------------------------------------------------------- registry
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in ("transformers", "torch", "tokenizers", "safetensors", "accelerate"):
+        try:
+            reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
+        except PackageNotFoundError:
+            if pkg != "accelerate":
+                reqs.append(pkg)
+    return reqs
+
+
+def _log_hf_model(run_id: str, model_dir: Path) -> tuple[str, str]:
+    """Log ``model_dir`` to the run as an MLflow transformers model; returns (model_uri, model_id)."""
+    from mlflow.models import infer_signature
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    client = _client()
+    run = client.get_run(run_id)
+    # Create the LoggedModel in the run's experiment ourselves: left to MLflow it would land in the
+    # default experiment (./mlruns) since there is no active run.
+    logged = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True,
+                                                 trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    example = "Hello"
+    signature = infer_signature(example, ["text"],
+                                params={"max_new_tokens": 64, "do_sample": False,
+                                        "temperature": 1.0, "top_p": 1.0})
+    info = mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name="model", task="text-generation", run_id=run_id, model_id=logged.model_id,
+        pip_requirements=_pip_requirements(), signature=signature, input_example=example,
+        model_config={"max_new_tokens": 64}, tags={"run_id": run_id})
+    return info.model_uri, info.model_id
+
+
+def _version_of_run(model_name: str, run_id: str):
+    client = _client()
+    for mv in client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'"):
+        if mv.tags.get("run_id") == run_id:
+            return mv
+    return None
+
+
+def _gate(metrics: dict[str, float], thresholds: dict[str, float]) -> list[str]:
+    """Reasons the gate fails (empty list: passed)."""
+    reasons = []
+    for name, minimum in thresholds.items():
+        if metrics.get(name) is None:
+            reasons.append(f"{name}: missing from metrics (required >= {minimum:g})")
+            continue
+        value = float(metrics[name])
+        if math.isnan(value) or value < minimum:
+            reasons.append(f"{name}: {value:.4g} < required {minimum:g}")
+    return reasons
+
+
+def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
+                   metrics: dict[str, float], gate_thresholds: dict[str, float],
+                   tags: dict[str, str] | None = None) -> dict:
+    """Log the Hugging Face folder ``model_dir`` to the run, register it as a new version of
+    ``model_name`` with alias ``challenger``, and make it ``champion`` when every gate metric
+    is >= its threshold. Idempotent per (model_name, run_id)."""
+    client = _client()
+    reasons = _gate(metrics, gate_thresholds)
+    mv = _version_of_run(model_name, run_id)
+    if mv is None:
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir} is not a Hugging Face model folder "
+                                    "(no config.json)")
+        model_uri, model_id = _log_hf_model(run_id, model_dir)
+        try:
+            client.create_registered_model(model_name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version_tags = {**{k: str(v)[:MAX_TAG_LEN] for k, v in (tags or {}).items()},
+                        "run_id": run_id, "gate_passed": str(not reasons).lower()}
+        mv = client.create_model_version(model_name, source=model_uri, run_id=run_id,
+                                         tags=version_tags, model_id=model_id)
+        newest = True
+    else:  # already registered: only finish aliases if this is still the newest version
+        latest = max(int(v.version) for v in client.search_model_versions(f"name = '{model_name}'"))
+        newest = int(mv.version) == latest
+    if newest:
+        client.set_registered_model_alias(model_name, CHALLENGER, mv.version)
+        if not reasons:
+            client.set_registered_model_alias(model_name, CHAMPION, mv.version)
+    aliases = sorted(client.get_model_version(model_name, mv.version).aliases)
+    return {"model_name": model_name, "version": int(mv.version),
+            "model_uri": f"models:/{model_name}/{mv.version}", "aliases": aliases,
+            "gate_passed": not reasons, "gate_reasons": reasons, "run_id": run_id}
+
+
+def download_hf_folder(model_uri: str, dst: str | Path) -> Path:
+    """Download a registered model and lay it out as one Hugging Face folder at ``dst``
+    (config, safetensors weights, tokenizer files, chat_template.jinja)."""
+    dst = Path(dst)
+    with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        dst.mkdir(parents=True, exist_ok=True)
+        for sub in (root / "model", root / "components" / "tokenizer"):
+            if sub.is_dir():
+                shutil.copytree(sub, dst, dirs_exist_ok=True)
+    return dst
+
+
+def load_registered(model_uri: str):
+    """(model, tokenizer) from a ``models:/name/version`` or ``models:/name@alias`` URI."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = download_hf_folder(model_uri, Path(tmp) / "hf")
+        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True,
+                                                     trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------- compare
+
+def compare_runs(experiment: str, last: int = 10, metrics: list[str] | None = None,
+                 params: list[str] | None = None):
+    """One row per run of ``experiment`` (newest first) with key params, the latest value of each
+    metric and the registered model versions (``name/version``) and aliases from that run."""
+    import pandas as pd
+
+    metrics = list(metrics or DEFAULT_METRICS)
+    client = _client()
+    exp = client.get_experiment_by_name(experiment)
+    base = ["run_name", "run_id", "start_time", "status"]
+    if exp is None:
+        return pd.DataFrame(columns=base + metrics + ["model_versions", "aliases"])
+    runs = client.search_runs([exp.experiment_id], max_results=last,
+                              order_by=["attributes.start_time DESC"])
+    wanted = params or KEY_PARAMS
+    param_cols = [p for p in wanted if any(p in r.data.params for r in runs)]
+    rows = []
+    for r in runs:
+        # search results carry no aliases: fetch each version
+        versions = [client.get_model_version(v.name, v.version)
+                    for v in client.search_model_versions(f"run_id = '{r.info.run_id}'")]
+        row = {"run_name": r.info.run_name, "run_id": r.info.run_id,
+               "start_time": pd.to_datetime(r.info.start_time, unit="ms", utc=True),
+               "status": r.info.status}
+        row.update({p: r.data.params.get(p) for p in param_cols})
+        row.update({m: r.data.metrics.get(m) for m in metrics})
+        row["model_versions"] = ", ".join(f"{v.name}/{v.version}" for v in versions)
+        row["aliases"] = ", ".join(f"{v.name}@{a}" for v in versions for a in sorted(v.aliases))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=base + param_cols + metrics + ["model_versions", "aliases"])

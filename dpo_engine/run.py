@@ -1,0 +1,77 @@
+"""A pipeline run: its folder, the checks before any compute, and summary.json."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+from data_contracts.config import BUILTIN_DATASET, BUILTIN_MODEL, ConfigError, RunConfig, mlflow_uri, state_home
+from dpo_engine.stages.common import STAGES, write_json
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    name = cfg.run_name or (dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+                            + "-" + cfg.section_hash("data", "model", "loss", "train")[:6])
+    run_dir = state_home() / "runs" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    return run_dir
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Fail before any compute on what can be checked cheaply: data paths, judge, MLflow."""
+    from dpo_engine import registry
+    from dpo_engine.evaluation import load_judge
+
+    for field in ("source", "eval_source"):
+        src = getattr(cfg.data, field)
+        if src and not src.startswith("builtin:") and src.startswith((".", "/", "~")) \
+                and not Path(src).expanduser().exists():
+            raise ConfigError(f"data.{field}: file not found: {src}")
+    if cfg.data.source.startswith("builtin:") and not cfg.data.source.startswith(BUILTIN_DATASET):
+        raise ConfigError(f"data.source: unknown builtin dataset {cfg.data.source!r}; known: {BUILTIN_DATASET}")
+    if cfg.model.name_or_path.startswith("builtin:") and cfg.model.name_or_path != BUILTIN_MODEL:
+        raise ConfigError(f"model.name_or_path: unknown builtin model {cfg.model.name_or_path!r}; "
+                          f"known: {BUILTIN_MODEL}")
+    if cfg.eval.judge:
+        load_judge(cfg.eval.judge)
+    if cfg.registry.enabled:
+        registry.connect(mlflow_uri(cfg))
+
+
+def write_summary(run_dir: Path, results: dict[str, dict], status: str, error: str | None = None) -> dict:
+    stages = {}
+    for s in STAGES:
+        r = results.get(s)
+        stages[s] = ({"status": "reused" if r.get("reused") else "completed", "seconds": r.get("seconds"),
+                      "summary": r.get("summary"), "metrics": r.get("metrics", {})}
+                     if r else {"status": "not run"})
+    reg = results.get("register", {})
+    summary = {
+        "run_dir": str(run_dir), "status": status, "error": error, "stages": stages,
+        "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI") or None,
+        "mlflow_run_id": results.get("train", {}).get("mlflow_run_id"),
+        "registered_model": reg.get("model_name"), "registered_version": reg.get("version"),
+        "aliases": reg.get("aliases"), "gate_passed": reg.get("gate_passed"),
+    }
+    write_json(Path(run_dir) / "summary.json", summary)
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    """Evaluation summary, policy vs reference, as a fixed-width text table."""
+    m = summary["stages"].get("evaluate", {}).get("metrics", {})
+    rows = [("held-out reward accuracy", m.get("eval/rewards/accuracies"), None),
+            ("held-out reward margin", m.get("eval/rewards/margins"), None),
+            ("held-out DPO loss", m.get("eval/loss"), 0.6931 if "eval/loss" in m else None),
+            ("judge score (mean)", m.get("eval/policy_score"), m.get("eval/reference_score")),
+            ("response length (chars)", m.get("eval/policy_response_chars"), m.get("eval/reference_response_chars")),
+            ("win-rate vs reference", m.get("eval/win_rate"), None),
+            ("KL(policy||reference)", m.get("eval/kl_policy_reference"), 0.0 if m else None)]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    lines = [f"{'metric':<28}{'policy':>10}{'reference':>12}", "-" * 50]
+    lines += [f"{name:<28}{fmt(p):>10}{fmt(r):>12}" for name, p, r in rows if p is not None]
+    if "eval/win_rate_ci_low" in m:
+        lines.append(f"win-rate 95% CI: [{m['eval/win_rate_ci_low']:.3f}, {m['eval/win_rate_ci_high']:.3f}]")
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""What every stage shares: content fingerprints, the stage index (reuse across runs), atomic JSON."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from data_contracts.config import BUILTIN_DATASET, state_home
+
+STAGES = ("validate", "precompute", "train", "evaluate", "register")
+
+
+def fingerprint(*parts) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def source_fingerprint(source: str | None) -> str:
+    """Content hash of a local file or folder of files; the id itself for builtin/hub sources."""
+    from dpo_engine.models import _file_sha256
+
+    if source is None:
+        return "none"
+    if source.startswith(BUILTIN_DATASET):
+        from data_contracts.builtin import DATASET_VERSION
+        return f"{source}#{DATASET_VERSION}"
+    p = Path(source).expanduser()
+    if p.is_file():
+        return _file_sha256(p)[:16]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        return fingerprint([(str(f.relative_to(p)), _file_sha256(f)) for f in files])
+    return f"hub:{source}"
+
+
+def _index_path(stage: str, fp: str) -> Path:
+    return state_home() / "cache" / "stage_index" / f"{stage}-{fp}.json"
+
+
+def lookup(stage: str, fp: str) -> dict | None:
+    """A previous result with this fingerprint whose outputs all still exist, else None."""
+    p = _index_path(stage, fp)
+    try:
+        res = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    if all(Path(o).exists() for o in res.get("outputs", [])):
+        return res
+    return None
+
+
+def outputs_token(stage: str, fp: str) -> str | None:
+    """Identifies the recorded outputs (paths, sizes, mtimes) of a fingerprint; None if unusable."""
+    res = lookup(stage, fp)
+    if res is None:
+        return None
+    stats = [(o, os.stat(o).st_size, os.stat(o).st_mtime_ns) for o in res["outputs"]]
+    return fingerprint(stats)[:8]
+
+
+def record(stage: str, fp: str, result: dict) -> dict:
+    """Index a fresh result for reuse and save it as <run_dir>/<stage>.json."""
+    write_json(_index_path(stage, fp), result)
+    write_json(Path(result["run_dir"]) / f"{stage}.json", result)
+    return result
+
+
+def reused(stage: str, fp: str, run_dir: Path) -> dict | None:
+    """An earlier result with the same fingerprint (saved into this run's folder), or None."""
+    hit = lookup(stage, fp)
+    if hit is None:
+        return None
+    src = Path(hit["run_dir"]).name
+    summary = hit["summary"] if hit["summary"].startswith(f"{stage}: reused") else \
+        f"{stage}: reused from run {src} ({hit['summary'].split(': ', 1)[-1]})"
+    res = {**hit, "reused": True, "seconds": 0.0, "summary": summary}
+    write_json(Path(run_dir) / f"{stage}.json", res)
+    return res
+
+
+def load_result(run_dir: Path, stage: str) -> dict:
+    """The saved result of an earlier stage of this run (for the per-stage CLI commands)."""
+    p = Path(run_dir) / f"{stage}.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found: run `dpo {stage} --run-dir {run_dir}` first")
+    return json.loads(p.read_text())
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0

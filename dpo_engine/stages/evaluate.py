@@ -1,0 +1,88 @@
+"""Stage 4: the trained policy against its reference, on held-out pairs and held-out prompts."""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from data_contracts.config import RunConfig, mlflow_uri
+from dpo_engine import registry
+from dpo_engine.evaluation import generate, judge_table, load_judge, preference_metrics, sample_kl
+from dpo_engine.models import load_model, load_tokenizer, pick_device
+from dpo_engine.refcache import read_cache
+from dpo_engine.stages.common import Timer, fingerprint, record, reused, write_json
+
+STAGE = "evaluate"
+
+
+def key(cfg: RunConfig, trained: dict) -> str:
+    return fingerprint(STAGE, trained["fingerprint"], cfg.section_hash("eval"))
+
+
+def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, trained: dict) -> dict:
+    fp = key(cfg, trained)
+    hit = reused(STAGE, fp, run_dir)
+    if hit:
+        return hit
+    out = Path(run_dir) / STAGE
+    device = pick_device()
+    judge = load_judge(cfg.eval.judge) if cfg.eval.judge else None
+    pairs = pd.read_parquet(validated["eval"]["valid"])
+    ref = read_cache(Path(precomputed["eval_ref"]), expect_ids=pairs["example_id"].tolist(),
+                     expect_key=precomputed["fingerprint"])
+    tok = load_tokenizer(cfg.model, validated["model_path"])
+    with Timer() as t:
+        policy = load_model(cfg.model, trained["model_dir"], device)
+        metrics = preference_metrics(policy, pairs, ref, loss_cfg=cfg.loss, pad_id=tok.pad_token_id,
+                                     batch_size=cfg.eval.batch_size,
+                                     chunk_size=cfg.train.logit_chunk_size, device=device)
+        table = pd.DataFrame()
+        rows = pairs.head(cfg.eval.num_prompts).to_dict("records")
+        if rows:
+            reference = load_model(cfg.model, validated["model_path"], device)
+            prompts = [list(r["prompt_input_ids"]) for r in rows]
+            texts = {}
+            for name, model in (("policy", policy), ("reference", reference)):
+                with tqdm(total=len(prompts), desc=f"generate {name}", unit="prompt") as bar:
+                    ids = generate(model, tok, prompts, cfg.eval, device=device, progress=bar.update)
+                texts[name] = [tok.decode(x, skip_special_tokens=True) for x in ids]
+                if name == "policy":
+                    metrics["eval/kl_policy_reference"] = sample_kl(
+                        policy, reference, prompts, ids, eos_id=tok.eos_token_id,
+                        pad_id=tok.pad_token_id, batch_size=cfg.eval.batch_size, device=device)
+            if judge is not None:
+                table, judged = judge_table(rows, texts["policy"], texts["reference"], judge)
+                metrics.update(judged)
+            else:
+                table = pd.DataFrame({"prompt": [json.loads(r["prompt"]) for r in rows],
+                                      "policy_response": texts["policy"],
+                                      "reference_response": texts["reference"]})
+            del reference
+        del policy
+        gc.collect()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", metrics)
+    table.to_json(out / "samples.jsonl", orient="records", lines=True, force_ascii=False)
+
+    registry.connect(mlflow_uri(cfg))
+    registry.log_metrics(trained["mlflow_run_id"], metrics)
+    registry.log_artifact(trained["mlflow_run_id"], out / "samples.jsonl", "evaluation")
+    registry.log_artifact(trained["mlflow_run_id"], out / "metrics.json", "evaluation")
+
+    summary = (f"evaluate: eval accuracy {metrics['eval/rewards/accuracies']:.2f}, "
+               f"margin {metrics['eval/rewards/margins']:.3f}")
+    if "eval/win_rate" in metrics:
+        summary += (f", judge score policy {metrics['eval/policy_score']:.2f} vs reference "
+                    f"{metrics['eval/reference_score']:.2f}, win-rate {metrics['eval/win_rate']:.2f} "
+                    f"[{metrics['eval/win_rate_ci_low']:.2f}, {metrics['eval/win_rate_ci_high']:.2f}]")
+    result = {
+        "stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False, "seconds": t.seconds,
+        "metrics": metrics, "samples": str(out / "samples.jsonl"),
+        "outputs": [str(out / "metrics.json"), str(out / "samples.jsonl")],
+        "summary": summary + f" in {t.seconds:.1f}s",
+    }
+    return record(STAGE, fp, result)

@@ -1,0 +1,74 @@
+"""Stage 3: DPO training of the policy against the cached reference log-probs."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from data_contracts.config import RunConfig, mlflow_uri
+from dpo_engine import registry
+from dpo_engine.models import load_model, load_tokenizer, model_fingerprint, pick_device
+from dpo_engine.refcache import read_cache
+from dpo_engine.stages.common import Timer, fingerprint, record, reused, write_json
+from dpo_engine.trainer import total_steps, train
+
+STAGE = "train"
+
+
+def key(cfg: RunConfig, precomputed: dict) -> str:
+    return fingerprint(STAGE, precomputed["fingerprint"], cfg.section_hash("loss", "train"))
+
+
+def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> dict:
+    fp = key(cfg, precomputed)
+    hit = reused(STAGE, fp, run_dir)
+    if hit:
+        return hit
+    out = Path(run_dir) / STAGE
+    device = pick_device()
+    pairs = pd.read_parquet(validated["train"]["valid"])
+    ref = read_cache(Path(precomputed["train_ref"]), expect_ids=pairs["example_id"].tolist(),
+                     expect_key=precomputed["fingerprint"])
+    tok = load_tokenizer(cfg.model, validated["model_path"])
+
+    registry.connect(mlflow_uri(cfg))
+    run_id = registry.start_run(cfg.registry.experiment, Path(run_dir).name,
+                                tags={"dpo.fingerprint": fp, "dpo.run_dir": str(run_dir),
+                                      "dpo.base_model": cfg.model.name_or_path})
+    registry.log_params(run_id, cfg.model_dump(mode="json"))
+    registry.log_metrics(run_id, validated.get("metrics", {}))
+
+    with Timer() as t:
+        model = load_model(cfg.model, validated["model_path"], device)
+        steps = total_steps(len(pairs), cfg.train)
+        with tqdm(total=steps, desc="train", unit="step") as bar:
+            def on_step(step, m):
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}",
+                                margin=f"{m['rewards/margins']:.3f}")
+
+            res = train(model, pairs, ref, loss_cfg=cfg.loss, cfg=cfg.train, pad_id=tok.pad_token_id,
+                        out_dir=out, device=device, progress=on_step,
+                        log_fn=lambda m, s: registry.log_metrics(run_id, m, step=s))
+        model_dir = out / "model"
+        model.save_pretrained(model_dir, safe_serialization=True)
+        tok.save_pretrained(model_dir)
+        del model
+        gc.collect()
+    write_json(out / "history.json", res.history)
+    final = {k: v for k, v in res.final.items() if k != "step"}
+    result = {
+        "stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False, "seconds": t.seconds,
+        "model_dir": str(model_dir), "model_fingerprint": model_fingerprint(str(model_dir)),
+        "mlflow_run_id": run_id, "steps": res.steps, "resumed_from": res.resumed_from,
+        "history": str(out / "history.json"),
+        "outputs": [str(model_dir / "config.json"), str(out / "history.json")],
+        "metrics": final,
+        "summary": (f"train: {res.steps} steps in {t.seconds:.1f}s, final loss {final.get('loss', float('nan')):.4f}, "
+                    f"accuracy {final.get('rewards/accuracies', float('nan')):.2f}, "
+                    f"margin {final.get('rewards/margins', float('nan')):.3f}"),
+    }
+    return record(STAGE, fp, result)

@@ -1,0 +1,73 @@
+"""Stage 1: validate/convert the train and eval data into tokenized, explicit ``valid.parquet``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_contracts.config import BUILTIN_DATASET, RunConfig
+from data_contracts.sources import load_rows
+from data_contracts.validate import split_rows, validate_split
+from dpo_engine.models import (load_tokenizer, model_fingerprint, resolve_model_path,
+                               tokenizer_fingerprint)
+from dpo_engine.stages.common import Timer, fingerprint, record, reused, source_fingerprint
+
+STAGE = "validate"
+
+
+def _sources(cfg: RunConfig):
+    d = cfg.data
+    if d.eval_source:
+        return d.source, d.eval_source
+    if d.source.startswith(BUILTIN_DATASET):
+        return d.source, f"{BUILTIN_DATASET}@eval"
+    return d.source, None  # eval carved out of source by eval_fraction
+
+
+def key(cfg: RunConfig, tokenizer=None) -> str:
+    train_src, eval_src = _sources(cfg)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model.name_or_path))
+    return fingerprint(STAGE, source_fingerprint(train_src), source_fingerprint(eval_src),
+                       tokenizer_fingerprint(tokenizer), cfg.section_hash("data"))
+
+
+def run(cfg: RunConfig, run_dir: Path) -> dict:
+    model_path = resolve_model_path(cfg.model.name_or_path)
+    tok = load_tokenizer(cfg.model, model_path)
+    fp = key(cfg, tok)
+    hit = reused(STAGE, fp, run_dir)
+    if hit:
+        return hit
+    out = Path(run_dir) / STAGE
+    train_src, eval_src = _sources(cfg)
+    with Timer() as t:
+        if eval_src is None:
+            train_rows, eval_rows = split_rows(load_rows(train_src), cfg.data.eval_fraction,
+                                               cfg.data.shuffle_seed)
+        else:
+            train_rows, eval_rows = train_src, eval_src
+        reports = {
+            "train": validate_split(train_rows, out / "train", tok, cfg.data, split="train",
+                                    limit=cfg.data.train_limit),
+            "eval": validate_split(eval_rows, out / "eval", tok, cfg.data, split="eval",
+                                   limit=cfg.data.eval_limit),
+        }
+    splits = {name: {"valid": str(out / name / "valid.parquet"),
+                     "rejects": str(out / name / "rejects.parquet"),
+                     "report": str(out / name / "report.json"),
+                     "rows": r["valid"], "rows_in": r["rows_in"], "rejected": r["rejected"],
+                     "fingerprint": r["fingerprint"]} for name, r in reports.items()}
+    tr, ev = reports["train"], reports["eval"]
+    result = {
+        "stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False,
+        "seconds": t.seconds, **splits,
+        "model_path": model_path, "model_fingerprint": model_fingerprint(model_path, cfg.model.revision),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+        "outputs": [s[k] for s in splits.values() for k in ("valid", "rejects", "report")],
+        "metrics": {"data/train_pairs": tr["valid"], "data/eval_pairs": ev["valid"],
+                    "data/train_rejected": tr["rejected"], "data/eval_rejected": ev["rejected"]},
+        "summary": (f"validate: train {tr['valid']}/{tr['rows_in']} valid ({tr['rejected']} rejected), "
+                    f"eval {ev['valid']}/{ev['rows_in']} valid ({ev['rejected']} rejected) "
+                    f"in {t.seconds:.1f}s"),
+    }
+    return record(STAGE, fp, result)

@@ -1,0 +1,225 @@
+"""The ``dpo`` command line: the whole flow, each stage on its own, serving and comparing.
+
+User errors (bad config, missing file, unreachable server, bad data) print one line and exit 1
+(2 when data fails its validation policy); no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import flows  # noqa: F401  (sets the project-local state environment before prefect is imported)
+from data_contracts.config import ConfigError, load_config, mlflow_uri, project_root, state_home
+
+NIGHTLY_CRON = "0 2 * * *"
+
+
+def default_config_path() -> str | None:
+    root = project_root()
+    p = root / "configs" / "default.yaml" if root else None
+    return str(p) if p and p.is_file() else None
+
+
+def _cfg(args):
+    return load_config(args.config, args.set)
+
+
+def _add_config_args(p: argparse.ArgumentParser, with_run_dir: bool = False) -> None:
+    p.add_argument("--config", "-c", default=default_config_path(),
+                   help="run config YAML (default: configs/default.yaml of this checkout)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one config field, e.g. --set train.learning_rate=1e-6 (repeatable)")
+    if with_run_dir:
+        p.add_argument("--run-dir", required=True, type=Path,
+                       help="run folder: earlier stages' results are read from it, this stage's written to it")
+
+
+# ------------------------------------------------------------------------------ commands
+
+def cmd_run(args) -> int:
+    overrides = list(args.set) + ([f"run_name={args.run_name}"] if args.run_name else [])
+    cfg = load_config(args.config, overrides)  # fail fast on config errors, before Prefect starts
+    from dpo_engine.run import summary_table
+    from flows.dpo import dpo
+
+    t0 = time.perf_counter()
+    summary = dpo(config=args.config, overrides={k: v for k, v in
+                                                 (o.split("=", 1) for o in overrides)} or None)
+    wall = time.perf_counter() - t0
+    print("\n" + "=" * 60)
+    for s in summary["stages"].values():
+        if s.get("summary"):
+            print(s["summary"])
+    print("=" * 60)
+    print(f"run folder:        {summary['run_dir']}")
+    print(f"summary:           {Path(summary['run_dir']) / 'summary.json'}")
+    print(f"MLflow:            {mlflow_uri(cfg)}  (experiment {cfg.registry.experiment!r}, run {summary['mlflow_run_id']})")
+    if summary.get("registered_version"):
+        print(f"registered model:  models:/{summary['registered_model']}/{summary['registered_version']} "
+              f"(aliases: {', '.join(summary.get('aliases') or []) or 'none'})")
+    print(f"wall time:         {wall:.1f}s\n")
+    print(summary_table(summary))
+    return 0
+
+
+def _stage_cmd(stage: str):
+    def run(args) -> int:
+        from dpo_engine import stages
+        from dpo_engine.stages.common import load_result
+
+        cfg = _cfg(args)
+        run_dir = args.run_dir.resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        upstream = {"validate": [], "precompute": ["validate"], "train": ["validate", "precompute"],
+                    "evaluate": ["validate", "precompute", "train"],
+                    "register": ["validate", "train", "evaluate"]}[stage]
+        prev = [load_result(run_dir, s) for s in upstream]
+        res = getattr(stages, stage).run(cfg, run_dir, *prev)
+        print(res["summary"])
+        print(f"result: {run_dir / (stage + '.json')}")
+        return 0
+    return run
+
+
+def cmd_validate(args) -> int:
+    if args.input is None:
+        if args.run_dir is None:
+            raise ConfigError("dpo validate: give INPUT --out DIR (one file) or --run-dir DIR (the pipeline stage)")
+        return _stage_cmd("validate")(args)
+    if args.out is None:
+        raise ConfigError("dpo validate INPUT needs --out DIR")
+    from data_contracts.errors import DataPolicyError
+    from data_contracts.validate import validate_split
+    from dpo_engine.models import load_tokenizer, resolve_model_path
+
+    overrides = list(args.set)
+    if args.max_length:
+        overrides.append(f"data.max_length={args.max_length}")
+    if args.format:
+        overrides.append(f"data.format={args.format}")
+    cfg = load_config(args.config, overrides)
+    tok_src = args.tokenizer or resolve_model_path(cfg.model.name_or_path)
+    tok = load_tokenizer(cfg.model, tok_src)
+    try:
+        rep = validate_split(args.input, Path(args.out), tok, cfg.data, split="input")
+    except DataPolicyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"validate: {rep['valid']}/{rep['rows_in']} valid, {rep['rejected']} rejected, "
+          f"{rep.get('duplicates', 0)} duplicates -> {args.out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from flows.dpo import dpo
+
+    params = {"config": str(Path(args.config).resolve())} if args.config else {}
+    print(f"serving deployment dpo/full (cron {args.cron!r} UTC) on {os.environ.get('PREFECT_API_URL')}; "
+          "Ctrl-C stops")
+    dpo.serve(name="full", cron=args.cron, parameters=params,
+              description="DPO pipeline: validate, precompute, train, evaluate, register")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from dpo_engine import registry
+
+    cfg = load_config(args.config, args.set)
+    registry.connect(mlflow_uri(cfg))
+    df = registry.compare_runs(args.experiment or cfg.registry.experiment, last=args.last,
+                               metrics=args.metric or None)
+    if df.empty:
+        print(f"no runs in experiment {args.experiment or cfg.registry.experiment!r}")
+        return 0
+    import pandas as pd
+    with pd.option_context("display.max_columns", None, "display.width", 200):
+        print(df.to_string(index=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="dpo", description="DPO alignment pipeline: validate -> precompute reference log-probs -> "
+        "train -> evaluate -> register. State lives under $DPO_HOME (default: <checkout>/.dpo).")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the whole dpo flow (local Prefect, local MLflow by default)",
+                       description="Run all five stages as a Prefect flow and print where to look.")
+    _add_config_args(p)
+    p.add_argument("--run-name", help="run folder name (default: time stamp + config hash)")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("validate", help="stage 1: validate/convert/tokenize preference data",
+                       description="Either `dpo validate INPUT --out DIR` (one file: writes valid.parquet, "
+                       "rejects.parquet, report.json; exit 2 if the data fails policy) or "
+                       "`dpo validate --run-dir DIR` (the pipeline stage on the config's data).")
+    p.add_argument("input", nargs="?", help="a data file/folder (omit to use the config's data)")
+    p.add_argument("--out", help="output folder for INPUT mode")
+    p.add_argument("--format", help="input layout (default: auto)")
+    p.add_argument("--tokenizer", help="tokenizer folder or id (default: the config's model)")
+    p.add_argument("--max-length", type=int, help="max prompt+completion tokens")
+    _add_config_args(p)
+    p.add_argument("--run-dir", type=Path, help="run folder (pipeline-stage mode)")
+    p.set_defaults(fn=cmd_validate)
+
+    for stage, text in (("precompute", "stage 2: reference log-probs of the validated pairs, to Parquet"),
+                        ("train", "stage 3: DPO training against the cached reference log-probs"),
+                        ("evaluate", "stage 4: held-out metrics and judged generations, policy vs reference"),
+                        ("register", "stage 5: log the model to MLflow, register a version, set aliases")):
+        p = sub.add_parser(stage, help=text, description=text + ". Reads earlier stages' results from "
+                           "--run-dir and writes its own there; needs no Prefect server.")
+        _add_config_args(p, with_run_dir=True)
+        p.set_defaults(fn=_stage_cmd(stage))
+
+    p = sub.add_parser("serve", help="serve the deployment dpo/full (nightly cron) to a Prefect server",
+                       description="Serve deployment dpo/full with a nightly schedule. Start a server first "
+                       "(prefect server start --host 127.0.0.1) and set PREFECT_API_URL.")
+    p.add_argument("--config", "-c", default=default_config_path(), help="default config of the deployment")
+    p.add_argument("--cron", default=NIGHTLY_CRON, help=f"schedule, UTC (default {NIGHTLY_CRON!r})")
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("compare", help="table of runs of an MLflow experiment",
+                       description="Print key params and metrics of the latest runs of an experiment.")
+    _add_config_args(p)
+    p.add_argument("--experiment", help="experiment name (default: the config's registry.experiment)")
+    p.add_argument("--last", type=int, default=10)
+    p.add_argument("--metric", action="append", help="metric to show (repeatable)")
+    p.set_defaults(fn=cmd_compare)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if os.environ.get("DPO_DEBUG"):
+        return args.fn(args)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # user-facing errors: one line, no traceback
+        msg = _user_message(e)
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        return 2 if type(e).__name__ == "DataPolicyError" else 1
+
+
+def _user_message(e: BaseException) -> str | None:
+    user_errors = {"ConfigError", "DataError", "DataPolicyError", "ModelError", "TrackingUnavailable",
+                   "CacheError", "EvaluationError", "TrainingError", "FileNotFoundError"}
+    seen = e
+    while seen is not None:  # Prefect may wrap the original exception
+        if type(seen).__name__ in user_errors:
+            return str(seen).removeprefix("error: ")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""One Prefect task per stage.
+
+Cache keys are the stages' content fingerprints (data, model, config section, upstream results)
+plus a token of the recorded outputs, so a key never points at outputs that were deleted: a run
+after a failure in stage k reuses stages before k, and changing only ``train.learning_rate``
+reuses validate and precompute.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from dpo_engine import stages
+from dpo_engine.stages.common import outputs_token
+
+RETRIES = 2
+KEY_INPUTS = {"validate": [], "precompute": ["validated"], "train": ["precomputed"],
+              "evaluate": ["trained"], "register": ["trained", "evaluated"]}
+
+
+def _cache_key(stage: str):
+    def key_fn(context, parameters) -> str | None:
+        upstream = [parameters[k] for k in KEY_INPUTS[stage]]
+        fp = getattr(stages, stage).key(parameters["cfg"], *upstream)
+        token = outputs_token(stage, fp)
+        return None if token is None else f"dpo-{stage}-{fp}-{token}"
+
+    return key_fn
+
+
+def _publish(result: dict) -> None:
+    lines = [f"### {result['stage']}", "", result["summary"], ""]
+    metrics = result.get("metrics") or {}
+    if metrics:
+        lines += ["| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                  for k, v in metrics.items()]
+    create_markdown_artifact(key=f"dpo-{result['stage']}", markdown="\n".join(lines),
+                             description=result["summary"])
+    print(result["summary"])
+
+
+def _stage_task(stage: str):
+    return task(name=stage, retries=RETRIES, retry_delay_seconds=2, cache_key_fn=_cache_key(stage),
+                persist_result=True, result_serializer="json", log_prints=True)
+
+
+@_stage_task("validate")
+def validate(cfg, run_dir: str) -> dict:
+    res = stages.validate.run(cfg, Path(run_dir))
+    _publish(res)
+    return res
+
+
+@_stage_task("precompute")
+def precompute(cfg, run_dir: str, validated: dict) -> dict:
+    res = stages.precompute.run(cfg, Path(run_dir), validated)
+    _publish(res)
+    return res
+
+
+@_stage_task("train")
+def train(cfg, run_dir: str, validated: dict, precomputed: dict) -> dict:
+    res = stages.train.run(cfg, Path(run_dir), validated, precomputed)
+    _publish(res)
+    return res
+
+
+@_stage_task("evaluate")
+def evaluate(cfg, run_dir: str, validated: dict, precomputed: dict, trained: dict) -> dict:
+    res = stages.evaluate.run(cfg, Path(run_dir), validated, precomputed, trained)
+    _publish(res)
+    if Path(res.get("samples", "")).is_file():
+        import pandas as pd
+        table = pd.read_json(res["samples"], lines=True).head(50)
+        if not table.empty:
+            create_table_artifact(key="dpo-evaluate-samples", table=table.astype(str).to_dict("records"),
+                                  description="held-out prompts: policy vs reference responses")
+    return res
+
+
+@_stage_task("register")
+def register(cfg, run_dir: str, validated: dict, trained: dict, evaluated: dict) -> dict:
+    res = stages.register.run(cfg, Path(run_dir), validated, trained, evaluated)
+    _publish(res)
+    return res
