@@ -264,3 +264,4 @@ def local_state_env() -> dict[str, str]:
 def apply_local_state_env() -> None:
     for k, v in local_state_env().items():
         os.environ.setdefault(k, v)
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)

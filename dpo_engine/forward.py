@@ -38,10 +38,10 @@ def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int)
     att = torch.zeros((s, t), dtype=torch.long)
     pred = torch.zeros((s, t), dtype=torch.bool)
     for i, (p, c) in enumerate(zip(prompts, completions)):
-        if not p or not c:
+        if len(p) == 0 or len(c) == 0:
             raise ValueError(f"sequence {i}: prompt and completion must be non-empty")
         n = len(p) + len(c)
-        ids[i, :n] = torch.tensor(list(p) + list(c))
+        ids[i, :n] = torch.tensor([int(x) for x in p] + [int(x) for x in c])
         att[i, :n] = 1
         pred[i, len(p) - 1:n - 1] = True
     targets = torch.cat([ids[:, 1:], torch.full((s, 1), pad_id, dtype=torch.long)], dim=1)

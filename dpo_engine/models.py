@@ -18,7 +18,7 @@ from torch import nn
 from data_contracts.config import BUILTIN_MODEL, ModelConfig, state_home
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"
 
 
 class ModelError(ValueError):
@@ -44,7 +44,11 @@ def builtin_smollm2(dest: Path | None = None) -> Path:
     folder = Path(spec.origin).parent
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    plain = LlamaForCausalLM(gguf_model.config)  # save_pretrained refuses a GGUF-loaded model
+    config = gguf_model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)  # the de-quantised copy is a plain fp32 model
+    plain = LlamaForCausalLM(config)  # save_pretrained refuses a GGUF-loaded model
     plain.load_state_dict(gguf_model.state_dict())
     plain.generation_config = gguf_model.generation_config
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")

@@ -44,9 +44,19 @@ def write_summary(run_dir: Path, results: dict[str, dict], status: str, error: s
     stages = {}
     for s in STAGES:
         r = results.get(s)
-        stages[s] = ({"status": "reused" if r.get("reused") else "completed", "seconds": r.get("seconds"),
-                      "summary": r.get("summary"), "metrics": r.get("metrics", {})}
-                     if r else {"status": "not run"})
+        if not r:
+            stages[s] = {"status": "not run"}
+            continue
+        # a result from another run's folder came from the Prefect cache or the stage index
+        was_reused = bool(r.get("reused")) or r.get("run_dir", str(run_dir)) != str(run_dir)
+        text = r.get("summary", "")
+        if was_reused and ": reused" not in text:
+            text = f"{s}: reused from run {Path(r['run_dir']).name} ({text.split(': ', 1)[-1]})"
+        stages[s] = {"status": "reused" if was_reused else "completed",
+                     "seconds": 0.0 if was_reused else r.get("seconds"),
+                     "summary": text, "metrics": r.get("metrics", {})}
+        if not (Path(run_dir) / f"{s}.json").exists():
+            write_json(Path(run_dir) / f"{s}.json", {**r, "reused": was_reused})
     reg = results.get("register", {})
     summary = {
         "run_dir": str(run_dir), "status": status, "error": error, "stages": stages,

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import flows  # noqa: F401  (sets the project-local state environment before prefect is imported)
-from data_contracts.config import ConfigError, load_config, mlflow_uri, project_root, state_home
+from data_contracts.config import ConfigError, load_config, mlflow_uri, project_root
 
 NIGHTLY_CRON = "0 2 * * *"
 
@@ -121,8 +121,10 @@ def cmd_serve(args) -> int:
     params = {"config": str(Path(args.config).resolve())} if args.config else {}
     print(f"serving deployment dpo/full (cron {args.cron!r} UTC) on {os.environ.get('PREFECT_API_URL')}; "
           "Ctrl-C stops")
-    dpo.serve(name="full", cron=args.cron, parameters=params,
-              description="DPO pipeline: validate, precompute, train, evaluate, register")
+    from prefect.schedules import Cron
+
+    dpo.serve(name="full", schedules=[Cron(args.cron, timezone="UTC")], parameters=params,
+              global_limit=1, description="DPO pipeline: validate, precompute, train, evaluate, register")
     return 0
 
 

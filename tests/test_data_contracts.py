@@ -96,11 +96,15 @@ def test_conversational_explicit_golden(chat_tok, tmp_path):
     (v,) = valid
     eos = chat_tok.eos_token
     assert rep["is_conversational"] and v["is_conversational"]
-    assert chat_tok.decode(v["prompt_input_ids"]) == \
-        f"<|im_start|>system\nBe brief.{eos}\n<|im_start|>user\nHi{eos}\n<|im_start|>assistant\n"
-    assert v["chosen_input_ids"][-1] == chat_tok.eos_token_id  # the "\n" after EOS is dropped
-    assert chat_tok.decode(v["chosen_input_ids"]) == f"Hello{eos}"
-    assert chat_tok.decode(v["rejected_input_ids"]) == f"Go away{eos}"
+    text = f"<|im_start|>system\nBe brief.{eos}\n<|im_start|>user\nHi{eos}\n<|im_start|>assistant\n"
+    assert v["prompt_input_ids"] == ids(chat_tok, text)
+    for side, content in (("chosen", "Hello"), ("rejected", "Go away")):
+        full = ids(chat_tok, f"{text}{content}{eos}\n")
+        got = v[f"{side}_input_ids"]
+        assert full[:len(v["prompt_input_ids"]) + len(got)] == v["prompt_input_ids"] + got
+        assert got[-1] == chat_tok.eos_token_id and got.count(chat_tok.eos_token_id) == 1  # "\n" dropped
+        assert len(full) > len(v["prompt_input_ids"]) + len(got)
+        assert chat_tok.decode(got, skip_special_tokens=True).strip() == content
     assert json.loads(v["prompt"]) == prompt
 
 
@@ -252,16 +256,18 @@ def test_truncate_modes():
 
 
 def test_truncation_end_to_end(tok, tmp_path):
-    rows = [{"prompt": "Once upon a time there was", "chosen": " a little girl named Lily who loved",
-             "rejected": " a dog"}]
-    full = len(ids(tok, rows[0]["prompt"])) + 1
-    cfg = CFG.model_copy(update={"max_length": full + 4})
-    rep, (v,), _ = run(rows, tok, tmp_path, cfg=cfg)
-    assert v["prompt_len"] == full and v["chosen_len"] == 4 and rep["truncated"]["rows"] == 1
+    rows = [{"prompt": "Once upon a time there was a boy", "chosen": " who loved to play with his ball",
+             "rejected": " and a dog"}]
+    p_len, c_len = len(ids(tok, rows[0]["prompt"])) + 1, len(ids(tok, rows[0]["chosen"])) + 1
+    cfg = CFG.model_copy(update={"max_length": p_len + c_len - 3})
+    rep, (v,), _ = run(rows, tok, tmp_path, cfg=cfg)  # keep_start: the completions lose their ends
+    assert (v["prompt_len"], v["chosen_len"]) == (p_len, c_len - 3)
+    assert rep["truncated"] == {"rows": 1, "tokens": 3 + max(0, v["rejected_len"] - (c_len - 3))}
     cfg = cfg.model_copy(update={"truncation_mode": "keep_end"})
-    rep, (v,), _ = run(rows, tok, tmp_path, cfg=cfg)
-    assert v["prompt_len"] + v["chosen_len"] == full + 4 and v["prompt_input_ids"][0] == tok.bos_token_id
-    assert v["chosen_input_ids"][-1] == tok.eos_token_id
+    rep, (v,), _ = run(rows, tok, tmp_path, cfg=cfg)  # keep_end: the prompt loses its start, not BOS
+    assert (v["prompt_len"], v["chosen_len"]) == (p_len - 3, c_len)
+    assert v["prompt_input_ids"][0] == tok.bos_token_id and v["chosen_input_ids"][-1] == tok.eos_token_id
+    assert v["prompt_input_ids"][1:] == ([tok.bos_token_id] + ids(tok, rows[0]["prompt"]))[4:]
 
 
 # ------------------------------------------------------------------------------------- files
@@ -278,8 +284,10 @@ def test_files_and_columns(tok, tmp_path):
                             "chosen_input_ids", "rejected_input_ids", "prompt_len", "chosen_len",
                             "rejected_len"]
     assert str(schema.field("prompt_input_ids").type) == "list<element: int32>"
-    assert str(schema.field("prompt_len").type) == "int32" and str(schema.field("source_index").type) == "int64"
-    assert pq.read_schema(out / "rejects.parquet").names == ["source_index", "code", "field", "message", "raw"]
+    assert str(schema.field("prompt_len").type) == "int32"
+    assert str(schema.field("source_index").type) == "int64"
+    rejects = pq.read_schema(out / "rejects.parquet")
+    assert rejects.names == ["source_index", "code", "field", "message", "raw"]
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk == rep and rep["split"] == "eval" and rep["source"] == "mem"
     for key in ("rows_in", "valid", "rejected", "duplicates", "reject_counts", "lengths", "truncated",

@@ -1,0 +1,107 @@
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from data_contracts.config import LossConfig, TrainConfig
+from dpo_engine.forward import pair_batch, sequence_logps
+from dpo_engine.refcache import compute_reference_logps, read_cache, write_cache
+from dpo_engine.trainer import train
+from tiny import tiny_model_dir
+
+
+def _pairs(n=8, seed=0, vocab=90):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        p = torch.randint(5, vocab, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+        c = torch.randint(5, vocab, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist() + [2]
+        r = torch.randint(5, vocab, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist() + [2]
+        rows.append({"example_id": f"ex{i}", "prompt_input_ids": p, "chosen_input_ids": c,
+                     "rejected_input_ids": r})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "m")
+
+
+def _load(d):
+    return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+
+
+def _ref(model, pairs):
+    return compute_reference_logps(model, pairs, pad_id=0, batch_size=5)
+
+
+def _weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _train(d, pairs, ref, tmp, **kw):
+    model = _load(d)
+    cfg = TrainConfig(**{"learning_rate": 1e-3, "max_steps": 3, "seed": 1, **kw})
+    res = train(model, pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp)
+    return model, res
+
+
+def test_reference_logps_match_unsorted_batch_and_first_step_is_ln2(tiny_dir, tmp_path):
+    pairs = _pairs()
+    model = _load(tiny_dir)
+    ref = _ref(model, pairs)
+    with torch.no_grad():
+        out = sequence_logps(model, pair_batch(pairs.to_dict("records"), 0))
+    assert torch.allclose(out["logps"][:8].double(), torch.tensor(ref["ref_chosen_logps"].values), atol=1e-5)
+    assert torch.allclose(out["logps"][8:].double(), torch.tensor(ref["ref_rejected_logps"].values), atol=1e-5)
+    _, res = _train(tiny_dir, pairs, ref, tmp_path, max_steps=1, per_device_train_batch_size=8)
+    assert abs(res.history[0]["loss"] - 0.693147) < 1e-5
+
+
+def test_gradient_accumulation_is_exact(tiny_dir, tmp_path):
+    pairs = _pairs()
+    ref = _ref(_load(tiny_dir), pairs)
+    a, _ = _train(tiny_dir, pairs, ref, tmp_path / "a", per_device_train_batch_size=8)
+    b, _ = _train(tiny_dir, pairs, ref, tmp_path / "b", per_device_train_batch_size=1,
+                  gradient_accumulation_steps=8)
+    c, _ = _train(tiny_dir, pairs, ref, tmp_path / "c", per_device_train_batch_size=8)
+    assert torch.allclose(_weights(a), _weights(b), atol=1e-5)
+    assert torch.equal(_weights(a), _weights(c))  # deterministic: bitwise identical
+
+
+def test_resume_after_crash_gives_the_same_weights(tiny_dir, tmp_path):
+    pairs = _pairs()
+    ref = _ref(_load(tiny_dir), pairs)
+    full, _ = _train(tiny_dir, pairs, ref, tmp_path / "full", max_steps=4, save_steps=1,
+                     per_device_train_batch_size=2)
+
+    def crash(metrics, step):
+        if step == 3:
+            raise KeyboardInterrupt("simulated crash")
+
+    model = _load(tiny_dir)
+    cfg = TrainConfig(learning_rate=1e-3, max_steps=4, seed=1, save_steps=1, per_device_train_batch_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp_path / "crash",
+              log_fn=crash)
+    model = _load(tiny_dir)
+    res = train(model, pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp_path / "crash")
+    assert res.resumed_from == 2
+    assert torch.equal(_weights(model), _weights(full))
+
+
+def test_cache_roundtrip_and_verification(tiny_dir, tmp_path):
+    from dpo_engine.refcache import CacheError
+
+    pairs = _pairs()
+    ref = _ref(_load(tiny_dir), pairs)
+    write_cache(ref, tmp_path / "r.parquet", {"key": "k1"})
+    back = read_cache(tmp_path / "r.parquet", expect_ids=pairs["example_id"].tolist(), expect_key="k1")
+    assert back["ref_chosen_logps"].tolist() == ref["ref_chosen_logps"].tolist()
+    with pytest.raises(CacheError):
+        read_cache(tmp_path / "r.parquet", expect_key="other")
+    with pytest.raises(CacheError):
+        read_cache(tmp_path / "r.parquet", expect_ids=pairs["example_id"].tolist() + ["new"])
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(CacheError):
+        read_cache(tmp_path / "bad.parquet")
