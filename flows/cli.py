@@ -43,8 +43,10 @@ def _add_config_args(p: argparse.ArgumentParser, with_run_dir: bool = False) -> 
 
 def cmd_run(args) -> int:
     overrides = list(args.set) + ([f"run_name={args.run_name}"] if args.run_name else [])
-    cfg = load_config(args.config, overrides)  # fail fast on config errors, before Prefect starts
-    from dpo_engine.run import summary_table
+    cfg = load_config(args.config, overrides)  # fail fast on user errors, before Prefect starts
+    from dpo_engine.run import preflight, summary_table
+
+    preflight(cfg)
     from flows.dpo import dpo
 
     t0 = time.perf_counter()

@@ -4,8 +4,14 @@ import os
 import sys
 from pathlib import Path
 
+import tempfile
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A session-wide state home: Prefect reads its settings once, at import, from here.
+os.environ["DPO_HOME"] = tempfile.mkdtemp(prefix="dpo-test-home-")
+for var in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI"):
+    os.environ.pop(var, None)
 
 import pytest  # noqa: E402
 
@@ -21,3 +27,8 @@ def dpo_home(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return home
+
+import logging  # noqa: E402
+
+# Prefect's temporary server logs "stopping" at interpreter exit, after pytest closed its streams.
+logging.raiseExceptions = False

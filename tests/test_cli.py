@@ -1,0 +1,60 @@
+"""The dpo command line: help texts, and user errors as one line with a non-zero exit."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from data_contracts.config import ConfigError, load_config
+
+
+def dpo(*args, env_extra=None, timeout=120):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_help_explains_every_command():
+    out = dpo("--help")
+    assert out.returncode == 0
+    for cmd in ("run", "validate", "precompute", "train", "evaluate", "register", "serve", "compare"):
+        assert cmd in out.stdout
+        sub = dpo(cmd, "--help")
+        assert sub.returncode == 0 and "usage: dpo " + cmd in sub.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "train.learning_rate=fast"], "train.learning_rate"),
+    (["--set", "train.no_such_field=1"], "train.no_such_field: unknown field"),
+    (["--config", "/nonexistent/run.yaml"], "/nonexistent/run.yaml"),
+    (["--set", "data.source=/nonexistent/data.jsonl"], "data.source: file not found"),
+    (["--set", "tracking.mlflow_tracking_uri=http://127.0.0.1:9"], "cannot reach MLflow"),
+    (["--set", "eval.judge=no.such.module:fn"], "eval.judge"),
+])
+def test_user_errors_print_one_line_and_exit_nonzero(dpo_home, args, needle):
+    out = dpo("run", *args)
+    assert out.returncode == 1
+    lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_config_overrides_and_errors(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("loss:\n  beta: 0.5\ntrain:\n  learning_rate: 2.0e-6\n")
+    cfg = load_config(p, ["train.learning_rate=3e-6", "registry.gate.thresholds={eval/win_rate: 0.6}"])
+    assert cfg.loss.beta == 0.5 and cfg.train.learning_rate == 3e-6
+    assert cfg.registry.gate.thresholds == {"eval/win_rate": 0.6}
+    d = load_config()
+    assert (d.loss.beta, d.train.learning_rate, d.data.max_length, d.data.truncation_mode) == \
+        (0.1, 1e-6, 1024, "keep_start")
+    with pytest.raises(ConfigError, match="loss.beta"):
+        load_config(None, ["loss.beta=-1"])
+    with pytest.raises(ConfigError, match="data.truncation_mode"):
+        load_config(None, {"data.truncation_mode": "middle"})
+
+
+def test_stage_commands_need_earlier_results(dpo_home, tmp_path):
+    out = dpo("train", "--run-dir", str(tmp_path / "r"))
+    assert out.returncode == 1 and "dpo validate --run-dir" in out.stderr

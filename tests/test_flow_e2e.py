@@ -1,0 +1,84 @@
+"""The whole dpo flow on a tiny model built in the test: five stages, outputs, MLflow, retries, reuse."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tiny import tiny_model_dir
+
+
+def _overrides(model_dir, **extra):
+    return {"model.name_or_path": str(model_dir), "data.train_limit": 12, "data.eval_limit": 6,
+            "data.max_length": 256, "train.per_device_train_batch_size": 4, "train.max_steps": 3,
+            "train.learning_rate": 1e-3, "train.save_steps": 1, "eval.num_prompts": 3,
+            "eval.max_new_tokens": 4, "eval.batch_size": 4, "reference.batch_size": 8,
+            "registry.model_name": "tiny-e2e", "registry.gate.thresholds": {}, **extra}
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return tiny_model_dir(tmp_path / "tiny-model")
+
+
+def test_flow_runs_five_stages_and_registers(dpo_home, tiny):
+    from flows.dpo import dpo
+    from dpo_engine import registry
+    from data_contracts.config import mlflow_uri
+
+    summary = dpo(overrides=_overrides(tiny), run_name="e2e")
+    assert summary["status"] == "completed"
+    assert [s["status"] for s in summary["stages"].values()] == ["completed"] * 5
+    run_dir = Path(summary["run_dir"])
+    assert json.loads((run_dir / "summary.json").read_text())["registered_version"] == summary["registered_version"]
+
+    valid = pd.read_parquet(run_dir / "validate" / "train" / "valid.parquet")
+    ref = pd.read_parquet(run_dir / "precompute" / "train_ref_logps.parquet")
+    assert len(valid) == 12 and sorted(ref["example_id"]) == sorted(valid["example_id"])
+
+    registry.connect(mlflow_uri())
+    from mlflow import MlflowClient
+    hist = MlflowClient().get_metric_history(summary["mlflow_run_id"], "rewards/margins")
+    assert [m.step for m in hist] == [1, 2, 3]
+    assert "eval/rewards/accuracies" in MlflowClient().get_run(summary["mlflow_run_id"]).data.metrics
+
+    assert summary["registered_version"] == 1 and "challenger" in summary["aliases"]
+    model, tok = registry.load_registered("models:/tiny-e2e@challenger")
+    assert model.config.vocab_size == len(tok)
+
+
+def test_failed_stage_is_retried_and_reruns_reuse_earlier_stages(dpo_home, tiny, monkeypatch):
+    from dpo_engine import stages
+    from flows.dpo import dpo
+
+    calls = {"validate": 0, "precompute": 0, "train": 0}
+    for name in calls:
+        real = getattr(stages, name).run
+
+        def wrapped(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            if _name == "train" and calls["train"] == 1:
+                raise RuntimeError("injected failure in train")
+            return _real(*a, **kw)
+        monkeypatch.setattr(getattr(stages, name), "run", wrapped)
+
+    s1 = dpo(overrides=_overrides(tiny), run_name="retry")
+    assert s1["status"] == "completed"
+    assert calls == {"validate": 1, "precompute": 1, "train": 2}  # retried, nothing before it redone
+
+    # only the learning rate changes: validate and precompute are reused, not recomputed
+    s2 = dpo(overrides=_overrides(tiny, **{"train.learning_rate": 5e-4}), run_name="retry-lr")
+    st = {k: v["status"] for k, v in s2["stages"].items()}
+    assert st["validate"] == st["precompute"] == "reused"
+    assert st["train"] == "completed"
+    assert calls["train"] == 3
+    assert s2["registered_version"] == 2
+
+
+def test_bad_config_fails_before_compute(dpo_home):
+    from data_contracts.config import ConfigError
+    from flows.dpo import dpo
+
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        dpo.fn(overrides={"train.learning_rate": "fast"})
