@@ -34,6 +34,9 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.model.name_or_path.startswith("builtin:") and cfg.model.name_or_path != BUILTIN_MODEL:
         raise ConfigError(f"model.name_or_path: unknown builtin model {cfg.model.name_or_path!r}; "
                           f"known: {BUILTIN_MODEL}")
+    from data_contracts.formats import ADAPTERS
+    if cfg.data.format not in ("auto", *ADAPTERS):
+        raise ConfigError(f"data.format: unknown format {cfg.data.format!r}; known: auto, {', '.join(ADAPTERS)}")
     if cfg.eval.judge:
         load_judge(cfg.eval.judge)
     if cfg.registry.enabled:

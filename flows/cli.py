@@ -39,6 +39,24 @@ def _add_config_args(p: argparse.ArgumentParser, with_run_dir: bool = False) -> 
                        help="run folder: earlier stages' results are read from it, this stage's written to it")
 
 
+class PrefectUnavailable(RuntimeError):
+    pass
+
+
+def check_prefect_api(timeout: float = 5.0) -> None:
+    """With PREFECT_API_URL set, the server must answer; without it a temporary local API is used."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except Exception as e:  # noqa: BLE001 - any failure means unreachable
+        raise PrefectUnavailable(f"cannot reach the Prefect API at {url} ({getattr(e, 'reason', e)}); "
+                                 "start it (prefect server start --host 127.0.0.1) or unset PREFECT_API_URL") from None
+
+
 # ------------------------------------------------------------------------------ commands
 
 def cmd_run(args) -> int:
@@ -47,6 +65,7 @@ def cmd_run(args) -> int:
     from dpo_engine.run import preflight, summary_table
 
     preflight(cfg)
+    check_prefect_api()
     from flows.dpo import dpo
 
     t0 = time.perf_counter()
@@ -117,16 +136,53 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def start_local_server(port: int) -> "subprocess.Popen":
+    """A Prefect server on 127.0.0.1:port (state under PREFECT_HOME), returned once healthy."""
+    import subprocess
+    import urllib.request
+
+    log = Path(os.environ["PREFECT_HOME"]) / "server.log"
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/api"
+    for _ in range(120):
+        if proc.poll() is not None:
+            raise PrefectUnavailable(f"the Prefect server exited (code {proc.returncode}); see {log}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(1)
+    proc.terminate()
+    raise PrefectUnavailable(f"the Prefect server did not answer on {url} within 120 s; see {log}")
+
+
 def cmd_serve(args) -> int:
-    from flows.dpo import dpo
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):
+        server = start_local_server(args.port)
+        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{args.port}/api"
+        print(f"Prefect server on http://127.0.0.1:{args.port} (UI and API; log in "
+              f"{Path(os.environ['PREFECT_HOME']) / 'server.log'})")
+    else:
+        check_prefect_api()
+    try:
+        from prefect.schedules import Cron
 
-    params = {"config": str(Path(args.config).resolve())} if args.config else {}
-    print(f"serving deployment dpo/full (cron {args.cron!r} UTC) on {os.environ.get('PREFECT_API_URL')}; "
-          "Ctrl-C stops")
-    from prefect.schedules import Cron
+        from flows.dpo import dpo
 
-    dpo.serve(name="full", schedules=[Cron(args.cron, timezone="UTC")], parameters=params,
-              global_limit=1, description="DPO pipeline: validate, precompute, train, evaluate, register")
+        params = {"config": str(Path(args.config).resolve())} if args.config else {}
+        print(f"serving deployment dpo/full, schedule {args.cron!r} UTC; in another shell:\n"
+              f"  export PREFECT_API_URL={os.environ['PREFECT_API_URL']}\n"
+              f"  prefect deployment run dpo/full --watch\nCtrl-C stops")
+        dpo.serve(name="full", schedules=[Cron(args.cron, timezone="UTC")], parameters=params,
+                  global_limit=1, description="DPO pipeline: validate, precompute, train, evaluate, register")
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
     return 0
 
 
@@ -180,9 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p, with_run_dir=True)
         p.set_defaults(fn=_stage_cmd(stage))
 
-    p = sub.add_parser("serve", help="serve the deployment dpo/full (nightly cron) to a Prefect server",
-                       description="Serve deployment dpo/full with a nightly schedule. Start a server first "
-                       "(prefect server start --host 127.0.0.1) and set PREFECT_API_URL.")
+    p = sub.add_parser("serve", help="serve the deployment dpo/full (nightly cron) on a Prefect server",
+                       description="Serve deployment dpo/full with a nightly schedule. Without PREFECT_API_URL "
+                       "it first starts a local Prefect server on 127.0.0.1:--port (stopped on exit); with "
+                       "it, it serves to that server.")
+    p.add_argument("--port", type=int, default=4200, help="port of the local server (default 4200)")
     p.add_argument("--config", "-c", default=default_config_path(), help="default config of the deployment")
     p.add_argument("--cron", default=NIGHTLY_CRON, help=f"schedule, UTC (default {NIGHTLY_CRON!r})")
     p.set_defaults(fn=cmd_serve)
@@ -207,22 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # user-facing errors: one line, no traceback
-        msg = _user_message(e)
-        if msg is None:
+        from data_contracts.errors import user_error
+
+        err = user_error(e)  # Prefect may wrap the original exception
+        if err is None:
             raise
-        print(f"error: {msg}", file=sys.stderr)
-        return 2 if type(e).__name__ == "DataPolicyError" else 1
-
-
-def _user_message(e: BaseException) -> str | None:
-    user_errors = {"ConfigError", "DataError", "DataPolicyError", "ModelError", "TrackingUnavailable",
-                   "CacheError", "EvaluationError", "TrainingError", "FileNotFoundError"}
-    seen = e
-    while seen is not None:  # Prefect may wrap the original exception
-        if type(seen).__name__ in user_errors:
-            return str(seen).removeprefix("error: ")
-        seen = seen.__cause__ or seen.__context__
-    return None
+        print(f"error: {str(err).removeprefix('error: ')}", file=sys.stderr)
+        return 2 if type(err).__name__ == "DataPolicyError" else 1
 
 
 if __name__ == "__main__":

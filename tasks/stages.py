@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from data_contracts.errors import user_error
 from dpo_engine import stages
 from dpo_engine.stages.common import outputs_token
 
@@ -43,9 +46,32 @@ def _publish(result: dict) -> None:
     print(result["summary"])
 
 
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    """Crashes and transient failures are retried; a user error (bad data/config) fails at once."""
+    try:
+        state.result()
+    except BaseException as e:  # noqa: BLE001
+        return user_error(e) is None
+    return True
+
+
+class _OneLineUserErrors(logging.Filter):
+    """Log a user error as its one-line message, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and user_error(record.exc_info[1]) is not None:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_OneLineUserErrors())
+
+
 def _stage_task(stage: str):
     return task(name=stage, retries=RETRIES, retry_delay_seconds=2, cache_key_fn=_cache_key(stage),
-                persist_result=True, result_serializer="json", log_prints=True)
+                retry_condition_fn=_retry_unless_user_error, persist_result=True,
+                result_serializer="json", log_prints=True)
 
 
 @_stage_task("validate")

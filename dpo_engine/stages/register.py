@@ -32,6 +32,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, trained: dict, evaluated
                   "dataset_fingerprint": validated["train"]["fingerprint"],
                   "config_hash": cfg.section_hash("data", "model", "loss", "train"),
                   "run_dir": str(run_dir)})
+        registry.end_run(trained["mlflow_run_id"])
     gate = "passed: champion" if info["gate_passed"] else "not passed: " + "; ".join(info["gate_reasons"])
     result = {
         "stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False, "seconds": t.seconds,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -35,9 +37,13 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
     tok = load_tokenizer(cfg.model, validated["model_path"])
 
     registry.connect(mlflow_uri(cfg))
+    id_file = out / "mlflow_run_id"  # a retried/resumed training logs into the same MLflow run
     run_id = registry.start_run(cfg.registry.experiment, Path(run_dir).name,
                                 tags={"dpo.fingerprint": fp, "dpo.run_dir": str(run_dir),
-                                      "dpo.base_model": cfg.model.name_or_path})
+                                      "dpo.base_model": cfg.model.name_or_path},
+                                run_id=id_file.read_text().strip() if id_file.is_file() else None)
+    out.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id)
     registry.log_params(run_id, cfg.model_dump(mode="json"))
     registry.log_metrics(run_id, validated.get("metrics", {}))
 
@@ -54,8 +60,12 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
                         out_dir=out, device=device, progress=on_step,
                         log_fn=lambda m, s: registry.log_metrics(run_id, m, step=s))
         model_dir = out / "model"
-        model.save_pretrained(model_dir, safe_serialization=True)
-        tok.save_pretrained(model_dir)
+        tmp_dir = out / f".model.tmp{os.getpid()}"  # written whole, then renamed into place
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        model.save_pretrained(tmp_dir, safe_serialization=True)
+        tok.save_pretrained(tmp_dir)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        os.replace(tmp_dir, model_dir)
         del model
         gc.collect()
     write_json(out / "history.json", res.history)
