@@ -160,6 +160,12 @@ def start_local_server(port: int) -> "subprocess.Popen":
 
 
 def cmd_serve(args) -> int:
+    import signal
+
+    def _stop(signum, frame):  # SIGTERM stops like Ctrl-C, so the local server is stopped too
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     server = None
     if not os.environ.get("PREFECT_API_URL"):
         server = start_local_server(args.port)
