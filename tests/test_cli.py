@@ -40,6 +40,32 @@ def test_user_errors_print_one_line_and_exit_nonzero(dpo_home, args, needle):
     assert "Traceback" not in out.stderr
 
 
+def test_unreachable_prefect_api_is_one_line(dpo_home):
+    out = dpo("run", env_extra={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    assert out.returncode == 1 and out.stderr.count("\n") == 1
+    assert "cannot reach the Prefect API at http://127.0.0.1:9/api" in out.stderr
+
+
+def test_validate_input_mode_exit_codes(dpo_home, tmp_path):
+    import json
+    from tiny import tiny_model_dir
+
+    tok = tiny_model_dir(tmp_path / "tok")
+    good = {"prompt": "Say hi.", "chosen": " Hi!", "rejected": " No."}
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [good, {"prompt": "x", "chosen": "same", "rejected": "same"},
+                                                       {"chosen": 3}]))
+    out = dpo("validate", str(data), "--out", str(tmp_path / "o"), "--tokenizer", str(tok))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("error: ") and "IDENTICAL_PAIR" in out.stderr and out.stderr.count("\n") == 1
+    assert {p.name for p in (tmp_path / "o").iterdir()} >= {"valid.parquet", "rejects.parquet", "report.json"}
+    ok = dpo("validate", str(data), "--out", str(tmp_path / "o2"), "--tokenizer", str(tok),
+             "--set", "data.max_invalid_fraction=1.0")
+    assert ok.returncode == 0 and "1/3 valid" in ok.stdout
+    missing = dpo("validate", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o3"), "--tokenizer", str(tok))
+    assert missing.returncode == 1 and "nope.jsonl" in missing.stderr
+
+
 def test_config_overrides_and_errors(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("loss:\n  beta: 0.5\ntrain:\n  learning_rate: 2.0e-6\n")
