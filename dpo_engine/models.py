@@ -51,10 +51,16 @@ def builtin_smollm2(dest: Path | None = None) -> Path:
     plain = LlamaForCausalLM(config)  # save_pretrained refuses a GGUF-loaded model
     plain.load_state_dict(gguf_model.state_dict())
     plain.generation_config = gguf_model.generation_config
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    return save_model_folder(plain, tok, dest)
+
+
+def save_model_folder(model: nn.Module, tokenizer, dest: Path) -> Path:
+    """Weights (safetensors), config, tokenizer and chat template, written whole then renamed."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     return dest

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +10,8 @@ from tqdm.auto import tqdm
 
 from data_contracts.config import RunConfig, mlflow_uri
 from dpo_engine import registry
-from dpo_engine.models import load_model, load_tokenizer, model_fingerprint, pick_device
+from dpo_engine.models import (load_model, load_tokenizer, model_fingerprint, pick_device,
+                               save_model_folder)
 from dpo_engine.refcache import read_cache
 from dpo_engine.stages.common import Timer, fingerprint, record, reused, write_json
 from dpo_engine.trainer import total_steps, train
@@ -59,13 +58,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
             res = train(model, pairs, ref, loss_cfg=cfg.loss, cfg=cfg.train, pad_id=tok.pad_token_id,
                         out_dir=out, device=device, progress=on_step,
                         log_fn=lambda m, s: registry.log_metrics(run_id, m, step=s))
-        model_dir = out / "model"
-        tmp_dir = out / f".model.tmp{os.getpid()}"  # written whole, then renamed into place
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        model.save_pretrained(tmp_dir, safe_serialization=True)
-        tok.save_pretrained(tmp_dir)
-        shutil.rmtree(model_dir, ignore_errors=True)
-        os.replace(tmp_dir, model_dir)
+        model_dir = save_model_folder(model, tok, out / "model")
         del model
         gc.collect()
     write_json(out / "history.json", res.history)
