@@ -1,15 +1,23 @@
-"""Reference log-prob precomputation, cached to Parquet.
+"""Reference log-prob precomputation, cached to Parquet and shared across runs.
 
 The reference model runs once, in inference mode, over length-sorted batches (little padding),
-through the fused head. Output: one row per example with ``example_id``, ``ref_chosen_logps``,
-``ref_rejected_logps`` and completion token counts; the cache key and fingerprints go into the
-Parquet schema metadata and are checked on read.
+through the fused head. A cache entry is a folder named by its key (fingerprints of model,
+tokenizer, data, length settings, dtype, engine version) under the shared cache folder:
+
+    <cache>/<key>/part-00000.parquet ...   one shard per ``shard_size`` examples, atomic writes
+    <cache>/<key>/_COMPLETE.json           written last: metadata, row count, shard list
+
+A crash leaves finished shards behind and the next run computes only the missing ones. Reading
+verifies metadata, row count and example ids; a damaged shard is reported, removed and recomputed.
+Concurrent runs on one key serialise on a file lock, so the work is done once and never corrupted.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -21,8 +29,9 @@ from torch import nn
 
 from dpo_engine.forward import collate, sequence_logps
 
-ENGINE_VERSION = "0.1"
+ENGINE_VERSION = "0.2"
 META_KEY = b"dpo_refcache"
+COMPLETE = "_COMPLETE.json"
 
 
 class CacheError(RuntimeError):
@@ -35,6 +44,7 @@ def compute_reference_logps(model: nn.Module, rows: pd.DataFrame, *, pad_id: int
                             progress: Callable[[int], None] | None = None) -> pd.DataFrame:
     """Summed completion log-probs of every chosen and rejected sequence, in length-sorted batches."""
     model.eval()
+    device = torch.device(device)
     seqs = []  # (row position, side, prompt ids, completion ids)
     for i, r in enumerate(rows.itertuples(index=False)):
         seqs.append((i, 0, r.prompt_input_ids, r.chosen_input_ids))
@@ -45,8 +55,7 @@ def compute_reference_logps(model: nn.Module, rows: pd.DataFrame, *, pad_id: int
     for b0 in range(0, len(seqs), batch_size):
         chunk = seqs[b0:b0 + batch_size]
         batch = collate([s[2] for s in chunk], [s[3] for s in chunk], pad_id).to(device)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                            enabled=torch.device(device).type == "cuda"):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = sequence_logps(model, batch, chunk_size=chunk_size)
         for k, s in enumerate(chunk):
             logps[s[0], s[1]] = out["logps"][k].double().cpu()
@@ -59,6 +68,8 @@ def compute_reference_logps(model: nn.Module, rows: pd.DataFrame, *, pad_id: int
         "chosen_tokens": counts[:, 0].numpy(), "rejected_tokens": counts[:, 1].numpy(),
     })
 
+
+# ------------------------------------------------------------------------------ single files
 
 def write_cache(df: pd.DataFrame, path: Path, meta: dict) -> None:
     """Atomic write (temporary file, then rename) with the metadata in the Parquet schema."""
@@ -73,7 +84,10 @@ def write_cache(df: pd.DataFrame, path: Path, meta: dict) -> None:
 
 def read_cache(path: Path, expect_ids: list[str] | None = None, expect_key: str | None = None
                ) -> pd.DataFrame:
-    """Read and verify: metadata key, row count, every expected example id present."""
+    """Read a cache file or a complete cache folder and verify key, row count and example ids."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_folder(path, expect_ids, expect_key)
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as e:
@@ -82,10 +96,92 @@ def read_cache(path: Path, expect_ids: list[str] | None = None, expect_key: str 
     if expect_key is not None and meta.get("key") != expect_key:
         raise CacheError(f"reference cache {path} has key {meta.get('key')}, expected {expect_key}")
     df = table.to_pandas()
-    if expect_ids is not None:
-        missing = set(expect_ids) - set(df["example_id"])
-        if missing or len(df) != len(expect_ids):
-            raise CacheError(f"reference cache {path}: {len(df)} rows for {len(expect_ids)} examples, "
-                             f"{len(missing)} example ids missing")
+    _check_ids(path, df, expect_ids)
     df.attrs["meta"] = meta
     return df
+
+
+def _check_ids(path: Path, df: pd.DataFrame, expect_ids: list[str] | None) -> None:
+    if expect_ids is None:
+        return
+    missing = set(expect_ids) - set(df["example_id"])
+    if missing or len(df) != len(expect_ids):
+        raise CacheError(f"reference cache {path}: {len(df)} rows for {len(expect_ids)} examples, "
+                         f"{len(missing)} example ids missing")
+
+
+# ------------------------------------------------------------------------------ shared, sharded
+
+@contextmanager
+def _locked(folder: Path):
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _shard_name(i: int) -> str:
+    return f"part-{i:05d}.parquet"
+
+
+def _read_folder(folder: Path, expect_ids, expect_key) -> pd.DataFrame:
+    try:
+        meta = json.loads((folder / COMPLETE).read_text())
+    except (OSError, ValueError):
+        raise CacheError(f"reference cache {folder} is incomplete (no {COMPLETE})") from None
+    if expect_key is not None and meta.get("key") != expect_key:
+        raise CacheError(f"reference cache {folder} has key {meta.get('key')}, expected {expect_key}")
+    parts = [read_cache(folder / name, expect_key=meta["key"]) for name in meta["shards"]]
+    df = pd.concat(parts, ignore_index=True)
+    if len(df) != meta["rows"]:
+        raise CacheError(f"reference cache {folder}: {len(df)} rows, metadata says {meta['rows']}")
+    _check_ids(folder, df, expect_ids)
+    df.attrs["meta"] = meta
+    return df
+
+
+def cached_reference_logps(cache_dir: Path, key: str, rows: pd.DataFrame, meta: dict,
+                           compute: Callable[[pd.DataFrame], pd.DataFrame], *,
+                           shard_size: int = 1024, log: Callable[[str], None] = print) -> tuple[pd.DataFrame, dict]:
+    """Reference log-probs of ``rows`` from ``cache_dir/key``, computing only what is missing.
+
+    ``compute(rows_subset)`` runs the reference model. Returns (frame in ``rows`` order, stats with
+    ``computed_examples`` = how many examples needed forward passes this time (0 on a full hit)).
+    """
+    folder = Path(cache_dir) / key
+    ids = rows["example_id"].tolist()
+    with _locked(folder):
+        if (folder / COMPLETE).is_file():
+            try:
+                df = _read_folder(folder, ids, key)
+                return df.set_index("example_id").loc[ids].reset_index(), {"computed_examples": 0,
+                                                                            "path": str(folder)}
+            except CacheError as e:
+                log(f"{e}; rebuilding the damaged parts")
+                (folder / COMPLETE).unlink(missing_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        shards, computed = [], 0
+        for i, s0 in enumerate(range(0, len(rows), shard_size)):
+            part = rows.iloc[s0:s0 + shard_size]
+            path = folder / _shard_name(i)
+            shards.append(path.name)
+            if path.is_file():
+                try:  # finished by an earlier (crashed) run
+                    read_cache(path, expect_ids=part["example_id"].tolist(), expect_key=key)
+                    continue
+                except CacheError as e:
+                    log(f"{e}; recomputing it")
+            write_cache(compute(part), path, {**meta, "key": key, "shard": i})
+            computed += len(part)
+        for stale in set(p.name for p in folder.glob("part-*.parquet")) - set(shards):
+            (folder / stale).unlink()
+        complete = {**meta, "key": key, "rows": len(rows), "shards": shards}
+        tmp = folder / f".{COMPLETE}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(complete, indent=2, sort_keys=True))
+        os.replace(tmp, folder / COMPLETE)
+        df = _read_folder(folder, ids, key)
+    return df.set_index("example_id").loc[ids].reset_index(), {"computed_examples": computed,
+                                                                "path": str(folder)}

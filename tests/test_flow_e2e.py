@@ -34,7 +34,9 @@ def test_flow_runs_five_stages_and_registers(dpo_home, tiny):
     assert json.loads((run_dir / "summary.json").read_text())["registered_version"] == summary["registered_version"]
 
     valid = pd.read_parquet(run_dir / "validate" / "train" / "valid.parquet")
-    ref = pd.read_parquet(run_dir / "precompute" / "train_ref_logps.parquet")
+    from dpo_engine.refcache import read_cache
+    pre = json.loads((run_dir / "precompute.json").read_text())
+    ref = read_cache(Path(pre["train_ref"]))
     assert len(valid) == 12 and sorted(ref["example_id"]) == sorted(valid["example_id"])
 
     registry.connect(mlflow_uri())

@@ -105,3 +105,38 @@ def test_cache_roundtrip_and_verification(tiny_dir, tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(CacheError):
         read_cache(tmp_path / "bad.parquet")
+
+
+def test_shared_cache_hits_resumes_and_rebuilds(tiny_dir, tmp_path):
+    from dpo_engine.refcache import cached_reference_logps
+
+    pairs = _pairs(n=10)
+    model = _load(tiny_dir)
+    calls = []
+
+    def compute(part):
+        calls.append(len(part))
+        if len(calls) == 2 and crash["on"]:
+            raise RuntimeError("killed mid-precompute")
+        return compute_reference_logps(model, part, pad_id=0, batch_size=4)
+
+    crash = {"on": True}
+    with pytest.raises(RuntimeError):
+        cached_reference_logps(tmp_path, "k", pairs, {}, compute, shard_size=4, log=lambda m: None)
+    crash["on"] = False
+    calls.clear()
+    df, stats = cached_reference_logps(tmp_path, "k", pairs, {}, compute, shard_size=4, log=lambda m: None)
+    assert calls == [4, 2] and stats["computed_examples"] == 6  # the finished first shard was kept
+    assert df["example_id"].tolist() == pairs["example_id"].tolist()
+    want = compute_reference_logps(model, pairs, pad_id=0, batch_size=3)
+    assert torch.allclose(torch.tensor(df["ref_chosen_logps"].values), torch.tensor(want["ref_chosen_logps"].values), atol=1e-5)
+
+    calls.clear()
+    _, stats = cached_reference_logps(tmp_path, "k", pairs, {}, compute, shard_size=4, log=lambda m: None)
+    assert calls == [] and stats["computed_examples"] == 0  # a hit: zero forward passes
+
+    (tmp_path / "k" / "part-00001.parquet").write_bytes(b"garbage")  # a damaged shard
+    messages = []
+    _, stats = cached_reference_logps(tmp_path, "k", pairs, {}, compute, shard_size=4, log=messages.append)
+    assert calls == [4] and stats["computed_examples"] == 4
+    assert any("part-00001" in m for m in messages)

@@ -33,7 +33,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, train
     judge = load_judge(cfg.eval.judge) if cfg.eval.judge else None
     pairs = pd.read_parquet(validated["eval"]["valid"])
     ref = read_cache(Path(precomputed["eval_ref"]), expect_ids=pairs["example_id"].tolist(),
-                     expect_key=precomputed["fingerprint"])
+                     expect_key=precomputed["eval_ref_key"])
     tok = load_tokenizer(cfg.model, validated["model_path"])
     with Timer() as t:
         policy = load_model(cfg.model, trained["model_dir"], device)

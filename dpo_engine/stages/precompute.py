@@ -1,4 +1,9 @@
-"""Stage 2: reference log-probs of the train and eval pairs, computed once, cached to Parquet."""
+"""Stage 2: reference log-probs of the train and eval pairs, computed once, cached to Parquet.
+
+The cache lives in the shared folder ``<state home>/cache/reference/<key>/`` (key: model, tokenizer,
+data and length fingerprints, dtype, engine version), so runs and experiments with the same key
+share it: a hit does zero forward passes and does not even load the model.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,22 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from data_contracts.config import RunConfig
+from data_contracts.config import RunConfig, state_home
 from dpo_engine.models import load_model, load_tokenizer, pick_device
-from dpo_engine.refcache import ENGINE_VERSION, compute_reference_logps, write_cache
-from dpo_engine.stages.common import Timer, fingerprint, record, reused
+from dpo_engine.refcache import ENGINE_VERSION, cached_reference_logps, compute_reference_logps
+from dpo_engine.stages.common import Timer, fingerprint, record, reused, write_json
 
 STAGE = "precompute"
 
 
-def key(cfg: RunConfig, validated: dict) -> str:
-    return fingerprint(STAGE, validated["fingerprint"], validated["model_fingerprint"],
+def cache_key(cfg: RunConfig, validated: dict, split: str) -> str:
+    return fingerprint("reference", validated["model_fingerprint"], validated["tokenizer_fingerprint"],
+                       validated[split]["fingerprint"], cfg.data.max_length, cfg.data.truncation_mode,
                        cfg.model.dtype, ENGINE_VERSION)
+
+
+def key(cfg: RunConfig, validated: dict) -> str:
+    return fingerprint(STAGE, cache_key(cfg, validated, "train"), cache_key(cfg, validated, "eval"))
 
 
 def run(cfg: RunConfig, run_dir: Path, validated: dict) -> dict:
@@ -29,30 +39,46 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict) -> dict:
     out = Path(run_dir) / STAGE
     device = pick_device()
     tok = load_tokenizer(cfg.model, validated["model_path"])
+    model = None
+
+    def compute(rows: pd.DataFrame, split: str) -> pd.DataFrame:
+        nonlocal model
+        if model is None:
+            model = load_model(cfg.model, validated["model_path"], device)
+        with tqdm(total=2 * len(rows), desc=f"precompute {split}", unit="seq") as bar:
+            return compute_reference_logps(model, rows, pad_id=tok.pad_token_id,
+                                           batch_size=cfg.reference.batch_size,
+                                           chunk_size=cfg.train.logit_chunk_size, device=device,
+                                           progress=bar.update)
+
+    result = {"stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False}
+    computed, tokens = 0, 0
     with Timer() as t:
-        model = load_model(cfg.model, validated["model_path"], device)
-        paths, tokens = {}, 0
         for split in ("train", "eval"):
             rows = pd.read_parquet(validated[split]["valid"])
-            with tqdm(total=2 * len(rows), desc=f"precompute {split}", unit="seq") as bar:
-                df = compute_reference_logps(model, rows, pad_id=tok.pad_token_id,
-                                             batch_size=cfg.reference.batch_size,
-                                             chunk_size=cfg.train.logit_chunk_size, device=device,
-                                             progress=bar.update)
-            tokens += int(rows["prompt_len"].sum() * 2 + rows["chosen_len"].sum() + rows["rejected_len"].sum())
-            paths[split] = out / f"{split}_ref_logps.parquet"
-            write_cache(df, paths[split], {"key": fp, "split": split, "data": validated[split]["fingerprint"],
-                                           "model": validated["model_fingerprint"],
-                                           "tokenizer": validated["tokenizer_fingerprint"],
-                                           "engine": ENGINE_VERSION})
+            ck = cache_key(cfg, validated, split)
+            meta = {"split": split, "data": validated[split]["fingerprint"],
+                    "model": validated["model_fingerprint"], "tokenizer": validated["tokenizer_fingerprint"],
+                    "max_length": cfg.data.max_length, "truncation_mode": cfg.data.truncation_mode,
+                    "dtype": cfg.model.dtype, "engine": ENGINE_VERSION}
+            _, stats = cached_reference_logps(state_home() / "cache" / "reference", ck, rows, meta,
+                                              lambda part, s=split: compute(part, s))
+            result[f"{split}_ref"], result[f"{split}_ref_key"] = stats["path"], ck
+            computed += stats["computed_examples"]
+            tokens += int(2 * rows["prompt_len"].sum() + rows["chosen_len"].sum() + rows["rejected_len"].sum())
         del model
         gc.collect()
-    result = {
-        "stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False, "seconds": t.seconds,
-        "train_ref": str(paths["train"]), "eval_ref": str(paths["eval"]),
-        "outputs": [str(p) for p in paths.values()],
-        "metrics": {"precompute/tokens_per_second": tokens / max(t.seconds, 1e-9)},
-        "summary": (f"precompute: reference log-probs of {validated['train']['rows']} train + "
-                    f"{validated['eval']['rows']} eval pairs ({tokens} tokens) in {t.seconds:.1f}s"),
-    }
+    n_train, n_eval = validated["train"]["rows"], validated["eval"]["rows"]
+    how = ("all from the shared cache, 0 forward passes" if computed == 0
+           else f"{computed} of {n_train + n_eval} pairs computed")
+    result.update({
+        "seconds": t.seconds, "computed_examples": computed,
+        "outputs": [str(Path(result["train_ref"]) / "_COMPLETE.json"),
+                    str(Path(result["eval_ref"]) / "_COMPLETE.json")],
+        "metrics": {"precompute/computed_pairs": computed,
+                    **({"precompute/tokens_per_second": tokens / max(t.seconds, 1e-9)} if computed else {})},
+        "summary": (f"precompute: reference log-probs of {n_train} train + {n_eval} eval pairs "
+                    f"({how}) in {t.seconds:.1f}s"),
+    })
+    write_json(out / "reference_cache.json", {s: result[f"{s}_ref"] for s in ("train", "eval")})
     return record(STAGE, fp, result)

@@ -32,7 +32,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
     device = pick_device()
     pairs = pd.read_parquet(validated["train"]["valid"])
     ref = read_cache(Path(precomputed["train_ref"]), expect_ids=pairs["example_id"].tolist(),
-                     expect_key=precomputed["fingerprint"])
+                     expect_key=precomputed["train_ref_key"])
     tok = load_tokenizer(cfg.model, validated["model_path"])
 
     registry.connect(mlflow_uri(cfg))
