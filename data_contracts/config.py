@@ -36,7 +36,11 @@ class DataConfig(_Section):
                                     "eval_fraction of source.")
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Held-out share of source when "
                                  "eval_source is not given.")
-    format: str = Field("auto", description="Input layout: auto, or a named adapter.")
+    format: str = Field("auto", description="Input layout: auto (detected from the first rows), or a "
+                        "named adapter: preference (TRL columns), openai, sharegpt, hh.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Rename source columns before "
+                                    "detection: {canonical: source}, e.g. {prompt: question, chosen: "
+                                    "good, rejected: bad}; a dotted source ('meta.q') reads a nested field.")
     train_limit: int | None = Field(None, ge=1, description="Use only the first N valid train pairs "
                                     "(after a seeded shuffle).")
     eval_limit: int | None = Field(None, ge=1, description="Use only the first N valid eval pairs.")
@@ -45,6 +49,22 @@ class DataConfig(_Section):
     invalid_policy: Literal["fail", "quarantine"] = "quarantine"
     max_invalid_fraction: float = Field(0.05, ge=0.0, le=1.0)
     shuffle_seed: int = 0
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, v: dict[str, str]) -> dict[str, str]:
+        known = ("prompt", "chosen", "rejected", "tools", "system", "conversations", "input",
+                 "preferred_output", "non_preferred_output")
+        for target, src in v.items():
+            if target not in known:
+                raise ValueError(f"unknown target column {target!r}; use one of {', '.join(known)}")
+            if not isinstance(src, str) or not src.strip():
+                raise ValueError(f"{target}: source column name must be a non-empty string")
+        sources = list(v.values())
+        dup = next((s for s in sources if sources.count(s) > 1), None)
+        if dup is not None:
+            raise ValueError(f"source column {dup!r} is mapped twice")
+        return v
 
 
 class ModelConfig(_Section):
@@ -55,6 +75,9 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
     chat_template_path: str | None = None
+    eos_token: str | None = Field(None, description="Override the tokenizer's EOS (e.g. '<|im_end|>' for "
+                                  "a Qwen base model); it must be one token and end every assistant turn "
+                                  "of the chat template, else the tokenizer load fails with a config error.")
 
 
 class ReferenceConfig(_Section):
@@ -62,10 +85,87 @@ class ReferenceConfig(_Section):
     batch_size: int = Field(16, ge=1, description="Sequences per reference forward pass.")
 
 
+# Loss names (TRL's ``loss_type`` values plus the reference-free SimPO and ORPO) and the facts the
+# validators need. The formulas live in ``dpo_engine.losses``.
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo", "orpo")
+SMOOTHED_LOSSES = frozenset({"sigmoid", "exo_pair", "robust", "aot", "aot_unpaired", "simpo"})  # read eps
+F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
+                                 "discopop", "sft"})  # built on s_c - s_r (TRL rejects the others)
+REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo"})
+
+
 class LossConfig(_Section):
-    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    loss_type: str | list[str] = Field("sigmoid", description="One loss or a list combined with "
+                                       "loss_weights: " + ", ".join(LOSS_TYPES) + ".")
+    loss_weights: list[float] | None = Field(None, description="One weight per loss type (default all "
+                                             "1.0); total = sum_k w_k * mean(loss_k). MPO: [0.8, 0.2, 1.0].")
     beta: float = Field(0.1, gt=0.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="eps: cDPO for sigmoid/aot/simpo, "
+                                   "flip rate for robust (< 0.5), EXO's eps for exo_pair (> 0, 1e-3).")
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = \
+        "reverse_kl"
+    f_alpha_divergence_coef: float = Field(0.5, ge=0.0, le=1.0, description="alpha of alpha_divergence "
+                                           "(0: forward_kl, 1: reverse_kl).")
+    discopop_tau: float = Field(0.05, gt=0.0)
+    use_weighting: bool = Field(False, description="WPO: each pair's loss times w_c * w_r.")
+    ld_alpha: float | None = Field(None, ge=0.0, le=1.0, description="LD-DPO: weight of the tokens past "
+                                   "min(Lc, Lr); null: off.")
+    simpo_gamma: float = Field(0.5, ge=0.0, description="SimPO target margin gamma.")
+    orpo_lambda: float = Field(0.1, ge=0.0, description="ORPO weight of the odds-ratio term.")
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _known_types(cls, v: Any) -> Any:
+        names = [v] if isinstance(v, str) else v
+        if isinstance(names, list):
+            if not names:
+                raise ValueError("needs at least one loss type")
+            for n in names:
+                if isinstance(n, str) and n not in LOSS_TYPES:
+                    raise ValueError(f"unknown loss type {n!r}; choose from {', '.join(LOSS_TYPES)}")
+            if len(set(names)) != len(names):
+                raise ValueError("lists a loss type twice")
+        return v
+
+    @field_validator("loss_weights")
+    @classmethod
+    def _finite_weights(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(not (w >= 0.0 and w < float("inf")) for w in v):
+            raise ValueError("weights must be finite and >= 0")
+        return v
+
+    @property
+    def loss_types(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @property
+    def weights(self) -> list[float]:
+        return list(self.loss_weights) if self.loss_weights is not None else [1.0] * len(self.loss_types)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "LossConfig":
+        types, eps = self.loss_types, self.label_smoothing
+        named = "loss_type=" + "+".join(types)
+        if self.loss_weights is not None and len(self.loss_weights) != len(types):
+            raise ValueError(f"loss.loss_weights has {len(self.loss_weights)} entries but loss.loss_type "
+                             f"has {len(types)}")
+        smoothed = [t for t in types if t in SMOOTHED_LOSSES]
+        if eps and not smoothed:
+            raise ValueError(f"loss.label_smoothing has no effect with {named}; set it to 0")
+        if "exo_pair" in types and eps == 0:
+            raise ValueError("loss.label_smoothing must be > 0 with loss_type=exo_pair (1e-3 recommended)")
+        if eps >= 0.5 and any(t != "exo_pair" for t in smoothed):
+            raise ValueError(f"loss.label_smoothing must be < 0.5 with {named} (a flip rate of 0.5 or more "
+                             "reverses the preferences)")
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(types):
+            raise ValueError(f"loss.use_weighting is not supported with {named} (aot sorts the batch)")
+        if self.f_divergence_type != "reverse_kl":
+            bad = [t for t in types if t not in F_DIVERGENCE_LOSSES]
+            if bad:
+                raise ValueError(f"loss.f_divergence_type={self.f_divergence_type} does not apply to "
+                                 f"{', '.join(bad)}; only to {', '.join(sorted(F_DIVERGENCE_LOSSES))}")
+        return self
 
 
 class TrainConfig(_Section):
@@ -137,8 +237,6 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> "RunConfig":
-        if self.loss.loss_type == "hinge" and self.loss.label_smoothing:
-            raise ValueError("loss.label_smoothing has no effect with loss_type=hinge; set it to 0")
         return self
 
     def section_hash(self, *names: str) -> str:

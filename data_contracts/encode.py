@@ -14,6 +14,10 @@ every untruncated completion ends with exactly one EOS, and no BOS/EOS is double
 Truncation to max_length (prompt + longest completion): ``keep_start`` cuts the completions' ends;
 ``keep_end`` drops prompt tokens from the start (after a leading BOS), then cuts completions if still
 too long. A prompt alone of max_length tokens or more is rejected (PROMPT_TOO_LONG).
+
+:func:`encode_batch` does the same for a list of examples with one tokenizer call per kind of text
+(a fast tokenizer encodes a list in Rust, in parallel): the ids are identical to row-by-row calls.
+Chat templates are still rendered one row at a time (Jinja).
 """
 
 from __future__ import annotations
@@ -33,6 +37,24 @@ class Encoded:
 
 def _ids(tok, text: str, special: bool) -> list[int]:
     return list(tok(text, add_special_tokens=special)["input_ids"])
+
+
+def batch_ids(tok, texts: list[str], special: bool) -> list[list[int]]:
+    """Token ids of many texts in one tokenizer call.
+
+    A fast tokenizer is called through its Rust backend (``encode_batch_fast``: no offsets, no
+    BatchEncoding), which is what ``tok(texts)`` runs underneath, unless the backend carries its
+    own truncation or padding settings; anything else goes through ``tok(texts)``.
+    """
+    if not texts:
+        return []
+    backend = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        run = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+        return [e.ids for e in run(texts, add_special_tokens=special)]
+    out = tok(texts, add_special_tokens=special, return_attention_mask=False,
+              return_token_type_ids=False)["input_ids"]
+    return [list(x) for x in out]
 
 
 def _one_bos(ids: list[int], bos: int | None) -> list[int]:
@@ -56,34 +78,84 @@ def _cut_after_last_eos(ids: list[int], eos: int) -> list[int]:
 def _render(tok, messages: list[dict], ex: Example, field: str, generation_prompt: bool) -> str:
     kwargs = {"tools": ex.tools} if ex.tools else {}
     try:
-        return tok.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+        text = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt,
                                        tokenize=False, **kwargs)
     except Exception as e:  # a template may raise on roles it does not support
         raise RowError("TEMPLATE_ERROR", field, f"chat template failed: {str(e)[:200]}") from None
+    if not isinstance(text, str):
+        raise RowError("TEMPLATE_ERROR", field, "chat template did not render a string")
+    return text
+
+
+def _render_example(tok, ex: Example) -> list[str]:
+    """[prompt with generation prompt, prompt + chosen, prompt + rejected] as text (RowError)."""
+    if not getattr(tok, "chat_template", None):
+        raise RowError("NO_CHAT_TEMPLATE", "prompt", "conversational data needs a tokenizer with a "
+                       "chat template; set model.chat_template_path")
+    return [_render(tok, ex.prompt, ex, "prompt", True),
+            _render(tok, ex.prompt + ex.chosen, ex, "chosen", False),
+            _render(tok, ex.prompt + ex.rejected, ex, "rejected", False)]
+
+
+def _from_rendered(ids: list[list[int]], bos: int | None, eos: int) -> Encoded:
+    prompt = _one_bos(ids[0], bos)
+    sides = []
+    for field, full in (("chosen", ids[1]), ("rejected", ids[2])):
+        full = _one_bos(full, bos)
+        if full[:len(prompt)] != prompt:
+            raise RowError("TEMPLATE_PREFIX_MISMATCH", field, "chat template renders the prompt "
+                           "differently once the completion follows; prompt ids are not a prefix")
+        out = _cut_after_last_eos(full[len(prompt):], eos)
+        if not out or out == [eos]:
+            raise RowError("EMPTY_COMPLETION", field, f"'{field}' has no tokens after templating")
+        sides.append(_end_with_one_eos(out, eos))
+    return Encoded(prompt, *sides)
+
+
+def encode_batch(examples: list[Example], tok, max_length: int | None = None,
+                 mode: str = "keep_start") -> list[Encoded | RowError]:
+    """Tokenize (and, given max_length, truncate) many examples: an Encoded or a RowError each."""
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    out: list[Encoded | RowError | None] = [None] * len(examples)
+    std = [i for i, ex in enumerate(examples) if not ex.is_conversational]
+    if std:
+        prompts = batch_ids(tok, [examples[i].prompt for i in std], True)
+        comps = batch_ids(tok, [examples[i].chosen for i in std] + [examples[i].rejected for i in std],
+                          False)
+        n = len(std)
+        for k, i in enumerate(std):
+            out[i] = Encoded(_one_bos(prompts[k], bos), _end_with_one_eos(comps[k], eos),
+                             _end_with_one_eos(comps[n + k], eos))
+    texts, owners = [], []
+    for i, ex in enumerate(examples):
+        if ex.is_conversational:
+            try:
+                texts += _render_example(tok, ex)
+                owners.append(i)
+            except RowError as e:
+                out[i] = e
+    ids = batch_ids(tok, texts, False)
+    for k, i in enumerate(owners):
+        try:
+            out[i] = _from_rendered(ids[3 * k:3 * k + 3], bos, eos)
+        except RowError as e:
+            out[i] = e
+    if max_length is not None:
+        for i, enc in enumerate(out):
+            if isinstance(enc, Encoded):
+                try:
+                    out[i] = truncate(enc, max_length, mode, bos)
+                except RowError as e:
+                    out[i] = e
+    return out  # type: ignore[return-value]
 
 
 def encode_example(ex: Example, tok) -> Encoded:
     """Token ids of one example, before truncation (raises RowError)."""
-    bos, eos = tok.bos_token_id, tok.eos_token_id
-    if not ex.is_conversational:
-        prompt = _one_bos(_ids(tok, ex.prompt, True), bos)
-        sides = [_end_with_one_eos(_ids(tok, t, False), eos) for t in (ex.chosen, ex.rejected)]
-        return Encoded(prompt, *sides)
-    if not getattr(tok, "chat_template", None):
-        raise RowError("NO_CHAT_TEMPLATE", "prompt", "conversational data needs a tokenizer with a "
-                       "chat template; set model.chat_template_path")
-    prompt = _one_bos(_ids(tok, _render(tok, ex.prompt, ex, "prompt", True), False), bos)
-    sides = []
-    for field, completion in (("chosen", ex.chosen), ("rejected", ex.rejected)):
-        full = _one_bos(_ids(tok, _render(tok, ex.prompt + completion, ex, field, False), False), bos)
-        if full[:len(prompt)] != prompt:
-            raise RowError("TEMPLATE_PREFIX_MISMATCH", field, "chat template renders the prompt "
-                           "differently once the completion follows; prompt ids are not a prefix")
-        ids = _cut_after_last_eos(full[len(prompt):], eos)
-        if not ids or ids == [eos]:
-            raise RowError("EMPTY_COMPLETION", field, f"'{field}' has no tokens after templating")
-        sides.append(_end_with_one_eos(ids, eos))
-    return Encoded(prompt, *sides)
+    (enc,) = encode_batch([ex], tok)
+    if isinstance(enc, RowError):
+        raise enc
+    return enc
 
 
 def truncate(enc: Encoded, max_length: int, mode: str, bos: int | None) -> Encoded:

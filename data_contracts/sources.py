@@ -1,4 +1,4 @@
-"""Turn a data source into a list of raw rows (dicts), whatever it is.
+"""Turn a data source into raw rows (dicts), whatever it is: streamed in batches or as one list.
 
 Accepted sources: a local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, the same gzipped
 (``.jsonl.gz``, ``.json.gz``, ``.csv.gz``), a folder of such shards (read in sorted order), an
@@ -7,20 +7,26 @@ in-memory ``datasets.Dataset`` / ``pandas.DataFrame`` / list of dicts, ``builtin
 
 A JSON line that does not parse does not stop loading: it becomes a row ``{"__error__": ...,
 "__raw__": line}`` that validation rejects with code BAD_JSON.
+
+:func:`iter_batches` streams: JSON lines are read line by line (gzip decompressed on the fly),
+Parquet by record batches (``ParquetFile.iter_batches``), CSV in pandas chunks, a hub dataset
+(memory-mapped Arrow) with ``Dataset.iter``; only one batch of Python rows exists at a time. A
+``.json`` file holding one JSON array (or ``{"data": [...]}``) is a single document and is read
+whole: use JSON lines for large data. :func:`load_rows` collects everything (small data only).
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from data_contracts.errors import DataError
 
 BUILTIN_PREFIX = "builtin:"
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
+BATCH_ROWS = 4096
 
 
 def describe(source: Any) -> str:
@@ -36,47 +42,36 @@ def _ext(path: Path) -> str | None:
     return next((e for e in sorted(EXTENSIONS, key=len, reverse=True) if name.endswith(e)), None)
 
 
-def _read_text(path: Path) -> str:
-    if path.name.lower().endswith(".gz"):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            return f.read()
-    return path.read_text(encoding="utf-8")
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
-def _jsonl(text: str) -> list[dict]:
-    rows = []
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            rows.append({"__error__": f"line {i + 1}: invalid JSON ({e.msg})", "__raw__": line})
-    return rows
+def _bad_line(n: int, line: bytes, e: Exception) -> dict:
+    why = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
+    return {"__error__": f"line {n}: invalid JSON ({why})",
+            "__raw__": line.decode("utf-8", "replace").rstrip("\r\n")}
 
 
-def _read_file(path: Path) -> list:
-    ext = _ext(path)
-    if ext is None:
-        raise DataError(f"data error: {path}: unknown file type; use one of {', '.join(EXTENSIONS)}")
-    try:
-        if ext == ".parquet":
-            import pyarrow.parquet as pq
-            return pq.read_table(path).to_pylist()
-        if ext.startswith(".csv"):
-            import pandas as pd
-            df = pd.read_csv(io.StringIO(_read_text(path)), dtype=str, keep_default_na=False)
-            return df.to_dict("records")
-        text = _read_text(path)
-        if ext.startswith(".jsonl"):
-            return _jsonl(text)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            return _jsonl(text)  # a .json file that is really JSON lines
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"data error: {path}: cannot be read ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); check the file") from None
+def _iter_jsonl(path: Path, batch_rows: int) -> Iterator[list]:
+    batch: list = []
+    with _open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                batch.append(json.loads(line))
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+                batch.append(_bad_line(n, line, e))
+            if len(batch) >= batch_rows:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _json_document(path: Path) -> list:
+    with _open(path) as f:
+        data = json.loads(f.read())
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -84,27 +79,80 @@ def _read_file(path: Path) -> list:
     return data
 
 
-def _read_folder(folder: Path) -> list:
+def _is_json_lines(path: Path) -> bool:
+    """A .json file whose first line is a whole JSON object (not a {"data": [...]} wrapper) and
+    that has more lines: JSON lines under a .json name. A one-line file is one JSON document."""
+    with _open(path) as f:
+        first = f.readline()
+        more = any(line.strip() for line in iter(f.readline, b""))
+    if not more:
+        return False
+    try:
+        obj = json.loads(first)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(obj, dict) and not isinstance(obj.get("data"), list)
+
+
+def _chunks(rows: list, batch_rows: int) -> Iterator[list]:
+    for k in range(0, len(rows), batch_rows):
+        yield rows[k:k + batch_rows]
+
+
+def _iter_file(path: Path, batch_rows: int) -> Iterator[list]:
+    ext = _ext(path)
+    if ext is None:
+        raise DataError(f"data error: {path}: unknown file type; use one of {', '.join(EXTENSIONS)}")
+    try:
+        if ext == ".parquet":
+            import pyarrow.parquet as pq
+            for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+                yield rb.to_pylist()
+        elif ext.startswith(".csv"):
+            import pandas as pd
+            for df in pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=batch_rows,
+                                  compression="infer"):
+                yield df.to_dict("records")
+        elif ext.startswith(".jsonl") or _is_json_lines(path):
+            yield from _iter_jsonl(path, batch_rows)
+        else:
+            try:
+                rows = _json_document(path)
+            except json.JSONDecodeError:
+                rows = None
+            if rows is None:
+                yield from _iter_jsonl(path, batch_rows)  # not one document: JSON lines after all
+            else:
+                yield from _chunks(rows, batch_rows)
+    except DataError:
+        raise
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"data error: {path}: cannot be read ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); check the file") from None
+
+
+def _folder_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and _ext(p)
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
         raise DataError(f"data error: {folder}: folder holds no data files ({', '.join(EXTENSIONS)})")
-    rows: list = []
-    for f in files:
-        rows += _read_file(f)
-    return rows
+    return files
 
 
-def _load_builtin(name: str) -> list:
+def _read_file(path: Path) -> list:
+    return [r for b in _iter_file(path, BATCH_ROWS) for r in b]
+
+
+def _builtin_path(name: str) -> Path:
     from data_contracts import builtin
     base, _, split = name.partition("@")
     if base != builtin.NAME or split not in ("", "train", "eval"):
         raise DataError(f"data error: unknown builtin dataset {BUILTIN_PREFIX}{name!r}; use "
                         f"'{BUILTIN_PREFIX}{builtin.NAME}' or '{BUILTIN_PREFIX}{builtin.NAME}@eval'")
-    return _read_file(builtin.materialize()[split or "train"])
+    return builtin.materialize()[split or "train"]
 
 
-def _load_hub(dataset_id: str, split: str | None) -> list:
+def _load_hub(dataset_id: str, split: str | None):
     name, _, at_split = dataset_id.partition("@")
     split = split or at_split or "train"
     try:
@@ -115,15 +163,56 @@ def _load_hub(dataset_id: str, split: str | None) -> list:
         raise DataError(f"data error: cannot load hub dataset {name!r} split {split!r} "
                         f"({type(e).__name__}: {first}); check the id and network access, or give "
                         f"a local file") from None
-    return ds.to_list()
+    return ds
 
 
 def _looks_like_path(s: str) -> bool:
     return s.startswith(("/", "./", "../", "~")) or _ext(Path(s)) is not None or s.endswith(".gz")
 
 
+def _columns_to_rows(batch: dict) -> list[dict]:
+    keys = list(batch)
+    return [dict(zip(keys, vals)) for vals in zip(*batch.values())] if keys else []
+
+
+def iter_batches(source: Any, batch_rows: int = BATCH_ROWS, split: str | None = None) -> Iterator[list]:
+    """The rows of a source, in order, as lists of at most ``batch_rows`` rows (see the module
+    docstring). Raises DataError as :func:`load_rows` does, possibly after some batches."""
+    if isinstance(source, list):
+        yield from _chunks(source, batch_rows)
+        return
+    if hasattr(source, "iter") and hasattr(source, "column_names"):  # datasets.Dataset
+        for batch in source.iter(batch_size=batch_rows):
+            yield _columns_to_rows(batch)
+        return
+    if hasattr(source, "to_dict") and hasattr(source, "columns") and hasattr(source, "iloc"):
+        for k in range(0, len(source), batch_rows):  # pandas.DataFrame
+            yield source.iloc[k:k + batch_rows].to_dict("records")
+        return
+    if not isinstance(source, (str, Path)):
+        raise DataError(f"data error: unsupported source type {type(source).__name__}; give a path, "
+                        f"a hub id, a datasets.Dataset or a list of dicts")
+    s = str(source)
+    if s.startswith(BUILTIN_PREFIX):
+        yield from _iter_file(_builtin_path(s[len(BUILTIN_PREFIX):]), batch_rows)
+        return
+    path = Path(s).expanduser()
+    if path.is_dir():
+        for f in _folder_files(path):
+            yield from _iter_file(f, batch_rows)
+        return
+    if path.is_file():
+        yield from _iter_file(path, batch_rows)
+        return
+    if isinstance(source, Path) or _looks_like_path(s):
+        raise DataError(f"data error: {path}: no such file or folder; check data.source / "
+                        f"data.eval_source")
+    yield from iter_batches(_load_hub(s, split), batch_rows)
+
+
 def load_rows(source: Any, split: str | None = None) -> list:
-    """All rows of a source, in order (see the module docstring for what a source can be).
+    """All rows of a source, in order, in one list (see the module docstring for what a source
+    can be). For large files use :func:`iter_batches`, which keeps memory bounded.
 
     ``split`` only matters for hub ids (default: the ``@split`` suffix, else ``train``).
     Raises DataError for a missing file, an unknown extension or an unreachable dataset.
@@ -134,18 +223,4 @@ def load_rows(source: Any, split: str | None = None) -> list:
         return source.to_list()
     if hasattr(source, "to_dict") and hasattr(source, "columns"):  # pandas.DataFrame
         return source.to_dict("records")
-    if not isinstance(source, (str, Path)):
-        raise DataError(f"data error: unsupported source type {type(source).__name__}; give a path, "
-                        f"a hub id, a datasets.Dataset or a list of dicts")
-    s = str(source)
-    if s.startswith(BUILTIN_PREFIX):
-        return _load_builtin(s[len(BUILTIN_PREFIX):])
-    path = Path(s).expanduser()
-    if path.is_dir():
-        return _read_folder(path)
-    if path.is_file():
-        return _read_file(path)
-    if isinstance(source, Path) or _looks_like_path(s):
-        raise DataError(f"data error: {path}: no such file or folder; check data.source / "
-                        f"data.eval_source")
-    return _load_hub(s, split)
+    return [r for batch in iter_batches(source, BATCH_ROWS, split) for r in batch]

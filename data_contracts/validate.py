@@ -1,4 +1,4 @@
-"""Validate one split: load, check row by row, tokenize, write valid/rejects/report atomically.
+"""Validate one split: stream, check row by row, tokenize in batches, write valid/rejects/report.
 
 Every input row ends up in exactly one bucket, so ``rows_in = valid + rejected + duplicates +
 limited_out``. Files written into out_dir (each via a temporary file and ``os.replace``):
@@ -7,27 +7,41 @@ limited_out``. Files written into out_dir (each via a temporary file and ``os.re
 - ``rejects.parquet``: source_index, code, field, message, raw (JSON of the raw row); duplicates
   are listed there too with code DUPLICATE_ROW.
 - ``report.json`` and ``summary.md``: counts, reasons, length stats, fingerprint, policy verdict.
+
+Streaming: rows come from :func:`sources.iter_batches` one batch (``batch_rows``) at a time, are
+checked, deduplicated, tokenized with one tokenizer call per batch and appended to the parquet files
+with ``pq.ParquetWriter``, so memory does not grow with the raw data. What does grow with the row
+count is small and fixed per row: the example ids seen (8-byte key + 8-byte row index, in sorted
+numpy arrays) and three int32 lengths for the report's statistics.
+
+``limit``: the N valid rows whose seeded hash ``blake2b(example_id, key=shuffle_seed)`` is smallest
+(a heap of N entries while streaming); they are then copied, in source order, from the temporary
+valid file into the final one. The choice is deterministic, independent of row order and batch size,
+and changes with ``shuffle_seed``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 import os
-import random
+from array import array
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_contracts.config import BUILTIN_DATASET, DataConfig
-from data_contracts.encode import encode
+from data_contracts.encode import Encoded, encode_batch
 from data_contracts.errors import DataError, DataPolicyError
-from data_contracts.formats import Example, RowError, detect_layout, to_example
-from data_contracts.sources import describe, load_rows
+from data_contracts.formats import Example, RowError, detect_layout, map_columns, to_example
+from data_contracts.sources import BATCH_ROWS, describe, iter_batches, load_rows
 
 _ids = pa.list_(pa.int32())
 VALID_SCHEMA = pa.schema([
@@ -41,29 +55,44 @@ REJECT_SCHEMA = pa.schema([("source_index", pa.int64()), ("code", pa.string()),
                            ("field", pa.string()), ("message", pa.string()), ("raw", pa.string())])
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
+_ID_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str, sort_keys=True, separators=(",", ":"))
+
+
 def _json(x: Any, **kw) -> str:
+    if not kw:
+        return _ENCODER.encode(x)  # a prebuilt encoder: json.dumps(x, **kw) builds one per call
     return json.dumps(x, ensure_ascii=False, default=str, **kw)
 
 
 def example_id(ex: Example) -> str:
     """16 hex chars of sha256 over the canonical prompt/chosen/rejected JSON (+ tools when set)."""
-    key = {"prompt": ex.prompt, "chosen": ex.chosen, "rejected": ex.rejected}
+    key = {"chosen": ex.chosen, "prompt": ex.prompt, "rejected": ex.rejected}
     if ex.tools:
         key["tools"] = ex.tools
-    return hashlib.sha256(_json(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    return hashlib.sha256(_ID_ENCODER.encode(key).encode()).hexdigest()[:16]
 
 
 def _reject(index: int, err: RowError, raw: Any) -> dict:
+    try:
+        text = _json(raw)
+    except (ValueError, RecursionError, TypeError):
+        text = repr(raw)[:10000]
     return {"source_index": index, "code": err.code, "field": err.field, "message": err.message,
-            "raw": _json(raw)}
+            "raw": text}
 
 
-def _stats(xs: list[int]) -> dict:
-    if not xs:
+def _as_row_error(e: Exception) -> RowError:
+    return e if isinstance(e, RowError) else RowError("MALFORMED", "<row>",
+                                                      f"{type(e).__name__}: {e}"[:300])
+
+
+def _stats(xs) -> dict:
+    if len(xs) == 0:
         return {"min": 0, "mean": 0.0, "max": 0, "p95": 0}
-    s = sorted(xs)
-    return {"min": s[0], "mean": round(sum(s) / len(s), 2), "max": s[-1],
-            "p95": s[max(0, math.ceil(0.95 * len(s)) - 1)]}
+    s = np.sort(np.asarray(xs, dtype=np.int64))
+    return {"min": int(s[0]), "mean": round(float(s.mean()), 2), "max": int(s[-1]),
+            "p95": int(s[max(0, math.ceil(0.95 * len(s)) - 1)])}
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -90,14 +119,276 @@ def _summary(rep: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------- streaming
+
+class SeenIds:
+    """Example ids already kept, as sorted uint64 keys + the row index of each (16 bytes a row)."""
+
+    def __init__(self):
+        self.keys = np.empty(0, dtype=np.uint64)
+        self.rows = np.empty(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """For each key, the row index it was first kept at, else -1."""
+        if len(self.keys) == 0 or len(keys) == 0:
+            return np.full(len(keys), -1, dtype=np.int64)
+        pos = np.searchsorted(self.keys, keys)
+        clipped = np.minimum(pos, len(self.keys) - 1)
+        hit = self.keys[clipped] == keys
+        return np.where(hit, self.rows[clipped], -1)
+
+    def add(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Insert new (not yet present, mutually distinct) keys."""
+        if len(keys) == 0:
+            return
+        order = np.argsort(keys, kind="stable")
+        keys, rows = keys[order], rows[order]
+        pos = np.searchsorted(self.keys, keys)
+        self.keys = np.insert(self.keys, pos, keys)
+        self.rows = np.insert(self.rows, pos, rows)
+
+
+class _Stats:
+    """What the report says about the written valid rows, accumulated as they are written."""
+
+    def __init__(self):
+        self.lens = {k: array("i") for k in ("prompt", "chosen", "rejected")}
+        self.truncated_rows = self.truncated_tokens = self.rows = 0
+        self.fp = hashlib.sha256()
+
+    def add(self, eids, p_lens, c_lens, r_lens, truncated) -> None:
+        for eid in eids:
+            self.fp.update((("\n" if self.rows else "") + eid).encode())
+            self.rows += 1
+        self.lens["prompt"].extend(p_lens)
+        self.lens["chosen"].extend(c_lens)
+        self.lens["rejected"].extend(r_lens)
+        self.truncated_rows += sum(t > 0 for t in truncated)
+        self.truncated_tokens += sum(truncated)
+
+    def report(self) -> dict:
+        return {"lengths": {k: _stats(v) for k, v in self.lens.items()},
+                "truncated": {"rows": self.truncated_rows, "tokens": self.truncated_tokens},
+                "fingerprint": self.fp.hexdigest()}
+
+
+class _Writer:
+    """A parquet file written batch by batch into a temporary name, renamed on commit."""
+
+    def __init__(self, path: Path, schema: pa.Schema, tag: str = ""):
+        self.path, self.schema = path, schema
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}{tag}.tmp")
+        self.writer = pq.ParquetWriter(self.tmp, schema)
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def commit(self) -> None:
+        self.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self.close()
+        except Exception:  # already failing: only clean up
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
+def _valid_table(recs: list[tuple[int, Example, str, Encoded]]) -> pa.Table:
+    cols: dict[str, list] = {name: [] for name in VALID_SCHEMA.names}
+    for i, ex, eid, enc in recs:
+        cols["example_id"].append(eid)
+        cols["source_index"].append(i)
+        cols["prompt"].append(_json(ex.prompt))
+        cols["chosen"].append(_json(ex.chosen))
+        cols["rejected"].append(_json(ex.rejected))
+        cols["is_conversational"].append(ex.is_conversational)
+        cols["tools"].append(_json(ex.tools) if ex.tools else None)
+        cols["meta"].append(_json(ex.meta) if ex.meta else "{}")
+        cols["prompt_input_ids"].append(enc.prompt)
+        cols["chosen_input_ids"].append(enc.chosen)
+        cols["rejected_input_ids"].append(enc.rejected)
+        cols["prompt_len"].append(len(enc.prompt))
+        cols["chosen_len"].append(len(enc.chosen))
+        cols["rejected_len"].append(len(enc.rejected))
+    return pa.Table.from_pydict(cols, schema=VALID_SCHEMA)
+
+
+def _limit_priority(eid: str, seed: int) -> int:
+    key = seed.to_bytes(8, "little", signed=True)
+    return int.from_bytes(hashlib.blake2b(eid.encode(), digest_size=8, key=key).digest(), "big")
+
+
+class _Run:
+    """The state of one validate_split call."""
+
+    def __init__(self, out_dir: Path, tok, cfg: DataConfig, split: str, label: str, limit: int | None):
+        self.tok, self.cfg, self.split, self.label, self.limit = tok, cfg, split, label, limit
+        self.layout = None
+        self.rows_in = self.n_valid = self.rejected = self.duplicates = 0
+        self.counts: Counter = Counter()
+        self.first_msg: dict[str, str] = {}
+        self.seen = SeenIds()
+        self.stats = _Stats()
+        self.heap: list[tuple[int, int, int]] = []  # (-priority, source_index, truncated), limit only
+        self.valid = _Writer(out_dir / "valid.parquet", VALID_SCHEMA, ".all" if limit else "")
+        self.rejects = _Writer(out_dir / "rejects.parquet", REJECT_SCHEMA)
+
+    def _fail(self, i: int, err: RowError) -> None:
+        raise DataError(f"data error: {self.split} row {i} of {self.label}: {err.code} in field "
+                        f"'{err.field}': {err.message} (data.invalid_policy=fail; use "
+                        f"quarantine to skip bad rows)")
+
+    def batch(self, rows: list) -> None:
+        cfg, base = self.cfg, self.rows_in
+        if cfg.columns:
+            rows = [map_columns(r, cfg.columns) for r in rows]
+        if self.layout is None:
+            self.layout = detect_layout(rows, cfg.format)
+        self.rows_in += len(rows)
+        bad: list[tuple[int, RowError, Any]] = []
+        parsed: list[tuple[int, Any, Example, str]] = []
+        for off, raw in enumerate(rows):
+            try:
+                ex = to_example(raw, self.layout)
+                parsed.append((base + off, raw, ex, example_id(ex)))
+            except Exception as e:  # a malformed row never stops the run under quarantine
+                bad.append((base + off, _as_row_error(e), raw))
+
+        keys = np.array([int(eid, 16) for *_, eid in parsed], dtype=np.uint64)
+        earlier = self.seen.lookup(keys)
+        todo: list[tuple[int, Any, Example, str]] = []
+        pending: dict[str, int] = {}
+        dups: list[tuple[int, Any, int | None, int | None]] = []  # (row, raw, kept row, todo slot)
+        for (i, raw, ex, eid), prev in zip(parsed, earlier.tolist()):
+            if prev >= 0:
+                dups.append((i, raw, prev, None))
+            elif eid in pending:
+                dups.append((i, raw, None, pending[eid]))
+            else:
+                pending[eid] = len(todo)
+                todo.append((i, raw, ex, eid))
+
+        encs = self._encode([ex for _, _, ex, _ in todo])
+        kept: list[tuple[int, Example, str, Encoded]] = []
+        for (i, raw, ex, eid), enc in zip(todo, encs):
+            if isinstance(enc, RowError):
+                bad.append((i, enc, raw))
+            else:
+                kept.append((i, ex, eid, enc))
+        dup_rejects = []
+        for i, raw, prev, slot in dups:
+            if slot is not None and isinstance(encs[slot], RowError):
+                bad.append((i, encs[slot], raw))  # same pair as a rejected row: same reason
+                continue
+            first = prev if slot is None else todo[slot][0]
+            dup_rejects.append((i, RowError("DUPLICATE_ROW", "<row>", f"same pair as row {first}"), raw))
+
+        if bad and cfg.invalid_policy == "fail":
+            i, err, _ = min(bad, key=lambda b: b[0])
+            self._fail(i, err)
+        self._record_rejects(bad, dup_rejects)
+        self._record_valid(kept)
+
+    def _encode(self, examples: list[Example]) -> list:
+        cfg = self.cfg
+        try:
+            return encode_batch(examples, self.tok, cfg.max_length, cfg.truncation_mode)
+        except Exception:  # one bad row broke the batch call: isolate it
+            out = []
+            for ex in examples:
+                try:
+                    out += encode_batch([ex], self.tok, cfg.max_length, cfg.truncation_mode)
+                except Exception as e:
+                    out.append(_as_row_error(e))
+            return out
+
+    def _record_rejects(self, bad: list, dups: list) -> None:
+        for i, err, _ in bad:
+            self.counts[err.code] += 1
+            self.first_msg.setdefault(err.code, f"row {i} {err.field}: {err.message}")
+        self.rejected += len(bad)
+        self.duplicates += len(dups)
+        recs = sorted((_reject(i, err, raw) for i, err, raw in bad + dups),
+                      key=lambda r: r["source_index"])
+        if recs:
+            self.rejects.write(pa.Table.from_pylist(recs, schema=REJECT_SCHEMA))
+
+    def _record_valid(self, kept: list) -> None:
+        if not kept:
+            return
+        kept.sort(key=lambda k: k[0])
+        self.n_valid += len(kept)
+        self.seen.add(np.array([int(eid, 16) for _, _, eid, _ in kept], dtype=np.uint64),
+                      np.array([i for i, *_ in kept], dtype=np.int64))
+        self.valid.write(_valid_table(kept))
+        encs = [enc for *_, enc in kept]
+        self.stats.add([eid for _, _, eid, _ in kept], [len(e.prompt) for e in encs],
+                       [len(e.chosen) for e in encs], [len(e.rejected) for e in encs],
+                       [e.truncated for e in encs])
+        if self.limit is not None:
+            seed = self.cfg.shuffle_seed
+            for (i, _, eid, enc) in kept:
+                item = (-_limit_priority(eid, seed), i, enc.truncated)
+                if len(self.heap) < self.limit:
+                    heapq.heappush(self.heap, item)
+                elif item > self.heap[0]:
+                    heapq.heapreplace(self.heap, item)
+
+    def finish_valid(self) -> tuple[int, _Stats]:
+        """Commit valid.parquet (applying the limit); return (rows written, their stats)."""
+        if self.limit is None:
+            self.valid.commit()
+            return self.n_valid, self.stats
+        self.valid.close()
+        chosen = {i: t for _, i, t in self.heap}
+        final = _Writer(self.valid.path, VALID_SCHEMA)
+        stats = _Stats()
+        try:
+            wanted = pa.array(sorted(chosen), type=pa.int64())
+            for rb in pq.ParquetFile(self.valid.tmp).iter_batches(batch_size=BATCH_ROWS):
+                t = pa.Table.from_batches([rb])
+                t = t.filter(pc.is_in(t["source_index"], value_set=wanted))
+                if not t.num_rows:
+                    continue
+                final.write(t)
+                idx = t["source_index"].to_pylist()
+                stats.add(t["example_id"].to_pylist(), t["prompt_len"].to_pylist(),
+                          t["chosen_len"].to_pylist(), t["rejected_len"].to_pylist(),
+                          [chosen[i] for i in idx])
+            final.commit()
+        except BaseException:
+            final.abort()
+            raise
+        finally:
+            self.valid.abort()  # the unlimited temporary file
+        return stats.rows, stats
+
+    def abort(self) -> None:
+        self.valid.abort()
+        self.rejects.abort()
+
+
 def validate_split(source: Any, out_dir: Path, tokenizer, cfg: DataConfig, *, split: str = "train",
-                   limit: int | None = None, name: str | None = None) -> dict:
-    """Check, tokenize and write one split; return the report dict.
+                   limit: int | None = None, name: str | None = None,
+                   batch_rows: int = BATCH_ROWS) -> dict:
+    """Check, tokenize and write one split, streaming; return the report dict.
 
     ``limit`` (default: cfg.train_limit for split "train", else cfg.eval_limit) keeps N valid rows
-    chosen by a cfg.shuffle_seed shuffle (written in source order). ``name`` labels an in-memory
-    source in the report. Raises DataError (unreadable source; a bad row under policy ``fail``) and
-    DataPolicyError (too many rejects under ``quarantine``, after the files are written).
+    chosen by a seeded hash of their example ids (see the module docstring), written in source
+    order. ``name`` labels an in-memory source in the report. Raises DataError (unreadable source;
+    a bad row under policy ``fail``, no files written) and DataPolicyError (too many rejects under
+    ``quarantine``, after the files are written).
     """
     out_dir = Path(out_dir)
     label = name or describe(source)
@@ -105,88 +396,53 @@ def validate_split(source: Any, out_dir: Path, tokenizer, cfg: DataConfig, *, sp
         limit = cfg.train_limit if split == "train" else cfg.eval_limit
     if tokenizer.eos_token_id is None:
         raise DataError("data error: the tokenizer has no eos_token; set one before validating data")
-    rows = load_rows(source)
-    if not rows:
-        raise DataError(f"data error: {label}: no rows; check data.source")
-    layout = detect_layout(rows, cfg.format)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = _Run(out_dir, tokenizer, cfg, split, label, limit)
+    try:
+        for rows in iter_batches(source, batch_rows):
+            run.batch(rows)
+        if run.rows_in == 0:
+            raise DataError(f"data error: {label}: no rows; check data.source")
+        n_written, stats = run.finish_valid()
+        run.rejects.commit()
+    except BaseException:
+        run.abort()
+        raise
 
-    kept: list[tuple[dict, int]] = []  # (record, tokens truncated)
-    rejects: list[dict] = []
-    seen: dict[str, int] = {}
-    for i, raw in enumerate(rows):
-        try:
-            ex = to_example(raw, layout)
-            eid = example_id(ex)
-            if eid in seen:
-                rejects.append(_reject(i, RowError("DUPLICATE_ROW", "<row>",
-                                                   f"same pair as row {seen[eid]}"), raw))
-                continue
-            enc = encode(ex, tokenizer, cfg.max_length, cfg.truncation_mode)
-        except Exception as e:  # a malformed row never stops the run under quarantine
-            err = e if isinstance(e, RowError) else RowError("MALFORMED", "<row>",
-                                                             f"{type(e).__name__}: {e}"[:300])
-            if cfg.invalid_policy == "fail":
-                raise DataError(f"data error: {split} row {i} of {label}: {err.code} in field "
-                                f"'{err.field}': {err.message} (data.invalid_policy=fail; use "
-                                f"quarantine to skip bad rows)") from None
-            rejects.append(_reject(i, err, raw))
-            continue
-        seen[eid] = i
-        kept.append(({
-            "example_id": eid, "source_index": i,
-            "prompt": _json(ex.prompt), "chosen": _json(ex.chosen), "rejected": _json(ex.rejected),
-            "is_conversational": ex.is_conversational,
-            "tools": _json(ex.tools) if ex.tools else None, "meta": _json(ex.meta),
-            "prompt_input_ids": enc.prompt, "chosen_input_ids": enc.chosen,
-            "rejected_input_ids": enc.rejected,
-            "prompt_len": len(enc.prompt), "chosen_len": len(enc.chosen),
-            "rejected_len": len(enc.rejected)}, enc.truncated))
-
-    n_valid = len(kept)
-    if limit is not None and n_valid > limit:
-        order = list(range(n_valid))
-        random.Random(cfg.shuffle_seed).shuffle(order)
-        kept = [kept[j] for j in sorted(order[:limit])]
-    valid = [rec for rec, _ in kept]
-
-    duplicates = sum(r["code"] == "DUPLICATE_ROW" for r in rejects)
-    counts = Counter(r["code"] for r in rejects if r["code"] != "DUPLICATE_ROW")
-    first_msg = {}
-    for r in rejects:
-        first_msg.setdefault(r["code"], f"row {r['source_index']} {r['field']}: {r['message']}")
-    rejected = sum(counts.values())
-    fraction = rejected / len(rows)
+    fraction = run.rejected / run.rows_in
+    layout = run.layout
     report = {
         "split": split, "source": label, "layout": layout.name,
         "is_conversational": layout.conversational, "tokenizer": getattr(tokenizer, "name_or_path", ""),
-        "rows_in": len(rows), "valid": len(valid), "rejected": rejected, "duplicates": duplicates,
-        "limited_out": n_valid - len(valid), "reject_counts": dict(counts.most_common()),
-        "lengths": {k: _stats([r[f"{k}_len"] for r in valid]) for k in ("prompt", "chosen", "rejected")},
-        "truncated": {"rows": sum(t > 0 for _, t in kept), "tokens": sum(t for _, t in kept)},
+        "rows_in": run.rows_in, "valid": n_written, "rejected": run.rejected,
+        "duplicates": run.duplicates, "limited_out": run.n_valid - n_written,
+        "reject_counts": dict(run.counts.most_common()),
+        **stats.report(),
         "max_length": cfg.max_length, "truncation_mode": cfg.truncation_mode,
-        "fingerprint": hashlib.sha256("\n".join(r["example_id"] for r in valid).encode()).hexdigest(),
         "invalid_fraction": round(fraction, 6), "max_invalid_fraction": cfg.max_invalid_fraction,
         "policy": cfg.invalid_policy, "policy_ok": fraction <= cfg.max_invalid_fraction,
-        "top_reasons": [{"code": c, "count": n, "example": first_msg[c][:200]}
-                        for c, n in counts.most_common(3)],
+        "top_reasons": [{"code": c, "count": n, "example": run.first_msg[c][:200]}
+                        for c, n in run.counts.most_common(3)],
     }
-    assert report["rows_in"] == len(valid) + rejected + duplicates + report["limited_out"]
+    report = {k: report[k] for k in _REPORT_ORDER}
+    assert report["rows_in"] == n_written + run.rejected + run.duplicates + report["limited_out"]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "valid.parquet", lambda p: pq.write_table(
-        pa.Table.from_pylist(valid, schema=VALID_SCHEMA), p))
-    _write_atomic(out_dir / "rejects.parquet", lambda p: pq.write_table(
-        pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), p))
     _write_atomic(out_dir / "summary.md", lambda p: p.write_text(_summary(report)))
     _write_atomic(out_dir / "report.json", lambda p: p.write_text(json.dumps(report, indent=2)))
 
     if not report["policy_ok"]:
         reasons = ", ".join(f"{r['code']} x{r['count']}" for r in report["top_reasons"])
-        raise DataPolicyError(f"data error: {split}: {rejected}/{len(rows)} rows rejected "
+        raise DataPolicyError(f"data error: {split}: {run.rejected}/{run.rows_in} rows rejected "
                               f"({fraction:.1%} > data.max_invalid_fraction "
                               f"{cfg.max_invalid_fraction:.1%}); top reasons: {reasons}; see "
                               f"{out_dir / 'rejects.parquet'}")
     return report
+
+
+_REPORT_ORDER = ("split", "source", "layout", "is_conversational", "tokenizer", "rows_in", "valid",
+                 "rejected", "duplicates", "limited_out", "reject_counts", "lengths", "truncated",
+                 "max_length", "truncation_mode", "fingerprint", "invalid_fraction",
+                 "max_invalid_fraction", "policy", "policy_ok", "top_reasons")
 
 
 # ------------------------------------------------------------------------------------- splits

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from data_contracts.config import EvalConfig, LossConfig
-from dpo_engine.forward import collate, pair_batch, sequence_logps
-from dpo_engine.losses import dpo_loss, pair_metrics
+from dpo_engine.forward import collate, pair_logps, sequence_logps
+from dpo_engine.losses import loss_from_config, pair_metrics
 
 Judge = Callable[[object, str, dict], float]
 
@@ -44,21 +44,20 @@ def preference_metrics(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame,
     model.eval()
     ref_map = ref.set_index("example_id")
     records = pairs.to_dict("records")
-    pcs, prs, lcs, lrs = [], [], [], []
+    pcs, prs, inputs, ld = [], [], {}, False
     for b0 in range(0, len(records), batch_size):
-        rows = records[b0:b0 + batch_size]
-        out = sequence_logps(model, pair_batch(rows, pad_id).to(device), chunk_size=chunk_size)
-        b = len(rows)
-        pcs.append(out["logps"][:b].double().cpu())
-        prs.append(out["logps"][b:].double().cpu())
-        lcs.append(out["n_tokens"][:b].cpu())
-        lrs.append(out["n_tokens"][b:].cpu())
+        fw = pair_logps(model, records[b0:b0 + batch_size], pad_id, loss_cfg=loss_cfg,
+                        chunk_size=chunk_size, device=device)
+        pcs.append(fw["chosen"].double().cpu())
+        prs.append(fw["rejected"].double().cpu())
+        for k, v in fw["loss_inputs"].items():
+            inputs.setdefault(k, []).append(v.double().cpu() if v.is_floating_point() else v.cpu())
+        ld = fw["ld_weighted"]
     pc, pr = torch.cat(pcs), torch.cat(prs)
     rc = torch.tensor(ref_map.loc[pairs["example_id"], "ref_chosen_logps"].to_numpy())
     rr = torch.tensor(ref_map.loc[pairs["example_id"], "ref_rejected_logps"].to_numpy())
-    out = dpo_loss(pc, pr, rc, rr, loss_type=loss_cfg.loss_type, beta=loss_cfg.beta,
-                   label_smoothing=loss_cfg.label_smoothing, chosen_len=torch.cat(lcs),
-                   rejected_len=torch.cat(lrs))
+    out = loss_from_config(loss_cfg, pc, pr, rc, rr, ld_weighted=ld,
+                           **{k: torch.cat(v) for k, v in inputs.items()})
     return pair_metrics(out, pc, pr, prefix="eval/")
 
 

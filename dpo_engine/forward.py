@@ -6,12 +6,17 @@ through the fused head (prompt positions are never projected onto the vocabulary
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from dpo_engine.logprobs import token_logps
+
+# The Triton head is opt-in (DPO_HEAD_BACKEND=triton or auto) until it has been verified on a GPU;
+# the chunked torch path runs everywhere.
+HEAD_BACKEND = os.environ.get("DPO_HEAD_BACKEND", "torch")
 
 
 @dataclass
@@ -61,24 +66,71 @@ def lm_body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return body, head
 
 
+def ld_token_weights(batch: SeqBatch, min_len: torch.Tensor, alpha: float) -> torch.Tensor:
+    """LD-DPO: weight 1 for the first ``min_len[s]`` completion tokens of sequence s, ``alpha`` after
+    (``min_len`` = the shorter completion of the pair). Flat, in predict-mask order."""
+    mask = batch.predict_mask
+    pos = (mask.long().cumsum(dim=1) - 1)[mask]
+    seq_idx = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+    return torch.where(pos < min_len.to(mask.device)[seq_idx], 1.0, float(alpha))
+
+
 def sequence_logps(model: nn.Module, batch: SeqBatch, *, chunk_size: int = 8192,
-                   with_stats: bool = False) -> dict[str, torch.Tensor]:
-    """Summed completion log-probs per sequence [S] (differentiable), token counts [S], and, with
-    ``with_stats``, per-sequence sums of token entropy and of mean logit (for metrics)."""
+                   with_stats: bool = False, token_weights: torch.Tensor | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Summed completion log-probs per sequence [S] (differentiable) and token counts [S].
+
+    ``token_weights`` (flat, predict-mask order) weights each token's log-prob in the sum (LD-DPO);
+    ``unweighted_logps`` then holds the plain sums. ``with_stats`` adds per-sequence sums of token
+    entropy and mean logit (metrics) and ``wpo_log_weight`` = mean over tokens of
+    [log p(token) - log sum_v p(v)^2] (WPO), all without gradient."""
     body, head = lm_body_and_head(model)
     hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     mask = batch.predict_mask
     s = mask.shape[0]
     seq_idx = torch.arange(s, device=mask.device)[:, None].expand_as(mask)[mask]
     out = token_logps(hidden[mask], head.weight, batch.targets[mask], getattr(head, "bias", None),
-                      chunk_size=chunk_size, with_stats=with_stats)
+                      chunk_size=chunk_size, with_stats=with_stats, backend=HEAD_BACKEND)
     zeros = torch.zeros(s, device=hidden.device, dtype=out.logps.dtype)
-    res = {"logps": zeros.index_add(0, seq_idx, out.logps),
-           "n_tokens": mask.sum(dim=1)}
+    n_tokens = mask.sum(dim=1)
+    res = {"n_tokens": n_tokens, "logps": zeros.index_add(0, seq_idx, out.logps)}
+    if token_weights is not None:
+        res["unweighted_logps"] = res["logps"]
+        res["logps"] = zeros.index_add(0, seq_idx, out.logps * token_weights.to(out.logps))
     if with_stats:
         res["entropy_sum"] = zeros.detach().index_add(0, seq_idx, out.entropy)
         res["mean_logit_sum"] = zeros.detach().index_add(0, seq_idx, out.mean_logit)
+        lsp2 = getattr(out, "log_sum_p2", None)
+        if lsp2 is not None:
+            terms = out.logps.detach() - lsp2
+            res["wpo_log_weight"] = zeros.detach().index_add(0, seq_idx, terms) / n_tokens.clamp(min=1)
     return res
+
+
+def pair_logps(model: nn.Module, rows: list[dict], pad_id: int, *, loss_cfg=None, chunk_size: int = 8192,
+               with_stats: bool = False, device: torch.device | str = "cpu") -> dict:
+    """Forward a micro-batch of pairs; returns the policy sums split into chosen/rejected and the
+    extra loss inputs (token counts; WPO weights; LD-DPO weighting) that ``loss_from_config`` takes."""
+    batch = pair_batch(rows, pad_id).to(device)
+    b = len(rows)
+    weights = None
+    ld_alpha = getattr(loss_cfg, "ld_alpha", None)
+    if ld_alpha is not None:
+        lc = torch.tensor([len(r["chosen_input_ids"]) for r in rows])
+        lr = torch.tensor([len(r["rejected_input_ids"]) for r in rows])
+        weights = ld_token_weights(batch, torch.minimum(lc, lr).repeat(2), ld_alpha)
+    wpo = bool(getattr(loss_cfg, "use_weighting", False))
+    seq = sequence_logps(model, batch, chunk_size=chunk_size, with_stats=with_stats or wpo,
+                         token_weights=weights)
+    lens = seq["n_tokens"]
+    inputs = {"chosen_len": lens[:b], "rejected_len": lens[b:]}
+    if wpo:
+        inputs["chosen_log_weight"] = seq["wpo_log_weight"][:b]
+        inputs["rejected_log_weight"] = seq["wpo_log_weight"][b:]
+    if weights is not None:
+        inputs["sft_chosen_logps"] = seq["unweighted_logps"][:b]
+    return {"chosen": seq["logps"][:b], "rejected": seq["logps"][b:], "seq": seq, "batch": batch,
+            "loss_inputs": inputs, "ld_weighted": weights is not None}
 
 
 def pair_batch(rows: list[dict], pad_id: int) -> SeqBatch:

@@ -2,10 +2,17 @@
 
 ``token_logps(hidden [N, d], weight [V, d], targets [N])`` walks the vocabulary in tiles of
 ``chunk_size`` columns with an online logsumexp (fp32 accumulators), and in backward recomputes each
-tile, accumulating the weight gradient of a tile over all tokens at once. Peak extra memory is
-``token_block x chunk_size`` floats, independent of V*N.
+tile, accumulating the weight gradient of a tile over all tokens at once. Tokens are processed in
+blocks of ``token_block`` rows, so peak extra memory is about ``token_block x chunk_size`` floats (a
+logits tile and its exp), independent of V*N.
 
-This is the torch path (CPU, and fallback on CUDA).
+Two backends: this module's torch loop (CPU, and fallback on CUDA) and the Triton kernels of
+``dpo_engine.triton_head`` (logit tiles stay in registers / shared memory, never in device memory).
+``backend="auto"`` picks Triton for CUDA tensors when triton imports.
+
+Optional gradient filtering (cut cross-entropy): with ``grad_filter_eps > 0`` the backward skips the
+softmax part of a (token block, vocabulary tile) whose largest softmax probability is below eps; the
+one-hot (target) part is always kept exactly. Off by default (exact gradients).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import torch
 
 DEFAULT_CHUNK = 8192
 TOKEN_BLOCK = 4096
+CCE_FILTER_EPS = 2.0 ** -12  # the threshold cut cross-entropy uses for gradient filtering
+BACKENDS = ("auto", "torch", "triton")
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -25,52 +34,79 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 def _tile_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     out = h @ w.to(h.dtype).t()
     if b is not None:
-        out = out + b.to(h.dtype)
+        out.add_(b.to(h.dtype))
     return out
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product of two [n, m] tensors without an [n, m] temporary."""
+    return (a[:, None, :] @ b[:, :, None]).view(-1)
 
 
 class _TokenLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, with_stats: bool):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, with_stats: bool,
+                token_block: int, grad_filter_eps: float):
         h = hidden.to(_acc_dtype(hidden))
         n, vocab = h.shape[0], weight.shape[0]
         f = dict(device=h.device, dtype=h.dtype)
-        run_max = torch.full((n,), float("-inf"), **f)
-        run_sum = torch.zeros(n, **f)
-        tgt = torch.zeros(n, **f)
-        plogit = torch.zeros(n, **f) if with_stats else None  # sum exp(l - max) * l
-        lsum = torch.zeros(n, **f) if with_stats else None  # sum of logits (mean logit)
-        rows = torch.arange(n, device=h.device)
-        for v0 in range(0, vocab, chunk_size):
-            v1 = min(v0 + chunk_size, vocab)
-            logits = _tile_logits(h, weight[v0:v1], None if bias is None else bias[v0:v1])
-            new_max = torch.maximum(run_max, logits.max(dim=1).values)
-            scale = torch.exp(run_max - new_max)
-            e = torch.exp(logits - new_max[:, None])
-            run_sum = run_sum * scale + e.sum(dim=1)
+        logp = torch.empty(n, **f)
+        lse = torch.empty(n, **f)
+        if with_stats:
+            entropy, mean_logit, log_sum_p2 = (torch.empty(n, **f) for _ in range(3))
+        # token block outer, vocabulary tile inner: at most a logits tile and its exp
+        # (token_block x chunk_size each) are live, whatever N and V are.
+        for t0 in range(0, n, token_block):
+            t1 = min(t0 + token_block, n)
+            hb, tb = h[t0:t1], targets[t0:t1]
+            rows = torch.arange(t1 - t0, device=h.device)
+            run_max = torch.full((t1 - t0,), float("-inf"), **f)
+            run_sum = torch.zeros(t1 - t0, **f)  # sum exp(l - max)
+            tgt = torch.zeros(t1 - t0, **f)
             if with_stats:
-                plogit = plogit * scale + (e * logits).sum(dim=1)
-                lsum += logits.sum(dim=1)
-            run_max = new_max
-            inside = (targets >= v0) & (targets < v1)
-            if inside.any():
-                idx = rows[inside]
-                tgt[idx] = logits[idx, targets[idx] - v0]
-        lse = run_max + torch.log(run_sum)
+                plogit = torch.zeros(t1 - t0, **f)  # sum exp(l - max) * (l - max)
+                lsum = torch.zeros(t1 - t0, **f)  # sum of logits (mean logit)
+                sum2 = torch.zeros(t1 - t0, **f)  # sum exp(2 (l - max)) (log sum p^2)
+            for v0 in range(0, vocab, chunk_size):
+                v1 = min(v0 + chunk_size, vocab)
+                logits = _tile_logits(hb, weight[v0:v1], None if bias is None else bias[v0:v1])
+                inside = (tb >= v0) & (tb < v1)
+                if inside.any():
+                    idx = rows[inside]
+                    tgt[idx] = logits[idx, tb[idx] - v0]
+                if with_stats:
+                    lsum += logits.sum(dim=1)
+                new_max = torch.maximum(run_max, logits.max(dim=1).values)
+                scale = torch.exp(run_max - new_max)
+                shifted = logits.sub_(new_max[:, None])  # s = l - max, in place
+                e = torch.exp(shifted)
+                if with_stats:
+                    # sum e*s relative to the new max: e -> e*scale, s -> s + (old max - new max)
+                    delta = (run_max - new_max).nan_to_num(neginf=0.0)
+                    plogit = (plogit + delta * run_sum) * scale + _rowdot(e, shifted)
+                    sum2 = sum2 * scale * scale + _rowdot(e, e)
+                run_sum = run_sum * scale + e.sum(dim=1)
+                run_max = new_max
+                del logits, shifted, e
+            log_z = torch.log(run_sum)
+            lse[t0:t1] = run_max + log_z
+            logp[t0:t1] = tgt - lse[t0:t1]
+            if with_stats:
+                # -sum p log p with p = e / S, log p = s - log S
+                entropy[t0:t1] = log_z - plogit / run_sum
+                mean_logit[t0:t1] = lsum / vocab
+                log_sum_p2[t0:t1] = torch.log(sum2) - 2 * log_z
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk_size = chunk_size
-        logp = tgt - lse
+        ctx.chunk_size, ctx.token_block, ctx.eps = chunk_size, token_block, grad_filter_eps
         if not with_stats:
-            return logp, None, None
-        entropy = lse - plogit / run_sum
-        mean_logit = lsum / vocab
-        ctx.mark_non_differentiable(entropy, mean_logit)
-        return logp, entropy, mean_logit
+            return logp, None, None, None
+        ctx.mark_non_differentiable(entropy, mean_logit, log_sum_p2)
+        return logp, entropy, mean_logit, log_sum_p2
 
     @staticmethod
-    def backward(ctx, grad_logp, _g_entropy=None, _g_mean=None):
+    def backward(ctx, grad_logp, *_stat_grads):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        chunk = ctx.chunk_size
+        chunk, block, eps = ctx.chunk_size, ctx.token_block, ctx.eps
         h = hidden.to(_acc_dtype(hidden))
         g = grad_logp.to(h.dtype)
         n, vocab = h.shape[0], weight.shape[0]
@@ -83,28 +119,42 @@ class _TokenLogps(torch.autograd.Function):
             v1 = min(v0 + chunk, vocab)
             w = weight[v0:v1].to(h.dtype)
             gw = torch.zeros_like(w) if grad_w is not None else None
-            for t0 in range(0, n, TOKEN_BLOCK):
-                t1 = min(t0 + TOKEN_BLOCK, n)
-                logits = _tile_logits(h[t0:t1], w, None if bias is None else bias[v0:v1])
+            for t0 in range(0, n, block):
+                t1 = min(t0 + block, n)
+                tt, gt = targets[t0:t1], g[t0:t1]
+                r = torch.nonzero((tt >= v0) & (tt < v1)).squeeze(1)  # rows whose target is here
+                # softmax tile, in place on the recomputed logits
+                p = _tile_logits(h[t0:t1], w, None if bias is None else bias[v0:v1])
+                p.sub_(lse[t0:t1, None]).exp_()
+                if eps > 0 and p.max().item() < eps:
+                    # gradient filtering: drop the (negligible) softmax part, keep the one-hot part
+                    del p
+                    if r.numel():
+                        gr, cols = gt[r], tt[r] - v0
+                        if grad_h is not None:
+                            grad_h.index_add_(0, t0 + r, gr[:, None] * w[cols])
+                        if gw is not None:
+                            gw.index_add_(0, cols, gr[:, None] * h[t0 + r])
+                        if grad_b is not None:
+                            grad_b[v0:v1].index_add_(0, cols, gr)
+                    continue
                 # d logp / d logits = onehot(target) - softmax; scaled by the upstream grad
-                dlogits = torch.exp(logits - lse[t0:t1, None]).mul_(-g[t0:t1, None])
-                tt = targets[t0:t1]
-                inside = (tt >= v0) & (tt < v1)
-                if inside.any():
-                    r = torch.nonzero(inside).squeeze(1)
-                    dlogits[r, tt[r] - v0] += g[t0:t1][r]
+                dlogits = p.mul_(-gt[:, None])
+                if r.numel():
+                    dlogits[r, tt[r] - v0] += gt[r]
                 if grad_h is not None:
                     grad_h[t0:t1] += dlogits @ w
                 if gw is not None:
                     gw += dlogits.t() @ h[t0:t1]
                 if grad_b is not None:
                     grad_b[v0:v1] += dlogits.sum(dim=0)
+                del p, dlogits
             if grad_w is not None:
                 grad_w[v0:v1] = gw
         return (None if grad_h is None else grad_h.to(hidden.dtype),
                 None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype),
-                None, None, None)
+                None, None, None, None, None)
 
 
 @dataclass
@@ -112,24 +162,61 @@ class HeadOutput:
     logps: torch.Tensor  # [N] log p(target), differentiable
     entropy: torch.Tensor | None = None  # [N] entropy of the next-token distribution (no grad)
     mean_logit: torch.Tensor | None = None  # [N] mean logit over the vocabulary (no grad)
+    log_sum_p2: torch.Tensor | None = None  # [N] log sum_v p(v)^2 (no grad; WPO weighting)
+
+
+def triton_available() -> bool:
+    """True when the Triton head imports (triton installed and usable)."""
+    try:
+        from dpo_engine import triton_head  # noqa: F401
+    except Exception:  # ImportError, or triton failing to initialise
+        return False
+    return True
+
+
+def _pick_backend(backend: str, hidden: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend != "auto":
+        return backend
+    if hidden.is_cuda and hidden.dtype != torch.float64 and triton_available():
+        return "triton"
+    return "torch"
 
 
 def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 bias: torch.Tensor | None = None, *, chunk_size: int = DEFAULT_CHUNK,
-                with_stats: bool = False) -> HeadOutput:
+                with_stats: bool = False, token_block: int = TOKEN_BLOCK,
+                grad_filter_eps: float = 0.0, backend: str = "auto") -> HeadOutput:
     """Per-token log-probs of ``targets`` under ``softmax(hidden @ weight.T + bias)``.
 
     hidden [N, d] (any float dtype; accumulation is fp32), weight [V, d], bias [V] or None,
     targets [N] int64. Differentiable in hidden, weight and bias. Autocast is disabled inside:
     the head always computes in fp32.
+
+    ``with_stats`` adds entropy, mean logit and log sum p^2 per token (no grad).
+    ``grad_filter_eps`` > 0 enables gradient filtering in backward (``CCE_FILTER_EPS`` = 2^-12 is
+    cut cross-entropy's value); 0 keeps gradients exact.
+    ``backend``: "auto" (Triton for CUDA tensors when triton imports, else torch), "torch", or
+    "triton" (on CPU tensors this only works under ``TRITON_INTERPRET=1``). ``chunk_size`` and
+    ``token_block`` are the torch path's tiles; the Triton kernels use their own block sizes.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be [N, d] and targets [N]; got {tuple(hidden.shape)}, "
                          f"{tuple(targets.shape)}")
+    if grad_filter_eps < 0:
+        raise ValueError(f"grad_filter_eps must be >= 0; got {grad_filter_eps}")
+    if _pick_backend(backend, hidden) == "triton":
+        from dpo_engine.triton_head import triton_token_logps
+        logp, ent, mean, p2 = triton_token_logps(hidden, weight, targets, bias,
+                                                 with_stats=with_stats,
+                                                 grad_filter_eps=grad_filter_eps)
+        return HeadOutput(logp, ent, mean, p2)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        logp, ent, mean = _TokenLogps.apply(hidden, weight, bias, targets.long(), int(chunk_size),
-                                            bool(with_stats))
-    return HeadOutput(logp, ent, mean)
+        logp, ent, mean, p2 = _TokenLogps.apply(hidden, weight, bias, targets.long(),
+                                                int(chunk_size), bool(with_stats),
+                                                int(token_block), float(grad_filter_eps))
+    return HeadOutput(logp, ent, mean, p2)
 
 
 def naive_token_logps(hidden, weight, targets, bias=None) -> torch.Tensor:

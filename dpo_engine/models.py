@@ -108,6 +108,8 @@ def load_tokenizer(cfg: ModelConfig, model_path: str):
         raise ModelError(f"cannot load tokenizer {src!r}: {str(e).splitlines()[0]}") from None
     if cfg.chat_template_path:
         tok.chat_template = _read_chat_template(cfg.chat_template_path)
+    from data_contracts.templating import configure_eos
+    configure_eos(tok, cfg.eos_token)  # model.eos_token override, checked against the chat template
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from data_contracts.config import LossConfig, TrainConfig
-from dpo_engine.forward import pair_batch, sequence_logps
-from dpo_engine.losses import dpo_loss, pair_metrics
+from dpo_engine.forward import pair_logps
+from dpo_engine.losses import loss_from_config, pair_metrics
 
 
 class TrainingError(RuntimeError):
@@ -154,18 +154,14 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame, *, loss_cfg:
         outs, tokens = [], 0
         for m0 in range(0, n_pairs, bs):
             mb = idx[m0:m0 + bs]
-            batch = pair_batch([records[i] for i in mb], pad_id).to(device)
-            tokens += batch.num_tokens
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                seq = sequence_logps(model, batch, chunk_size=cfg.logit_chunk_size, with_stats=True)
-            b = len(mb)
-            pc, pr = seq["logps"][:b], seq["logps"][b:]
-            lens = seq["n_tokens"]
-            out = dpo_loss(pc, pr, ref_c[mb].to(device), ref_r[mb].to(device),
-                           loss_type=loss_cfg.loss_type, beta=loss_cfg.beta,
-                           label_smoothing=loss_cfg.label_smoothing,
-                           chosen_len=lens[:b], rejected_len=lens[b:])
-            (out.losses.sum() / n_pairs).backward()
+                fw = pair_logps(model, [records[i] for i in mb], pad_id, loss_cfg=loss_cfg,
+                                chunk_size=cfg.logit_chunk_size, with_stats=True, device=device)
+            tokens += fw["batch"].num_tokens
+            pc, pr, seq = fw["chosen"], fw["rejected"], fw["seq"]
+            out = loss_from_config(loss_cfg, pc, pr, ref_c[mb].to(device), ref_r[mb].to(device),
+                                   ld_weighted=fw["ld_weighted"], **fw["loss_inputs"])
+            (out.losses.sum() / n_pairs).backward()  # normalised by the pairs of the whole step
             outs.append((out, pc.detach(), pr.detach(), seq))
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))

@@ -140,3 +140,43 @@ def test_shared_cache_hits_resumes_and_rebuilds(tiny_dir, tmp_path):
     _, stats = cached_reference_logps(tmp_path, "k", pairs, {}, compute, shard_size=4, log=messages.append)
     assert calls == [4] and stats["computed_examples"] == 4
     assert any("part-00001" in m for m in messages)
+
+
+def test_wpo_weight_and_ld_weighting_match_naive_logits(tiny_dir):
+    from data_contracts.config import LossConfig
+    from dpo_engine.forward import pair_logps
+
+    pairs = _pairs(n=4).to_dict("records")
+    model = _load(tiny_dir)
+    cfg = LossConfig(use_weighting=True, ld_alpha=0.5)
+    with torch.no_grad():
+        fw = pair_logps(model, pairs, 0, loss_cfg=cfg, with_stats=True)
+        batch = fw["batch"]
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
+    logp = logits.log_softmax(-1)
+    tok = logp.gather(2, batch.targets[..., None]).squeeze(-1)
+    lsp2 = torch.logsumexp(2 * logits, -1) - 2 * torch.logsumexp(logits, -1)
+    b = len(pairs)
+    for s in range(2 * b):
+        m = batch.predict_mask[s]
+        lp, l2 = tok[s][m], lsp2[s][m]
+        want_w = (lp - l2).mean()
+        row = pairs[s % b]
+        k = min(len(row["chosen_input_ids"]), len(row["rejected_input_ids"]))
+        want_ld = lp[:k].sum() + 0.5 * lp[k:].sum()
+        got_w = fw["loss_inputs"]["chosen_log_weight" if s < b else "rejected_log_weight"][s % b]
+        got_ld = (fw["chosen"] if s < b else fw["rejected"])[s % b]
+        assert abs(got_w.item() - want_w.item()) < 1e-4
+        assert abs(got_ld.item() - want_ld.item()) < 1e-4
+
+
+def test_training_runs_with_ld_dpo_and_wpo(tiny_dir, tmp_path):
+    pairs = _pairs()
+    model = _load(tiny_dir)
+    ref = compute_reference_logps(model, pairs, pad_id=0, batch_size=5, ld_alpha=0.5)
+    res = train(_load(tiny_dir), pairs, ref, loss_cfg=LossConfig(ld_alpha=0.5, use_weighting=True),
+                cfg=TrainConfig(learning_rate=1e-3, max_steps=2, per_device_train_batch_size=4),
+                pad_id=0, out_dir=tmp_path)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)
+    # LD-weighted policy == LD-weighted reference at step 1, so the margins start at zero
+    assert abs(res.history[0]["rewards/margins"]) < 1e-5

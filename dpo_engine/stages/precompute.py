@@ -24,7 +24,7 @@ STAGE = "precompute"
 def cache_key(cfg: RunConfig, validated: dict, split: str) -> str:
     return fingerprint("reference", validated["model_fingerprint"], validated["tokenizer_fingerprint"],
                        validated[split]["fingerprint"], cfg.data.max_length, cfg.data.truncation_mode,
-                       cfg.model.dtype, ENGINE_VERSION)
+                       cfg.model.dtype, cfg.loss.ld_alpha, ENGINE_VERSION)
 
 
 def key(cfg: RunConfig, validated: dict) -> str:
@@ -49,7 +49,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict) -> dict:
             return compute_reference_logps(model, rows, pad_id=tok.pad_token_id,
                                            batch_size=cfg.reference.batch_size,
                                            chunk_size=cfg.train.logit_chunk_size, device=device,
-                                           progress=bar.update)
+                                           ld_alpha=cfg.loss.ld_alpha, progress=bar.update)
 
     result = {"stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False}
     computed, tokens = 0, 0
@@ -60,7 +60,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict) -> dict:
             meta = {"split": split, "data": validated[split]["fingerprint"],
                     "model": validated["model_fingerprint"], "tokenizer": validated["tokenizer_fingerprint"],
                     "max_length": cfg.data.max_length, "truncation_mode": cfg.data.truncation_mode,
-                    "dtype": cfg.model.dtype, "engine": ENGINE_VERSION}
+                    "dtype": cfg.model.dtype, "ld_alpha": cfg.loss.ld_alpha, "engine": ENGINE_VERSION}
             _, stats = cached_reference_logps(state_home() / "cache" / "reference", ck, rows, meta,
                                               lambda part, s=split: compute(part, s))
             result[f"{split}_ref"], result[f"{split}_ref_key"] = stats["path"], ck

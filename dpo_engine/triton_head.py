@@ -1,0 +1,321 @@
+"""Triton kernels for the fused completion log-prob head (cut cross-entropy style).
+
+Forward: one program per block of ``BLOCK_N`` tokens walks the vocabulary in tiles of ``BLOCK_V``
+columns; each logits tile ``h_block @ W_tile^T (+ b_tile)`` is built with ``tl.dot`` over
+``BLOCK_D``-wide slices of the hidden size and lives only in registers / shared memory. An online
+max / sum-exp folds it into the per-token logsumexp; the target logit is picked from the tile; the
+optional stats (entropy, mean logit, log sum p^2) are folded the same way. Only per-token vectors
+are written to device memory, nothing of size N x V.
+
+Backward recomputes the logit tiles from the saved per-token lse:
+``dlogits = g * (onehot(target) - softmax)``.
+
+* ``_bwd_dh_kernel``: one program per token block, looping over vocabulary tiles, accumulates
+  ``grad_h[block] += dlogits @ W_tile``.
+* ``_bwd_dw_kernel``: one program per vocabulary tile, looping over token blocks, accumulates
+  ``grad_W[tile] += dlogits^T @ h_block`` and ``grad_b[tile] += sum(dlogits)``.
+
+Each program owns its output rows, so there are no atomics and results are deterministic. When the
+hidden size fits one ``BLOCK_D`` slice the gradient accumulator stays in registers and is written
+once; otherwise the program read-modify-writes its own fp32 rows (``BLOCK_N x d`` or
+``BLOCK_V x d``, small enough to stay in L2) once per tile it does not skip.
+
+Gradient filtering (``grad_filter_eps > 0``): a (token block, vocabulary tile) whose largest softmax
+probability is below eps and that holds no target of the block is skipped in both backward kernels
+(its gradient is below eps * |g| per entry). Tiles holding a target are always computed exactly.
+
+Accumulation is fp32 for every input dtype (fp32 / fp16 / bf16). fp32 dots use
+``input_precision="ieee"`` (no TF32), so fp32 results match a float64 reference to ~1e-6.
+
+Under ``TRITON_INTERPRET=1`` (CPU tensors) the interpreter has no bfloat16 ``tl.dot`` (it multiplies
+the raw uint16 bit patterns, triton-lang/triton#11584), so dot operands are upcast to fp32 there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+DEFAULT_BLOCKS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64)
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, D,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
+    """fp32 [BLOCK_N, BLOCK_V] tile of h[rows] @ W[cols]^T (+ b[cols]); rows/cols are int64."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        kmask = ks < D
+        a = tl.load(h_ptr + rows[:, None] * D + ks[None, :],
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_ptr + cols[:, None] * D + ks[None, :],
+                    mask=cmask[:, None] & kmask[None, :], other=0.0)
+        if DOT_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC, out_dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, logp_ptr, ent_ptr, mean_ptr, p2_ptr,
+                N, V, D,
+                HAS_BIAS: tl.constexpr, WITH_STATS: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+                PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum exp(l - m)
+    tgt_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if WITH_STATS:
+        pl = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum exp(l - m) * l
+        lsum = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum l
+        s2 = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum exp(2 (l - m))
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        cmask = cols < V
+        logits = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, D, HAS_BIAS,
+                              BLOCK_N, BLOCK_V, BLOCK_D, DOT_F32, PREC)
+        logits = tl.where(cmask[None, :], logits, float("-inf"))
+        new_m = tl.maximum(m, tl.max(logits, axis=1))
+        scale = tl.exp(m - new_m)
+        e = tl.exp(logits - new_m[:, None])
+        s = s * scale + tl.sum(e, axis=1)
+        tgt_logit += tl.sum(tl.where(cols[None, :] == tgt[:, None], logits, 0.0), axis=1)
+        if WITH_STATS:
+            lv = tl.where(cmask[None, :], logits, 0.0)
+            pl = pl * scale + tl.sum(e * lv, axis=1)
+            lsum += tl.sum(lv, axis=1)
+            s2 = s2 * scale * scale + tl.sum(e * e, axis=1)
+        m = new_m
+    log_s = tl.log(s)
+    lse = m + log_s
+    tl.store(lse_ptr + rows, lse, mask=rmask)
+    tl.store(logp_ptr + rows, tgt_logit - lse, mask=rmask)
+    if WITH_STATS:
+        # entropy = lse - sum p * l
+        tl.store(ent_ptr + rows, lse - pl / s, mask=rmask)
+        tl.store(mean_ptr + rows, lsum / V, mask=rmask)
+        tl.store(p2_ptr + rows, tl.log(s2) - 2.0 * log_s, mask=rmask)
+
+
+@triton.jit
+def _dlogits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, lse, g, tgt, D, eps,
+                  HAS_BIAS: tl.constexpr, FILTER: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+                  PREC: tl.constexpr):
+    """(dlogits fp32 tile, keep flag): g * (onehot - softmax), and whether the tile is needed."""
+    logits = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, D, HAS_BIAS,
+                          BLOCK_N, BLOCK_V, BLOCK_D, DOT_F32, PREC)
+    valid = rmask[:, None] & cmask[None, :]
+    p = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
+    onehot = (cols[None, :] == tgt[:, None]) & valid
+    dl = g[:, None] * (onehot.to(tl.float32) - p)
+    if FILTER:
+        keep = (tl.max(tl.max(p, axis=1), axis=0) >= eps) | \
+            (tl.max(tl.max(onehot.to(tl.int32), axis=1), axis=0) > 0)
+    else:
+        keep = True
+    return dl, keep
+
+
+@triton.jit
+def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, gh_ptr, N, V, D, eps,
+                   HAS_BIAS: tl.constexpr, FILTER: tl.constexpr, SINGLE_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_F32: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+    if SINGLE_D:
+        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        cmask = cols < V
+        dl, keep = _dlogits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, lse, g, tgt, D,
+                                 eps, HAS_BIAS, FILTER, BLOCK_N, BLOCK_V, BLOCK_D, DOT_F32, PREC)
+        if keep:
+            for k0 in range(0, D, BLOCK_D):
+                ks = k0 + tl.arange(0, BLOCK_D)
+                kmask = ks < D
+                w = tl.load(w_ptr + cols[:, None] * D + ks[None, :],
+                            mask=cmask[:, None] & kmask[None, :], other=0.0)
+                if DOT_F32:
+                    upd = tl.dot(dl, w.to(tl.float32), input_precision=PREC, out_dtype=tl.float32)
+                else:
+                    upd = tl.dot(dl.to(w.dtype), w, out_dtype=tl.float32)
+                if SINGLE_D:
+                    acc += upd
+                else:
+                    ptrs = gh_ptr + rows[:, None] * D + ks[None, :]
+                    omask = rmask[:, None] & kmask[None, :]
+                    tl.store(ptrs, tl.load(ptrs, mask=omask, other=0.0) + upd, mask=omask)
+    if SINGLE_D:
+        ks = tl.arange(0, BLOCK_D)
+        tl.store(gh_ptr + rows[:, None] * D + ks[None, :], acc,
+                 mask=rmask[:, None] & (ks < D)[None, :])
+
+
+@triton.jit
+def _bwd_dw_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, gw_ptr, gb_ptr, N, V, D, eps,
+                   HAS_BIAS: tl.constexpr, GRAD_B: tl.constexpr, FILTER: tl.constexpr,
+                   SINGLE_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = pid.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cmask = cols < V
+    if GRAD_B:
+        acc_b = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    if SINGLE_D:
+        acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
+    for t0 in range(0, N, BLOCK_N):
+        rows = t0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        rmask = rows < N
+        tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
+        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+        g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+        dl, keep = _dlogits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, lse, g, tgt, D,
+                                 eps, HAS_BIAS, FILTER, BLOCK_N, BLOCK_V, BLOCK_D, DOT_F32, PREC)
+        if keep:
+            if GRAD_B:
+                acc_b += tl.sum(dl, axis=0)
+            for k0 in range(0, D, BLOCK_D):
+                ks = k0 + tl.arange(0, BLOCK_D)
+                kmask = ks < D
+                h = tl.load(h_ptr + rows[:, None] * D + ks[None, :],
+                            mask=rmask[:, None] & kmask[None, :], other=0.0)
+                if DOT_F32:
+                    upd = tl.dot(tl.trans(dl), h.to(tl.float32), input_precision=PREC,
+                                 out_dtype=tl.float32)
+                else:
+                    upd = tl.dot(tl.trans(dl.to(h.dtype)), h, out_dtype=tl.float32)
+                if SINGLE_D:
+                    acc += upd
+                else:
+                    ptrs = gw_ptr + cols[:, None] * D + ks[None, :]
+                    omask = cmask[:, None] & kmask[None, :]
+                    tl.store(ptrs, tl.load(ptrs, mask=omask, other=0.0) + upd, mask=omask)
+    if SINGLE_D:
+        ks = tl.arange(0, BLOCK_D)
+        tl.store(gw_ptr + cols[:, None] * D + ks[None, :], acc,
+                 mask=cmask[:, None] & (ks < D)[None, :])
+    if GRAD_B:
+        tl.store(gb_ptr + cols, acc_b, mask=cmask)
+
+
+def _config(hidden: torch.Tensor, blocks: dict | None) -> dict:
+    cfg = dict(DEFAULT_BLOCKS, **(blocks or {}))
+    for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D"):
+        v = cfg[k]
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{k} must be a power of two >= 16 (tl.dot); got {v}")
+    interp = _interpreting()
+    cfg["DOT_F32"] = interp or hidden.dtype == torch.float32
+    cfg["PREC"] = "ieee" if cfg["DOT_F32"] else None  # fp32 dots without TF32
+    cfg["num_warps"] = cfg.get("num_warps", 4)
+    return cfg
+
+
+class TritonTokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, with_stats: bool, grad_filter_eps: float,
+                blocks: dict | None):
+        if hidden.dtype not in _SUPPORTED or weight.dtype not in _SUPPORTED:
+            raise TypeError(f"the Triton head supports {_SUPPORTED}; got {hidden.dtype}, "
+                            f"{weight.dtype} (use backend='torch')")
+        weight_dtype = weight.dtype
+        if weight.dtype != hidden.dtype:
+            weight = weight.to(hidden.dtype)
+        hidden, weight = hidden.contiguous(), weight.contiguous()
+        targets = targets.long().contiguous()
+        bias_c = None if bias is None else bias.contiguous()
+        n, d = hidden.shape
+        vocab = weight.shape[0]
+        if weight.shape[1] != d or (bias is not None and bias.shape != (vocab,)):
+            b_shape = None if bias is None else tuple(bias.shape)
+            raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, weight "
+                             f"{tuple(weight.shape)}, bias {b_shape}")
+        cfg = _config(hidden, blocks)
+        f = dict(device=hidden.device, dtype=torch.float32)
+        lse, logp = torch.empty(n, **f), torch.empty(n, **f)
+        stats = [torch.empty(n, **f) for _ in range(3)] if with_stats else [lse] * 3
+        if n:
+            _fwd_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+                hidden, weight, hidden if bias_c is None else bias_c, targets, lse, logp, *stats,
+                n, vocab, d, HAS_BIAS=bias is not None, WITH_STATS=with_stats,
+                BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+                DOT_F32=cfg["DOT_F32"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
+        ctx.save_for_backward(hidden, weight, bias_c, targets, lse)
+        ctx.cfg, ctx.eps = cfg, float(grad_filter_eps)
+        ctx.weight_dtype = weight_dtype
+        if not with_stats:
+            return logp, None, None, None
+        ctx.mark_non_differentiable(*stats)
+        return (logp, *stats)
+
+    @staticmethod
+    def backward(ctx, grad_logp, *_stat_grads):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        cfg, eps = ctx.cfg, ctx.eps
+        n, d = hidden.shape
+        vocab = weight.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        g = grad_logp.to(torch.float32).contiguous()
+        f = dict(device=hidden.device, dtype=torch.float32)
+        single_d = d <= cfg["BLOCK_D"]
+        common = dict(HAS_BIAS=bias is not None, FILTER=eps > 0, SINGLE_D=single_d,
+                      BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+                      DOT_F32=cfg["DOT_F32"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
+        b_arg = hidden if bias is None else bias
+        grad_h = grad_w = grad_b = None
+        if need_h:
+            grad_h = (torch.empty if single_d else torch.zeros)((n, d), **f)
+            if n:
+                _bwd_dh_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+                    hidden, weight, b_arg, targets, lse, g, grad_h, n, vocab, d, eps, **common)
+            grad_h = grad_h.to(hidden.dtype)
+        if need_w or need_b:
+            gw = (torch.empty if single_d and n else torch.zeros)((vocab, d), **f)
+            gb = torch.zeros(vocab, **f) if need_b else gw
+            if n:
+                _bwd_dw_kernel[(triton.cdiv(vocab, cfg["BLOCK_V"]),)](
+                    hidden, weight, b_arg, targets, lse, g, gw, gb, n, vocab, d, eps,
+                    GRAD_B=need_b, **common)
+            grad_w = gw.to(ctx.weight_dtype) if need_w else None
+            grad_b = gb.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def triton_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       bias: torch.Tensor | None = None, *, with_stats: bool = False,
+                       grad_filter_eps: float = 0.0, blocks: dict | None = None):
+    """(logps, entropy, mean_logit, log_sum_p2) [N] fp32 from the Triton kernels; the stats are
+    None unless ``with_stats``. ``blocks`` overrides BLOCK_N / BLOCK_V / BLOCK_D / num_warps."""
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden must be [N, d] and targets [N]; got {tuple(hidden.shape)}, "
+                         f"{tuple(targets.shape)}")
+    if not hidden.is_cuda and not _interpreting():
+        raise RuntimeError("the Triton head needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                           "triton is imported (CPU, for tests)")
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return TritonTokenLogps.apply(hidden, weight, bias, targets, bool(with_stats),
+                                      float(grad_filter_eps), blocks)
