@@ -31,7 +31,13 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     source: str = Field(BUILTIN_DATASET, description="Train data: a local file/folder, a hub dataset id, "
-                        "or 'builtin:answer-format' (the bundled, generated dataset).")
+                        "or 'builtin:answer-format' (the bundled, generated dataset). '{date}' in a path "
+                        "is replaced at run time by today's UTC date (YYYY-MM-DD), also in eval_source, "
+                        "e.g. '/data/prefs/{date}.jsonl'.")
+    source_partition: Literal["all", "newest"] = Field("all", description="For a folder source: 'all' "
+                                                       "reads every file in it; 'newest' takes only its "
+                                                       "last entry (sub-folder or file) sorted by name, "
+                                                       "e.g. the latest of data/2026-11-22/, data/2026-11-23/.")
     eval_source: str | None = Field(None, description="Held-out data; default: the builtin eval split, or "
                                     "eval_fraction of source.")
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Held-out share of source when "
@@ -78,10 +84,15 @@ class ModelConfig(_Section):
     eos_token: str | None = Field(None, description="Override the tokenizer's EOS (e.g. '<|im_end|>' for "
                                   "a Qwen base model); it must be one token and end every assistant turn "
                                   "of the chat template, else the tokenizer load fails with a config error.")
+    init_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra from_pretrained "
+                                        "arguments: dtype, attn_implementation, device_map, revision...")
 
 
 class ReferenceConfig(_Section):
-    source: Literal["precomputed"] = "precomputed"
+    source: Literal["precomputed", "adapter_disabled"] = Field(
+        "precomputed", description="precomputed: a cached pass of the base model before training; "
+        "adapter_disabled (needs peft.enabled): the policy itself with its adapter switched off, "
+        "computed during training (no cache, no second model).")
     batch_size: int = Field(16, ge=1, description="Sequences per reference forward pass.")
 
 
@@ -168,6 +179,21 @@ class LossConfig(_Section):
         return self
 
 
+class PeftConfig(_Section):
+    enabled: bool = Field(False, description="Train a PEFT adapter instead of all weights.")
+    peft_type: str = Field("LORA", description="peft's type name: LORA, IA3, LOKR, LOHA, ...")
+    r: int = Field(16, ge=1, description="LoRA rank (LORA only).")
+    lora_alpha: float = Field(32.0, gt=0.0, description="LoRA scale numerator (LORA only).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA input dropout (LORA only).")
+    target_modules: str | list[str] | None = Field("all-linear", description="Modules that get adapters.")
+    modules_to_save: list[str] | None = None
+    extra: dict[str, Any] = Field(default_factory=dict, description="Passed through to the peft config "
+                                  "class (e.g. use_dora, use_rslora, init_lora_weights).")
+    adapter_path: str | None = Field(None, description="Continue training this saved adapter folder.")
+    export: Literal["merged", "adapter"] = Field("merged", description="train/model/: merged full "
+                                                 "weights (downstream unchanged) or the adapter only.")
+
+
 class TrainConfig(_Section):
     per_device_train_batch_size: int = Field(8, ge=1, description="Pairs per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -186,6 +212,8 @@ class TrainConfig(_Section):
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     logit_chunk_size: int = Field(8192, ge=128, description="Vocabulary tile of the fused log-prob head.")
+    padding_free: bool = Field(False, description="Pack each micro-batch's sequences into one row without "
+                               "padding (per-sequence position ids; attention confined to each sequence).")
 
     @field_validator("max_steps")
     @classmethod
@@ -210,6 +238,10 @@ class EvalConfig(_Section):
 class GateConfig(_Section):
     thresholds: dict[str, float] = Field(default_factory=dict, description="metric -> minimum value "
                                          "required for the new version to become champion.")
+    beat_champion_metric: str | None = Field(None, description="Also require the new version to beat "
+                                             "the current champion on this metric (e.g. 'eval/win_rate') "
+                                             "by at least min_improvement; null: no comparison.")
+    min_improvement: float = Field(0.0, description="new - champion must be >= this (0: a tie passes).")
 
 
 class RegistryConfig(_Section):
@@ -217,6 +249,9 @@ class RegistryConfig(_Section):
     experiment: str = "dpo"
     model_name: str = "dpo-policy"
     gate: GateConfig = Field(default_factory=GateConfig)
+    skip_unchanged: bool = Field(True, description="End the flow early ('skipped: nothing new') when "
+                                 "the data fingerprint and config hash equal those tagged on the current "
+                                 "champion version.")
 
 
 class TrackingConfig(_Section):
@@ -229,6 +264,7 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    peft: PeftConfig = Field(default_factory=PeftConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -355,7 +391,6 @@ def local_state_env() -> dict[str, str]:
         "HF_DATASETS_CACHE": str(home / "hf" / "datasets"),
         "MPLCONFIGDIR": str(home / "matplotlib"),
         "GIT_PYTHON_REFRESH": "quiet",
-        "TOKENIZERS_PARALLELISM": "false",
     }
 
 
