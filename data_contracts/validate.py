@@ -249,8 +249,10 @@ class _Run:
                         f"'{err.field}': {err.message} (data.invalid_policy=fail; use "
                         f"quarantine to skip bad rows)")
 
-    def batch(self, rows: list) -> None:
+    def batch(self, rows: list, indices: list[int] | None = None) -> None:
+        """Validate one batch; ``indices`` are the rows' positions in the source (default: running)."""
         cfg, base = self.cfg, self.rows_in
+        idx = indices if indices is not None else range(base, base + len(rows))
         if cfg.columns:
             rows = [map_columns(r, cfg.columns) for r in rows]
         if self.layout is None:
@@ -261,9 +263,9 @@ class _Run:
         for off, raw in enumerate(rows):
             try:
                 ex = to_example(raw, self.layout)
-                parsed.append((base + off, raw, ex, example_id(ex)))
+                parsed.append((idx[off], raw, ex, example_id(ex)))
             except Exception as e:  # a malformed row never stops the run under quarantine
-                bad.append((base + off, _as_row_error(e), raw))
+                bad.append((idx[off], _as_row_error(e), raw))
 
         keys = np.array([int(eid, 16) for *_, eid in parsed], dtype=np.uint64)
         earlier = self.seen.lookup(keys)
@@ -381,7 +383,8 @@ class _Run:
 
 def validate_split(source: Any, out_dir: Path, tokenizer, cfg: DataConfig, *, split: str = "train",
                    limit: int | None = None, name: str | None = None,
-                   batch_rows: int = BATCH_ROWS) -> dict:
+                   batch_rows: int = BATCH_ROWS,
+                   holdout: tuple[float, int, str] | None = None) -> dict:
     """Check, tokenize and write one split, streaming; return the report dict.
 
     ``limit`` (default: cfg.train_limit for split "train", else cfg.eval_limit) keeps N valid rows
@@ -389,6 +392,9 @@ def validate_split(source: Any, out_dir: Path, tokenizer, cfg: DataConfig, *, sp
     order. ``name`` labels an in-memory source in the report. Raises DataError (unreadable source;
     a bad row under policy ``fail``, no files written) and DataPolicyError (too many rejects under
     ``quarantine``, after the files are written).
+
+    ``holdout=(fraction, seed, side)`` streams only this side ("train" or "eval") of a seeded hash
+    split of ``source`` (see :func:`split_rows`), keeping source row indices.
     """
     out_dir = Path(out_dir)
     label = name or describe(source)
@@ -399,8 +405,17 @@ def validate_split(source: Any, out_dir: Path, tokenizer, cfg: DataConfig, *, sp
     out_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(out_dir, tokenizer, cfg, split, label, limit)
     try:
+        seen = 0
         for rows in iter_batches(source, batch_rows):
-            run.batch(rows)
+            if holdout is None:
+                run.batch(rows)
+            else:
+                fraction, seed, side = holdout
+                picked = [(seen + k, r) for k, r in enumerate(rows)
+                          if in_holdout(r, fraction, seed) == (side == "eval")]
+                if picked:
+                    run.batch([r for _, r in picked], [k for k, _ in picked])
+            seen += len(rows)
         if run.rows_in == 0:
             raise DataError(f"data error: {label}: no rows; check data.source")
         n_written, stats = run.finish_valid()
@@ -463,9 +478,14 @@ def split_rows(rows: list, fraction: float, seed: int = 0) -> tuple[list, list]:
     """
     train, held = [], []
     for row in rows:
-        h = hashlib.sha256(f"{seed}\0{_split_key(row)}".encode()).hexdigest()
-        (held if int(h[:15], 16) / 16 ** 15 < fraction else train).append(row)
+        (held if in_holdout(row, fraction, seed) else train).append(row)
     return train, held
+
+
+def in_holdout(row: Any, fraction: float, seed: int = 0) -> bool:
+    """Whether a raw row falls in the held-out share (a seeded hash of its prompt)."""
+    h = hashlib.sha256(f"{seed}\0{_split_key(row)}".encode()).hexdigest()
+    return int(h[:15], 16) / 16 ** 15 < fraction
 
 
 def plan_splits(cfg: DataConfig) -> dict[str, tuple[Any, str] | None]:

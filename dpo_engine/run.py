@@ -24,8 +24,11 @@ def preflight(cfg: RunConfig) -> None:
     from dpo_engine import registry
     from dpo_engine.evaluation import load_judge
 
+    from data_contracts.sources import fill_date
+
     for field in ("source", "eval_source"):
         src = getattr(cfg.data, field)
+        src = fill_date(src) if src else src
         if src and not src.startswith("builtin:") and src.startswith((".", "/", "~")) \
                 and not Path(src).expanduser().exists():
             raise ConfigError(f"data.{field}: file not found: {src}")
@@ -34,6 +37,10 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.model.name_or_path.startswith("builtin:") and cfg.model.name_or_path != BUILTIN_MODEL:
         raise ConfigError(f"model.name_or_path: unknown builtin model {cfg.model.name_or_path!r}; "
                           f"known: {BUILTIN_MODEL}")
+    if cfg.data.eval_source is None and cfg.data.eval_fraction == 0 \
+            and not cfg.data.source.startswith(BUILTIN_DATASET):
+        raise ConfigError("data.eval_fraction is 0 and data.eval_source is not set: evaluation needs "
+                          "held-out pairs; set one of them")
     from data_contracts.formats import ADAPTERS
     if cfg.data.format not in ("auto", *ADAPTERS):
         raise ConfigError(f"data.format: unknown format {cfg.data.format!r}; known: auto, {', '.join(ADAPTERS)}")
@@ -43,7 +50,28 @@ def preflight(cfg: RunConfig) -> None:
         registry.connect(mlflow_uri(cfg))
 
 
-def write_summary(run_dir: Path, results: dict[str, dict], status: str, error: str | None = None) -> dict:
+def nothing_new(cfg: RunConfig) -> str | None:
+    """Why this run would only repeat the current champion (same data fingerprint and config
+    hash as tagged on it), or None when there is something new to train on."""
+    if not (cfg.registry.enabled and cfg.registry.skip_unchanged):
+        return None
+    from dpo_engine import registry
+    from dpo_engine.stages.register import config_hash
+    from dpo_engine.stages.validate import data_fingerprint
+
+    registry.connect(mlflow_uri(cfg))
+    champ = registry.champion(cfg.registry.model_name)
+    if champ is None:
+        return None
+    if champ.tags.get("config_hash") != config_hash(cfg) \
+            or champ.tags.get("data_fingerprint") != data_fingerprint(cfg):
+        return None
+    return (f"skipped: nothing new (data and config equal those of champion "
+            f"{cfg.registry.model_name} version {champ.version})")
+
+
+def write_summary(run_dir: Path, results: dict[str, dict], status: str, error: str | None = None,
+                  reason: str | None = None) -> dict:
     stages = {}
     for s in STAGES:
         r = results.get(s)
@@ -62,7 +90,7 @@ def write_summary(run_dir: Path, results: dict[str, dict], status: str, error: s
             write_json(Path(run_dir) / f"{s}.json", {**r, "reused": was_reused})
     reg = results.get("register", {})
     summary = {
-        "run_dir": str(run_dir), "status": status, "error": error, "stages": stages,
+        "run_dir": str(run_dir), "status": status, "error": error, "reason": reason, "stages": stages,
         "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI") or None,
         "mlflow_run_id": results.get("train", {}).get("mlflow_run_id"),
         "registered_model": reg.get("model_name"), "registered_version": reg.get("version"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_contracts.config import BUILTIN_DATASET, RunConfig
-from data_contracts.sources import load_rows
+from data_contracts.sources import load_rows, resolve_source
 from data_contracts.validate import split_rows, validate_split
 from dpo_engine.models import (load_tokenizer, model_fingerprint, resolve_model_path,
                                tokenizer_fingerprint)
@@ -15,20 +15,26 @@ STAGE = "validate"
 
 
 def _sources(cfg: RunConfig):
+    """(train, eval) sources of this run: ``{date}`` and ``source_partition`` resolved now."""
     d = cfg.data
+    source = resolve_source(d.source, d.source_partition)
     if d.eval_source:
-        return d.source, d.eval_source
-    if d.source.startswith(BUILTIN_DATASET):
-        return d.source, f"{BUILTIN_DATASET}@eval"
-    return d.source, None  # eval carved out of source by eval_fraction
+        return source, resolve_source(d.eval_source)
+    if source.startswith(BUILTIN_DATASET):
+        return source, f"{BUILTIN_DATASET}@eval"
+    return source, None  # eval carved out of source by eval_fraction
+
+
+def data_fingerprint(cfg: RunConfig) -> str:
+    """Content hash of the resolved train and eval sources (cheap: file hashes are cached)."""
+    return fingerprint(*(source_fingerprint(s) for s in _sources(cfg)))
 
 
 def key(cfg: RunConfig, tokenizer=None) -> str:
-    train_src, eval_src = _sources(cfg)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model.name_or_path))
-    return fingerprint(STAGE, source_fingerprint(train_src), source_fingerprint(eval_src),
-                       tokenizer_fingerprint(tokenizer), cfg.section_hash("data"))
+    return fingerprint(STAGE, data_fingerprint(cfg), tokenizer_fingerprint(tokenizer),
+                       cfg.section_hash("data"))
 
 
 def run(cfg: RunConfig, run_dir: Path) -> dict:
@@ -41,16 +47,14 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     out = Path(run_dir) / STAGE
     train_src, eval_src = _sources(cfg)
     with Timer() as t:
-        if eval_src is None:
-            train_rows, eval_rows = split_rows(load_rows(train_src), cfg.data.eval_fraction,
-                                               cfg.data.shuffle_seed)
-        else:
-            train_rows, eval_rows = train_src, eval_src
+        # without an eval source, both splits stream from the one source by a seeded hash split
+        split = (lambda side: (cfg.data.eval_fraction, cfg.data.shuffle_seed, side)) \
+            if eval_src is None else (lambda side: None)
         reports = {
-            "train": validate_split(train_rows, out / "train", tok, cfg.data, split="train",
-                                    limit=cfg.data.train_limit),
-            "eval": validate_split(eval_rows, out / "eval", tok, cfg.data, split="eval",
-                                   limit=cfg.data.eval_limit),
+            "train": validate_split(train_src, out / "train", tok, cfg.data, split="train",
+                                    limit=cfg.data.train_limit, holdout=split("train")),
+            "eval": validate_split(eval_src or train_src, out / "eval", tok, cfg.data, split="eval",
+                                   limit=cfg.data.eval_limit, holdout=split("eval")),
         }
     splits = {name: {"valid": str(out / name / "valid.parquet"),
                      "rejects": str(out / name / "rejects.parquet"),
@@ -63,6 +67,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         "seconds": t.seconds, **splits,
         "model_path": model_path, "model_fingerprint": model_fingerprint(model_path, cfg.model.revision),
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+        "sources": {"train": train_src, "eval": eval_src}, "data_fingerprint": data_fingerprint(cfg),
         "outputs": [s[k] for s in splits.values() for k in ("valid", "rejects", "report")],
         "metrics": {"data/train_pairs": tr["valid"], "data/eval_pairs": ev["valid"],
                     "data/train_rejected": tr["rejected"], "data/eval_rejected": ev["rejected"]},
