@@ -249,9 +249,9 @@ class RegistryConfig(_Section):
     experiment: str = "dpo"
     model_name: str = "dpo-policy"
     gate: GateConfig = Field(default_factory=GateConfig)
-    skip_unchanged: bool = Field(True, description="End the flow early ('skipped: nothing new') when "
+    skip_unchanged: bool = Field(False, description="End the flow early ('skipped: nothing new') when "
                                  "the data fingerprint and config hash equal those tagged on the current "
-                                 "champion version.")
+                                 "champion version. The nightly schedule sets it; manual runs train.")
 
 
 class TrackingConfig(_Section):

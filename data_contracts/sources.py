@@ -224,3 +224,40 @@ def load_rows(source: Any, split: str | None = None) -> list:
     if hasattr(source, "to_dict") and hasattr(source, "columns"):  # pandas.DataFrame
         return source.to_dict("records")
     return [r for batch in iter_batches(source, BATCH_ROWS, split) for r in batch]
+
+
+# --------------------------------------------------------------------------- scheduled sources
+
+DATE_PLACEHOLDER = "{date}"
+
+
+def fill_date(source: str, today=None) -> str:
+    """``'/data/{date}.jsonl'`` -> ``'/data/2026-11-23.jsonl'`` (``today``: a date; default the UTC
+    date now). Sources without the placeholder are returned unchanged."""
+    import datetime as dt
+
+    if DATE_PLACEHOLDER not in source:
+        return source
+    today = today or dt.datetime.now(dt.timezone.utc).date()
+    return source.replace(DATE_PLACEHOLDER, today.isoformat())
+
+
+def newest_partition(folder: str) -> str:
+    """The last entry (sub-folder or data file) of ``folder`` sorted by name, hidden ones ignored."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data error: {folder}: data.source_partition=newest needs a folder")
+    entries = sorted(p for p in path.iterdir()
+                     if not p.name.startswith(".") and (p.is_dir() or _ext(p)))
+    if not entries:
+        raise DataError(f"data error: {folder}: folder holds no partitions (sub-folders or data files)")
+    return str(entries[-1])
+
+
+def resolve_source(source: str | None, partition: str = "all", today=None) -> str | None:
+    """The concrete source of a run: ``{date}`` filled in, then, with ``partition='newest'``, the
+    newest partition of the folder taken."""
+    if source is None:
+        return None
+    source = fill_date(source, today)
+    return newest_partition(source) if partition == "newest" else source

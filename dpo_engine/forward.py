@@ -2,12 +2,21 @@
 
 The model body runs on the whole sequence; only hidden states that predict completion tokens go
 through the fused head (prompt positions are never projected onto the vocabulary).
+
+Two layouts: padded (one sequence per row, right-padded) and packed (``pack``: all sequences in one
+row, no padding, ``position_ids`` restarting at 0 for each sequence). For the packed row the body is
+called with ``position_ids``, no attention mask and no KV cache: transformers 5 then detects the sequence
+boundaries from the position ids (``masking_utils.find_packed_sequence_indices``) and confines
+attention to each sequence — flash-attention varlen on CUDA, a block-diagonal causal mask for
+sdpa/eager elsewhere. ``seq_ids`` maps every position to its sequence, so the head and the sums are
+the same code for both layouts; a sequence's last position predicts nothing, so no prediction
+crosses a boundary.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -21,40 +30,88 @@ HEAD_BACKEND = os.environ.get("DPO_HEAD_BACKEND", "torch")
 
 @dataclass
 class SeqBatch:
-    input_ids: torch.Tensor  # [S, T] right-padded
-    attention_mask: torch.Tensor  # [S, T]
-    predict_mask: torch.Tensor  # [S, T] True where the hidden state predicts a completion token
-    targets: torch.Tensor  # [S, T] the token each position predicts (next token)
+    input_ids: torch.Tensor  # [R, T] rows: one right-padded sequence each, or one packed row
+    attention_mask: torch.Tensor  # [R, T] 1 on real tokens
+    predict_mask: torch.Tensor  # [R, T] True where the hidden state predicts a completion token
+    targets: torch.Tensor  # [R, T] the token each position predicts (next token of its sequence)
+    seq_ids: torch.Tensor  # [R, T] sequence index of each position (-1 on padding)
+    num_seqs: int
+    position_ids: torch.Tensor | None = None  # [1, T] packed layout only: restarts at 0 per sequence
 
     def to(self, device) -> "SeqBatch":
-        return SeqBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask,
-                                                  self.predict_mask, self.targets)))
+        return SeqBatch(**{f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                           for f in fields(self) for v in [getattr(self, f.name)]})
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
 
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
 
+def _check(prompts, completions):
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if len(p) == 0 or len(c) == 0:
+            raise ValueError(f"sequence {i}: prompt and completion must be non-empty")
+
+
 def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> SeqBatch:
     """Concatenate each prompt with its completion, right-pad, and mark completion predictions."""
+    _check(prompts, completions)
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     s, t = len(lengths), max(lengths)
     ids = torch.full((s, t), pad_id, dtype=torch.long)
     att = torch.zeros((s, t), dtype=torch.long)
     pred = torch.zeros((s, t), dtype=torch.bool)
     for i, (p, c) in enumerate(zip(prompts, completions)):
-        if len(p) == 0 or len(c) == 0:
-            raise ValueError(f"sequence {i}: prompt and completion must be non-empty")
         n = len(p) + len(c)
         ids[i, :n] = torch.tensor([int(x) for x in p] + [int(x) for x in c])
         att[i, :n] = 1
         pred[i, len(p) - 1:n - 1] = True
     targets = torch.cat([ids[:, 1:], torch.full((s, 1), pad_id, dtype=torch.long)], dim=1)
-    return SeqBatch(ids, att, pred, targets)
+    seq_ids = torch.where(att.bool(), torch.arange(s)[:, None], -1)
+    return SeqBatch(ids, att, pred, targets, seq_ids, s)
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> SeqBatch:
+    """All sequences in one row [1, sum of lengths], no padding, positions restarting at 0."""
+    _check(prompts, completions)
+    ids, pos, pred, tgt, sid = [], [], [], [], []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        seq = [int(x) for x in p] + [int(x) for x in c]
+        n = len(seq)
+        ids += seq
+        pos += range(n)
+        pred += [False] * (len(p) - 1) + [True] * len(c) + [False]
+        tgt += seq[1:] + [pad_id]  # the last position would predict the next sequence: masked
+        sid += [i] * n
+    row = lambda xs, dt=torch.long: torch.tensor(xs, dtype=dt)[None]  # noqa: E731
+    return SeqBatch(row(ids), torch.ones(1, len(ids), dtype=torch.long), row(pred, torch.bool),
+                    row(tgt), row(sid), len(prompts), position_ids=row(pos))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain transformers model inside DDP/DataParallel and PEFT wrappers (adapter layers stay
+    injected in it, so calling it runs the adapters, and ``disable_adapter()`` still applies)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+            cfg = model.peft_config.get(getattr(model, "active_adapter", "default"))
+            if cfg is not None and getattr(cfg, "is_prompt_learning", False):
+                raise NotImplementedError("prompt-learning PEFT methods (prefix/prompt tuning) change the "
+                                          "inputs and are not supported by the fused head")
+            model = model.get_base_model()
+        else:
+            return model
 
 
 def lm_body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The transformer body (returns last_hidden_state) and the LM head of a causal LM."""
+    """The transformer body (returns last_hidden_state) and the LM head of a causal LM, also through
+    DDP and PEFT wrappers."""
+    model = unwrap_model(model)
     cfg = getattr(model, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale"):
         if cfg is not None and getattr(cfg, attr, None) not in (None, 1.0):
@@ -70,8 +127,9 @@ def ld_token_weights(batch: SeqBatch, min_len: torch.Tensor, alpha: float) -> to
     """LD-DPO: weight 1 for the first ``min_len[s]`` completion tokens of sequence s, ``alpha`` after
     (``min_len`` = the shorter completion of the pair). Flat, in predict-mask order."""
     mask = batch.predict_mask
-    pos = (mask.long().cumsum(dim=1) - 1)[mask]
-    seq_idx = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+    seq_idx = batch.seq_ids[mask]  # each sequence's tokens are contiguous in this flat order
+    counts = torch.bincount(seq_idx, minlength=batch.num_seqs)
+    pos = torch.arange(seq_idx.numel(), device=mask.device) - (counts.cumsum(0) - counts)[seq_idx]
     return torch.where(pos < min_len.to(mask.device)[seq_idx], 1.0, float(alpha))
 
 
@@ -85,14 +143,19 @@ def sequence_logps(model: nn.Module, batch: SeqBatch, *, chunk_size: int = 8192,
     entropy and mean logit (metrics) and ``wpo_log_weight`` = mean over tokens of
     [log p(token) - log sum_v p(v)^2] (WPO), all without gradient."""
     body, head = lm_body_and_head(model)
-    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    if batch.packed:  # no mask and no cache: the boundaries come from the restarting position ids
+        hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                      use_cache=False).last_hidden_state
+    else:
+        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      use_cache=False).last_hidden_state
     mask = batch.predict_mask
-    s = mask.shape[0]
-    seq_idx = torch.arange(s, device=mask.device)[:, None].expand_as(mask)[mask]
+    s = batch.num_seqs
+    seq_idx = batch.seq_ids[mask]
     out = token_logps(hidden[mask], head.weight, batch.targets[mask], getattr(head, "bias", None),
                       chunk_size=chunk_size, with_stats=with_stats, backend=HEAD_BACKEND)
     zeros = torch.zeros(s, device=hidden.device, dtype=out.logps.dtype)
-    n_tokens = mask.sum(dim=1)
+    n_tokens = torch.bincount(seq_idx, minlength=s)
     res = {"n_tokens": n_tokens, "logps": zeros.index_add(0, seq_idx, out.logps)}
     if token_weights is not None:
         res["unweighted_logps"] = res["logps"]
@@ -108,10 +171,12 @@ def sequence_logps(model: nn.Module, batch: SeqBatch, *, chunk_size: int = 8192,
 
 
 def pair_logps(model: nn.Module, rows: list[dict], pad_id: int, *, loss_cfg=None, chunk_size: int = 8192,
-               with_stats: bool = False, device: torch.device | str = "cpu") -> dict:
+               with_stats: bool = False, device: torch.device | str = "cpu",
+               padding_free: bool = False) -> dict:
     """Forward a micro-batch of pairs; returns the policy sums split into chosen/rejected and the
-    extra loss inputs (token counts; WPO weights; LD-DPO weighting) that ``loss_from_config`` takes."""
-    batch = pair_batch(rows, pad_id).to(device)
+    extra loss inputs (token counts; WPO weights; LD-DPO weighting) that ``loss_from_config`` takes.
+    ``padding_free`` packs the 2B sequences into one row (same results as the padded layout)."""
+    batch = pair_batch(rows, pad_id, packed=padding_free).to(device)
     b = len(rows)
     weights = None
     ld_alpha = getattr(loss_cfg, "ld_alpha", None)
@@ -133,8 +198,8 @@ def pair_logps(model: nn.Module, rows: list[dict], pad_id: int, *, loss_cfg=None
             "loss_inputs": inputs, "ld_weighted": weights is not None}
 
 
-def pair_batch(rows: list[dict], pad_id: int) -> SeqBatch:
-    """2B sequences for B pairs: the B chosen first, then the B rejected."""
+def pair_batch(rows: list[dict], pad_id: int, packed: bool = False) -> SeqBatch:
+    """2B sequences for B pairs: the B chosen first, then the B rejected (padded rows or packed)."""
     prompts = [r["prompt_input_ids"] for r in rows] * 2
     comps = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
-    return collate(prompts, comps, pad_id)
+    return (pack if packed else collate)(prompts, comps, pad_id)

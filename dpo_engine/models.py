@@ -125,14 +125,26 @@ def load_model(cfg: ModelConfig, model_path: str, device: torch.device | str = "
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
+    kwargs = {"revision": cfg.revision, "dtype": torch_dtype(cfg.dtype, device),
+              "trust_remote_code": cfg.trust_remote_code, "use_safetensors": True,
+              **init_kwargs(cfg)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, revision=cfg.revision, dtype=torch_dtype(cfg.dtype, device),
-            trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {model_path!r}: {str(e).splitlines()[0]}") from None
     disable_dropout(model)
-    return model.to(device)
+    return model if kwargs.get("device_map") is not None else model.to(device)
+
+
+def init_kwargs(cfg: ModelConfig) -> dict:
+    """``model.init_kwargs`` for from_pretrained, with dtype names turned into torch dtypes."""
+    kw = dict(cfg.init_kwargs)
+    if isinstance(kw.get("dtype"), str) and kw["dtype"] != "auto":
+        try:
+            kw["dtype"] = getattr(torch, kw["dtype"].removeprefix("torch."))
+        except AttributeError:
+            raise ModelError(f"model.init_kwargs.dtype: unknown dtype {cfg.init_kwargs['dtype']!r}") from None
+    return kw
 
 
 def disable_dropout(model: nn.Module) -> None:

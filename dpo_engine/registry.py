@@ -38,6 +38,10 @@ MAX_TAG_LEN = 5000  # registry tag value limit
 BATCH = 100  # params/tags per log_batch request
 DEFAULT_METRICS = ["rewards/margins", "rewards/accuracies", "loss",
                    "eval/rewards/accuracies", "eval/win_rate"]
+TAGGED_METRICS = ["eval/win_rate", "eval/win_rate_ci_low", "eval/win_rate_ci_high",
+                  "eval/rewards/accuracies", "eval/rewards/margins", "eval/loss",
+                  "eval/policy_score", "eval/kl_policy_reference"]  # copied onto version tags
+METRIC_TAG = "metric."  # version tag prefix: metric.eval/win_rate
 KEY_PARAMS = ["loss.loss_type", "loss.beta", "loss.label_smoothing", "train.learning_rate",
               "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
               "train.max_steps", "train.num_train_epochs", "model.name_or_path", "data.source"]
@@ -198,6 +202,31 @@ def log_dict(run_id: str, dictionary: dict, filename: str) -> None:
     _client().log_dict(run_id, dictionary, filename)
 
 
+def log_table(run_id: str, table, artifact_file: str) -> None:
+    """Log a DataFrame as an MLflow table (shown in the UI's artifact view and Evaluation tab)."""
+    _client().log_table(run_id, data=table, artifact_file=artifact_file)
+
+
+def metric_histories(run_id: str, names: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """``{metric: [(step, value), ...]}`` sorted by step; metrics the run lacks are left out."""
+    client = _client()
+    out = {}
+    for name in names:
+        hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+        if hist:
+            out[name] = hist
+    return out
+
+
+def win_rate(run_id: str) -> tuple[float, float, float] | None:
+    """(eval win-rate, 95% CI low, high) of a run, or None if it was not judged."""
+    m = _client().get_run(run_id).data.metrics
+    if "eval/win_rate" not in m:
+        return None
+    rate = m["eval/win_rate"]
+    return rate, m.get("eval/win_rate_ci_low", rate), m.get("eval/win_rate_ci_high", rate)
+
+
 # -------------------------------------------------------------------------------------- registry
 
 def _pip_requirements() -> list[str]:
@@ -259,14 +288,66 @@ def _gate(metrics: dict[str, float], thresholds: dict[str, float]) -> list[str]:
     return reasons
 
 
+def champion(model_name: str):
+    """The model version holding alias ``champion`` (with its tags), or None."""
+    try:
+        return _client().get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:  # no such model or no champion yet
+        return None
+
+
+def version_metric(mv, metric: str) -> float | None:
+    """``metric`` of a model version: its ``metric.<name>`` tag, else its run's latest value."""
+    if METRIC_TAG + metric in mv.tags:
+        return float(mv.tags[METRIC_TAG + metric])
+    if not mv.run_id:
+        return None
+    return _client().get_run(mv.run_id).data.metrics.get(metric)
+
+
+def _champion_gate(model_name: str, run_id: str, metrics: dict[str, float], metric: str,
+                   min_improvement: float) -> list[str]:
+    """Reasons the candidate does not beat the current champion by ``min_improvement`` on
+    ``metric``. No champion yet, the candidate itself, or a champion without the metric: passes."""
+    champ = champion(model_name)
+    if champ is None or champ.run_id == run_id:
+        return []
+    best = version_metric(champ, metric)
+    if best is None or math.isnan(best):
+        return []
+    value = metrics.get(metric)
+    if value is None or math.isnan(float(value)):
+        return [f"{metric}: missing from metrics (required to beat champion version {champ.version})"]
+    if float(value) - best < min_improvement:
+        return [f"{metric}: {float(value):.4g} does not beat champion version {champ.version} "
+                f"({best:.4g}) by >= {min_improvement:g}"]
+    return []
+
+
+def _version_tags(run_id: str, metrics: dict[str, float], reasons: list[str],
+                  tags: dict | None) -> dict[str, str]:
+    out = {k: str(v)[:MAX_TAG_LEN] for k, v in (tags or {}).items() if v is not None}
+    out.update({METRIC_TAG + m: repr(float(metrics[m])) for m in TAGGED_METRICS
+                if metrics.get(m) is not None})
+    out.update({"run_id": run_id, "gate_passed": str(not reasons).lower()})
+    if reasons:
+        out["gate_reasons"] = "; ".join(reasons)[:MAX_TAG_LEN]
+    return out
+
+
 def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
                    metrics: dict[str, float], gate_thresholds: dict[str, float],
-                   tags: dict[str, str] | None = None) -> dict:
+                   tags: dict[str, str] | None = None, beat_champion_metric: str | None = None,
+                   min_improvement: float = 0.0) -> dict:
     """Log the Hugging Face folder ``model_dir`` to the run, register it as a new version of
     ``model_name`` with alias ``challenger``, and make it ``champion`` when every gate metric
-    is >= its threshold. Idempotent per (model_name, run_id)."""
+    is >= its threshold and, with ``beat_champion_metric``, it beats the current champion on that
+    metric by at least ``min_improvement``. The version is tagged with ``tags``, the key eval
+    metrics (``metric.<name>``) and the gate's outcome. Idempotent per (model_name, run_id)."""
     client = _client()
     reasons = _gate(metrics, gate_thresholds)
+    if beat_champion_metric:
+        reasons += _champion_gate(model_name, run_id, metrics, beat_champion_metric, min_improvement)
     mv = _version_of_run(model_name, run_id)
     if mv is None:
         model_dir = Path(model_dir)
@@ -279,10 +360,9 @@ def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        version_tags = {**{k: str(v)[:MAX_TAG_LEN] for k, v in (tags or {}).items()},
-                        "run_id": run_id, "gate_passed": str(not reasons).lower()}
         mv = client.create_model_version(model_name, source=model_uri, run_id=run_id,
-                                         tags=version_tags, model_id=model_id)
+                                         tags=_version_tags(run_id, metrics, reasons, tags),
+                                         model_id=model_id)
         newest = True
     else:  # already registered: only finish aliases if this is still the newest version
         latest = max(int(v.version) for v in client.search_model_versions(f"name = '{model_name}'"))
@@ -292,9 +372,11 @@ def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
         if not reasons:
             client.set_registered_model_alias(model_name, CHAMPION, mv.version)
     aliases = sorted(client.get_model_version(model_name, mv.version).aliases)
+    champ = champion(model_name)
     return {"model_name": model_name, "version": int(mv.version),
             "model_uri": f"models:/{model_name}/{mv.version}", "aliases": aliases,
-            "gate_passed": not reasons, "gate_reasons": reasons, "run_id": run_id}
+            "gate_passed": not reasons, "gate_reasons": reasons, "run_id": run_id,
+            "champion_version": int(champ.version) if champ else None}
 
 
 def download_hf_folder(model_uri: str, dst: str | Path) -> Path:

@@ -3,6 +3,12 @@
 A plain loop: micro-batches of pairs, gradient accumulation with the loss normalised by the number
 of pairs in the optimizer step (exact under accumulation), AdamW, warmup + linear/cosine schedule,
 gradient clipping, atomic checkpoints that a re-run resumes from, and TRL's metric names.
+
+Only parameters that require grad are optimised (a PeftModel trains its adapter). With ``ref=None``
+the reference log-probs come from the same PeftModel with its adapter disabled. Under
+torch.distributed each rank takes its share of every step's pairs and the gradients are summed over
+ranks, each rank's loss being normalised by the step's global pair count: the update equals the
+single-process one.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from typing import Callable
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from data_contracts.config import LossConfig, TrainConfig
+from dpo_engine.adapters import is_peft, reference_mode
 from dpo_engine.forward import pair_logps
 from dpo_engine.losses import loss_from_config, pair_metrics
 
@@ -40,8 +48,15 @@ class TrainResult:
         return self.history[-1] if self.history else {}
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def total_steps(n_pairs: int, cfg: TrainConfig) -> int:
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world()[1]
     if cfg.max_steps > 0:
         return cfg.max_steps
     return max(1, math.ceil(cfg.num_train_epochs * n_pairs / per_step))
@@ -98,7 +113,12 @@ def load_checkpoint(path: Path, model, opt, sched) -> tuple[int, list[dict]]:
     state = {}
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if is_peft(model):  # an adapter checkpoint: adapter weights only
+        from peft import set_peft_model_state_dict
+        res = set_peft_model_state_dict(model, state)
+        missing, unexpected = [], list(res.unexpected_keys)
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if "lm_head" in k}
     if unexpected or set(missing) - tied:
         raise TrainingError(f"checkpoint {path} does not match the model "
@@ -112,31 +132,42 @@ def load_checkpoint(path: Path, model, opt, sched) -> tuple[int, list[dict]]:
 
 # ------------------------------------------------------------------------------ the loop
 
-def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame, *, loss_cfg: LossConfig,
+def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | None, *, loss_cfg: LossConfig,
           cfg: TrainConfig, pad_id: int, out_dir: Path, device: torch.device | str = "cpu",
           log_fn: Callable[[dict, int], None] | None = None,
           progress: Callable[[int, dict], None] | None = None, keep_checkpoints: int = 2
           ) -> TrainResult:
-    """Train ``model`` in place on ``pairs`` (valid.parquet rows) with reference log-probs ``ref``.
+    """Train ``model`` in place on ``pairs`` (valid.parquet rows) with reference log-probs ``ref``
+    (None: computed on the fly by ``model`` with its adapter disabled; ``model`` must be a PeftModel).
 
     ``log_fn(metrics, step)`` receives TRL-named metrics after every optimizer step; checkpoints go
     to ``out_dir/checkpoints`` every ``cfg.save_steps`` steps and a re-run resumes from the last.
     """
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
-    ref_map = ref.set_index("example_id")
-    missing = set(pairs["example_id"]) - set(ref_map.index)
-    if missing:
-        raise TrainingError(f"{len(missing)} training examples have no reference log-probs "
-                            f"(e.g. {sorted(missing)[0]}); re-run precompute")
     records = pairs.to_dict("records")
-    ref_c = torch.tensor(ref_map.loc[pairs["example_id"], "ref_chosen_logps"].to_numpy())
-    ref_r = torch.tensor(ref_map.loc[pairs["example_id"], "ref_rejected_logps"].to_numpy())
+    if ref is None:
+        if not is_peft(model):
+            raise TrainingError("no reference log-probs given and the model has no adapter to disable")
+        ref_c = ref_r = None
+    else:
+        ref_map = ref.set_index("example_id")
+        missing = set(pairs["example_id"]) - set(ref_map.index)
+        if missing:
+            raise TrainingError(f"{len(missing)} training examples have no reference log-probs "
+                                f"(e.g. {sorted(missing)[0]}); re-run precompute")
+        ref_c = torch.tensor(ref_map.loc[pairs["example_id"], "ref_chosen_logps"].to_numpy())
+        ref_r = torch.tensor(ref_map.loc[pairs["example_id"], "ref_rejected_logps"].to_numpy())
 
+    rank, n_ranks = world()
     bs, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    per_step = bs * accum * n_ranks
     steps = total_steps(len(records), cfg)
-    order = pair_order(len(records), steps * bs * accum, cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+    order = pair_order(len(records), steps * per_step, cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                             betas=(cfg.adam_beta1, cfg.adam_beta2))
     sched = make_scheduler(opt, cfg, steps)
     use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
@@ -145,27 +176,41 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame, *, loss_cfg:
     start, history = 0, []
     last = _latest_checkpoint(ckpt_dir)
     if last is not None:
-        start, history = load_checkpoint(last, model, opt, sched)
+        start, history = load_checkpoint(last, _unwrap_ddp(model), opt, sched)
     model.train()
     for step in range(start, steps):
         t0 = time.perf_counter()
-        idx = order[step * bs * accum:(step + 1) * bs * accum]
-        n_pairs = len(idx)
+        step_idx = order[step * per_step:(step + 1) * per_step]
+        n_pairs = len(step_idx)  # global: every rank normalises by the pairs of the whole step
+        idx = step_idx[rank * bs * accum:(rank + 1) * bs * accum]
         outs, tokens = [], 0
-        for m0 in range(0, n_pairs, bs):
-            mb = idx[m0:m0 + bs]
+        for m0 in range(0, len(idx), bs):
+            mb = [records[i] for i in idx[m0:m0 + bs]]
+            fwd = dict(loss_cfg=loss_cfg, chunk_size=cfg.logit_chunk_size, device=device,
+                       padding_free=cfg.padding_free)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                fw = pair_logps(model, [records[i] for i in mb], pad_id, loss_cfg=loss_cfg,
-                                chunk_size=cfg.logit_chunk_size, with_stats=True, device=device)
+                fw = pair_logps(model, mb, pad_id, with_stats=True, **fwd)
+                if ref_c is None:
+                    with torch.no_grad(), reference_mode(model):
+                        fr = pair_logps(model, mb, pad_id, **fwd)
+                    rc, rr = fr["chosen"].double(), fr["rejected"].double()
+                else:
+                    sel = idx[m0:m0 + bs]
+                    rc, rr = ref_c[sel].to(device), ref_r[sel].to(device)
             tokens += fw["batch"].num_tokens
             pc, pr, seq = fw["chosen"], fw["rejected"], fw["seq"]
-            out = loss_from_config(loss_cfg, pc, pr, ref_c[mb].to(device), ref_r[mb].to(device),
-                                   ld_weighted=fw["ld_weighted"], **fw["loss_inputs"])
+            out = loss_from_config(loss_cfg, pc, pr, rc, rr, ld_weighted=fw["ld_weighted"],
+                                   **fw["loss_inputs"])
             (out.losses.sum() / n_pairs).backward()  # normalised by the pairs of the whole step
             outs.append((out, pc.detach(), pr.detach(), seq))
+        loss_sum = torch.tensor([sum(o[0].losses.sum().item() for o in outs), float(tokens)],
+                                dtype=torch.float64)
+        if n_ranks > 1:
+            _all_reduce_grads(params)
+            dist.all_reduce(loss_sum)
         grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        loss_val = sum(o[0].losses.sum().item() for o in outs) / n_pairs
+            params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        loss_val, tokens = loss_sum[0].item() / n_pairs, int(loss_sum[1].item())
         if not math.isfinite(loss_val) or not torch.isfinite(grad_norm):
             raise TrainingError(f"non-finite loss/gradient at step {step + 1} (loss={loss_val}, "
                                 f"grad_norm={grad_norm.item()}); last good checkpoint kept in {ckpt_dir}")
@@ -181,11 +226,26 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame, *, loss_cfg:
         if progress:
             progress(step + 1, metrics)
         if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < steps:
-            save_checkpoint(ckpt_dir, step + 1, model, opt, sched, history)
-            for old in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[
-                    :-keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            if rank == 0:
+                save_checkpoint(ckpt_dir, step + 1, _unwrap_ddp(model), opt, sched, history)
+                for old in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[
+                        :-keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
+            if n_ranks > 1:
+                dist.barrier()
     return TrainResult(steps=steps, history=history, resumed_from=start)
+
+
+def _unwrap_ddp(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Sum gradients over ranks (a missing gradient counts as zero)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
 
 
 def _step_metrics(outs, grad_norm: float, lr: float, tokens: int, seconds: float) -> dict:

@@ -17,6 +17,7 @@ import flows  # noqa: F401  (sets the project-local state environment before pre
 from data_contracts.config import ConfigError, load_config, mlflow_uri, project_root
 
 NIGHTLY_CRON = "0 2 * * *"
+SWEEP_GRID = {"loss.beta": [0.05, 0.1, 0.2]}  # default grid of the dpo/sweep deployment
 
 
 def default_config_path() -> str | None:
@@ -72,6 +73,9 @@ def cmd_run(args) -> int:
     summary = dpo(config=args.config, overrides={k: v for k, v in
                                                  (o.split("=", 1) for o in overrides)} or None)
     wall = time.perf_counter() - t0
+    if summary["status"] == "skipped":
+        print(f"\n{summary['reason']}\nsummary: {Path(summary['run_dir']) / 'summary.json'}")
+        return 0
     print("\n" + "=" * 60)
     for s in summary["stages"].values():
         if s.get("summary"):
@@ -85,6 +89,45 @@ def cmd_run(args) -> int:
               f"(aliases: {', '.join(summary.get('aliases') or []) or 'none'})")
     print(f"wall time:         {wall:.1f}s\n")
     print(summary_table(summary))
+    return 0
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """``["loss.beta=0.1,0.3"]`` -> ``{"loss.beta": [0.1, 0.3]}`` (values are YAML scalars)."""
+    import yaml
+
+    grid = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or not raw.strip():
+            raise ConfigError(f"sweep: --grid {item!r} must look like section.field=v1,v2")
+        grid[key.strip()] = [yaml.safe_load(v) for v in raw.split(",")]
+    return grid
+
+
+def cmd_sweep(args) -> int:
+    from dpo_engine.sweep import expand_grid
+
+    grid = parse_grid(args.grid)
+    overrides = dict(o.split("=", 1) for o in args.set)
+    variants = expand_grid(grid)
+    for v in variants:  # fail fast on user errors, before Prefect starts
+        load_config(args.config, list(args.set) + [f"{k}={val}" for k, val in v.items()])
+    check_prefect_api()
+    from flows.dpo import dpo
+
+    summary = dpo(config=args.config, overrides=overrides or None, run_name=args.run_name,
+                  grid=grid, metric=args.metric)
+    print("\n" + "=" * 60)
+    for i, v in enumerate(summary["variants"]):
+        mark = "*" if i == summary["best"] else " "
+        print(f"{mark} {i:02d} {v['overrides']}  {summary['metric']}={v[summary['metric']]}  {v['run_dir']}")
+    print("=" * 60)
+    print(f"sweep folder:      {summary['run_dir']}")
+    print(f"MLflow parent run: {summary['mlflow_parent_run_id']}")
+    if summary.get("registered_version"):
+        print(f"registered model:  models:/{summary['registered_model']}/{summary['registered_version']} "
+              f"(aliases: {', '.join(summary.get('aliases') or []) or 'none'})")
     return 0
 
 
@@ -175,16 +218,24 @@ def cmd_serve(args) -> int:
     else:
         check_prefect_api()
     try:
+        from prefect import serve
         from prefect.schedules import Cron
 
         from flows.dpo import dpo
 
         params = {"config": str(Path(args.config).resolve())} if args.config else {}
-        print(f"serving deployment dpo/full, schedule {args.cron!r} UTC; in another shell:\n"
+        print(f"serving deployments dpo/full (schedule {args.cron!r} UTC) and dpo/sweep; in another shell:\n"
               f"  export PREFECT_API_URL={os.environ['PREFECT_API_URL']}\n"
               f"  prefect deployment run dpo/full --watch\nCtrl-C stops")
-        dpo.serve(name="full", schedules=[Cron(args.cron, timezone="UTC")], parameters=params,
-                  global_limit=1, description="DPO pipeline: validate, precompute, train, evaluate, register")
+        nightly = Cron(args.cron, timezone="UTC",  # scheduled runs skip when nothing changed
+                       parameters={**params, "overrides": {"registry.skip_unchanged": True}})
+        serve(dpo.to_deployment(name="full", schedules=[nightly],
+                                parameters=params, concurrency_limit=1,
+                                description="DPO pipeline: validate, precompute, train, evaluate, register"),
+              dpo.to_deployment(name="sweep", parameters={**params, "grid": SWEEP_GRID},
+                                concurrency_limit=1,
+                                description="DPO grid sweep: each variant trained and evaluated as a "
+                                "child MLflow run, only the best registered"))
     finally:
         if server is not None:
             server.terminate()
@@ -205,7 +256,26 @@ def cmd_compare(args) -> int:
     import pandas as pd
     with pd.option_context("display.max_columns", None, "display.width", 200):
         print(df.to_string(index=False))
+    print(f"plot: {compare_plot(df, args.plot)}")
     return 0
+
+
+def compare_plot(df, path: str | None) -> Path:
+    """PNG overlaying the runs' reward-margin and accuracy curves and their eval win-rates."""
+    import datetime as dt
+
+    from data_contracts.config import state_home
+    from dpo_engine import plots, registry
+
+    if path is None:
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        path = state_home() / "compare" / f"compare-{stamp}.png"
+    curves, win_rates = {}, {}
+    for row in df.itertuples(index=False):
+        label = f"{row.run_name} ({row.run_id[:6]})"
+        curves[label] = registry.metric_histories(row.run_id, list(plots.COMPARE_CURVES))
+        win_rates[label] = registry.win_rate(row.run_id)
+    return plots.compare_runs(curves, win_rates, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,12 +321,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cron", default=NIGHTLY_CRON, help=f"schedule, UTC (default {NIGHTLY_CRON!r})")
     p.set_defaults(fn=cmd_serve)
 
-    p = sub.add_parser("compare", help="table of runs of an MLflow experiment",
-                       description="Print key params and metrics of the latest runs of an experiment.")
+    p = sub.add_parser("sweep", help="grid sweep: train+evaluate each variant, register the best",
+                       description="Validate and precompute once, train and evaluate every combination of "
+                       "the --grid values as a child MLflow run under one parent, register only the best "
+                       "by --metric.")
+    _add_config_args(p)
+    p.add_argument("--grid", "-g", action="append", required=True, metavar="SECTION.FIELD=V1,V2",
+                   help="values to try for one field, e.g. --grid loss.beta=0.1,0.3 (repeatable)")
+    p.add_argument("--metric", default="eval/win_rate", help="pick the best variant by this eval "
+                   "metric, higher is better (default eval/win_rate)")
+    p.add_argument("--run-name", help="sweep name (default: sweep-<UTC time>)")
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("compare", help="table and plot of runs of an MLflow experiment",
+                       description="Print key params and metrics of the latest runs of an experiment and "
+                       "write a PNG overlaying their reward-margin/accuracy curves and eval win-rates.")
     _add_config_args(p)
     p.add_argument("--experiment", help="experiment name (default: the config's registry.experiment)")
     p.add_argument("--last", type=int, default=10)
     p.add_argument("--metric", action="append", help="metric to show (repeatable)")
+    p.add_argument("--plot", help="where to write the comparison PNG (default: "
+                   "$DPO_HOME/compare/compare-<UTC time>.png)")
     p.set_defaults(fn=cmd_compare)
     return ap
 

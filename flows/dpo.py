@@ -7,18 +7,30 @@ from typing import Any
 from prefect import flow
 
 from data_contracts.config import load_config
-from dpo_engine.run import new_run_dir, preflight, write_summary
+from dpo_engine.run import new_run_dir, nothing_new, preflight, write_summary
 from tasks import stages as t
 
 
 @flow(name="dpo", log_prints=True)
 def dpo(config: str | None = None, overrides: dict[str, Any] | None = None,
-        run_name: str | None = None) -> dict:
+        run_name: str | None = None, grid: dict[str, list] | None = None,
+        metric: str = "eval/win_rate") -> dict:
     """Run the five stages. ``config``: a YAML file (default: built-in defaults); ``overrides``:
-    ``{"train.learning_rate": 5e-6, ...}``; ``run_name``: the run folder's name."""
+    ``{"train.learning_rate": 5e-6, ...}``; ``run_name``: the run folder's name. Ends early with
+    status ``skipped`` when the data and config equal those of the current champion.
+    With ``grid`` (``{"loss.beta": [0.1, 0.3]}``) it runs a sweep instead: every combination is
+    trained and evaluated, and only the best by ``metric`` is registered (see flows/sweep.py)."""
+    if grid:
+        from flows.sweep import run_sweep
+
+        return run_sweep(config, overrides, run_name, grid, metric)
     cfg = load_config(config, {**(overrides or {}), **({"run_name": run_name} if run_name else {})})
     preflight(cfg)
     run_dir = str(new_run_dir(cfg))
+    skip = nothing_new(cfg)
+    if skip:
+        print(skip)
+        return write_summary(run_dir, {}, "skipped", reason=skip)
     results: dict[str, dict] = {}
     try:
         results["validate"] = t.validate(cfg, run_dir)

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from data_contracts.config import BUILTIN_DATASET, state_home
+from data_contracts.config import BUILTIN_DATASET, project_root, state_home
 
 STAGES = ("validate", "precompute", "train", "evaluate", "register")
 
@@ -41,6 +41,29 @@ def source_fingerprint(source: str | None) -> str:
         files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
         return fingerprint([(str(f.relative_to(p)), _file_sha256(f)) for f in files])
     return f"hub:{source}"
+
+
+def code_version(root: Path | None = None) -> str | None:
+    """The git commit checked out at ``root`` (default: this checkout), read from ``.git`` without
+    running git; None outside a git checkout."""
+    git = Path(root or project_root() or ".") / ".git"
+    try:
+        if git.is_file():  # a worktree: ".git" names the real git folder
+            git = (git.parent / git.read_text().strip().removeprefix("gitdir: ")).resolve()
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head or None  # detached HEAD
+        ref = head[len("ref: "):]
+        if (git / "commondir").is_file():
+            git = (git / (git / "commondir").read_text().strip()).resolve()
+        if (git / ref).is_file():
+            return (git / ref).read_text().strip() or None
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split(" ", 1)[0]
+    except OSError:
+        return None
+    return None
 
 
 def _index_path(stage: str, fp: str) -> Path:

@@ -10,7 +10,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from data_contracts.config import RunConfig, mlflow_uri
-from dpo_engine import registry
+from dpo_engine import plots, registry
 from dpo_engine.evaluation import generate, judge_table, load_judge, preference_metrics, sample_kl
 from dpo_engine.models import load_model, load_tokenizer, pick_device
 from dpo_engine.refcache import read_cache
@@ -21,6 +21,15 @@ STAGE = "evaluate"
 
 def key(cfg: RunConfig, trained: dict) -> str:
     return fingerprint(STAGE, trained["fingerprint"], cfg.section_hash("eval"))
+
+
+def _plots(out: Path, trained: dict, table: pd.DataFrame, metrics: dict) -> list[Path]:
+    """Training curves (from the train stage's history.json) and judged eval scores, as PNGs."""
+    history_file = Path(trained.get("history") or Path(trained["run_dir"]) / "train" / "history.json")
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    made = [plots.training_curves(history, out / "training_curves.png"),
+            plots.eval_scores(table, metrics, out / "eval_scores.png")]
+    return [p for p in made if p is not None]
 
 
 def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, trained: dict) -> dict:
@@ -67,11 +76,15 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, train
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)
     table.to_json(out / "samples.jsonl", orient="records", lines=True, force_ascii=False)
+    pngs = _plots(out, trained, table, metrics)
 
+    run_id = trained["mlflow_run_id"]
     registry.connect(mlflow_uri(cfg))
-    registry.log_metrics(trained["mlflow_run_id"], metrics)
-    registry.log_artifact(trained["mlflow_run_id"], out / "samples.jsonl", "evaluation")
-    registry.log_artifact(trained["mlflow_run_id"], out / "metrics.json", "evaluation")
+    registry.log_metrics(run_id, metrics)
+    for f in [out / "samples.jsonl", out / "metrics.json", *pngs]:
+        registry.log_artifact(run_id, f, "evaluation")
+    if not table.empty:
+        registry.log_table(run_id, table, "evaluation/samples_table.json")
 
     summary = (f"evaluate: eval accuracy {metrics['eval/rewards/accuracies']:.2f}, "
                f"margin {metrics['eval/rewards/margins']:.3f}")
@@ -82,7 +95,8 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, train
     result = {
         "stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False, "seconds": t.seconds,
         "metrics": metrics, "samples": str(out / "samples.jsonl"),
-        "outputs": [str(out / "metrics.json"), str(out / "samples.jsonl")],
+        "plots": [str(p) for p in pngs],
+        "outputs": [str(out / "metrics.json"), str(out / "samples.jsonl"), *(str(p) for p in pngs)],
         "summary": summary + f" in {t.seconds:.1f}s",
     }
     return record(STAGE, fp, result)

@@ -3,6 +3,8 @@
 The cache lives in the shared folder ``<state home>/cache/reference/<key>/`` (key: model, tokenizer,
 data and length fingerprints, dtype, engine version), so runs and experiments with the same key
 share it: a hit does zero forward passes and does not even load the model.
+With ``reference.source: adapter_disabled`` only the eval split is precomputed: training gets its
+reference from the adapter-disabled policy.
 """
 
 from __future__ import annotations
@@ -22,16 +24,24 @@ STAGE = "precompute"
 
 
 def cache_key(cfg: RunConfig, validated: dict, split: str) -> str:
+    extra = [cfg.model.init_kwargs] if cfg.model.init_kwargs else []  # keeps older keys unchanged
     return fingerprint("reference", validated["model_fingerprint"], validated["tokenizer_fingerprint"],
                        validated[split]["fingerprint"], cfg.data.max_length, cfg.data.truncation_mode,
-                       cfg.model.dtype, cfg.loss.ld_alpha, ENGINE_VERSION)
+                       cfg.model.dtype, cfg.loss.ld_alpha, ENGINE_VERSION, *extra)
+
+
+def splits(cfg: RunConfig) -> tuple[str, ...]:
+    return ("eval",) if cfg.reference.source == "adapter_disabled" else ("train", "eval")
 
 
 def key(cfg: RunConfig, validated: dict) -> str:
-    return fingerprint(STAGE, cache_key(cfg, validated, "train"), cache_key(cfg, validated, "eval"))
+    return fingerprint(STAGE, *(cache_key(cfg, validated, s) for s in splits(cfg)))
 
 
 def run(cfg: RunConfig, run_dir: Path, validated: dict) -> dict:
+    from dpo_engine.adapters import check_config
+
+    check_config(cfg)
     fp = key(cfg, validated)
     hit = reused(STAGE, fp, run_dir)
     if hit:
@@ -51,10 +61,11 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict) -> dict:
                                            chunk_size=cfg.train.logit_chunk_size, device=device,
                                            ld_alpha=cfg.loss.ld_alpha, progress=bar.update)
 
-    result = {"stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False}
+    result = {"stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False,
+              "train_ref": None, "train_ref_key": None}
     computed, tokens = 0, 0
     with Timer() as t:
-        for split in ("train", "eval"):
+        for split in splits(cfg):
             rows = pd.read_parquet(validated[split]["valid"])
             ck = cache_key(cfg, validated, split)
             meta = {"split": split, "data": validated[split]["fingerprint"],
@@ -73,12 +84,11 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict) -> dict:
            else f"{computed} of {n_train + n_eval} pairs computed")
     result.update({
         "seconds": t.seconds, "computed_examples": computed,
-        "outputs": [str(Path(result["train_ref"]) / "_COMPLETE.json"),
-                    str(Path(result["eval_ref"]) / "_COMPLETE.json")],
+        "outputs": [str(Path(result[f"{s}_ref"]) / "_COMPLETE.json") for s in splits(cfg)],
         "metrics": {"precompute/computed_pairs": computed,
                     **({"precompute/tokens_per_second": tokens / max(t.seconds, 1e-9)} if computed else {})},
         "summary": (f"precompute: reference log-probs of {n_train} train + {n_eval} eval pairs "
                     f"({how}) in {t.seconds:.1f}s"),
     })
-    write_json(out / "reference_cache.json", {s: result[f"{s}_ref"] for s in ("train", "eval")})
+    write_json(out / "reference_cache.json", {s: result[f"{s}_ref"] for s in splits(cfg)})
     return record(STAGE, fp, result)

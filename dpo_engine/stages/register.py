@@ -6,7 +6,8 @@ from pathlib import Path
 
 from data_contracts.config import RunConfig, mlflow_uri
 from dpo_engine import registry
-from dpo_engine.stages.common import Timer, fingerprint, record
+from dpo_engine.stages import validate
+from dpo_engine.stages.common import Timer, code_version, fingerprint, record
 
 STAGE = "register"
 
@@ -14,6 +15,22 @@ STAGE = "register"
 def key(cfg: RunConfig, trained: dict, evaluated: dict) -> str:
     return fingerprint(STAGE, trained["fingerprint"], evaluated["fingerprint"],
                        cfg.section_hash("registry"), mlflow_uri(cfg))
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """The training-relevant config (as given: a ``{date}`` template stays a template)."""
+    return cfg.section_hash("data", "model", "loss", "train")
+
+
+def version_tags(cfg: RunConfig, run_dir: Path, validated: dict) -> dict:
+    """What a registered version records about where it came from (also read by the nightly
+    skip check: ``data_fingerprint`` and ``config_hash``)."""
+    return {"base_model": cfg.model.name_or_path,
+            "dataset_fingerprint": validated["train"]["fingerprint"],
+            "data_fingerprint": validated.get("data_fingerprint") or validate.data_fingerprint(cfg),
+            "data_source": (validated.get("sources") or {}).get("train"),
+            "config_hash": config_hash(cfg), "code_version": code_version(),
+            "run_dir": str(run_dir)}
 
 
 def run(cfg: RunConfig, run_dir: Path, validated: dict, trained: dict, evaluated: dict) -> dict:
@@ -25,15 +42,18 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, trained: dict, evaluated
     metrics = {**trained.get("metrics", {}), **evaluated.get("metrics", {})}
     with Timer() as t:
         registry.connect(mlflow_uri(cfg))
+        tags = version_tags(cfg, run_dir, validated)
+        if tags["code_version"]:
+            registry.set_tags(trained["mlflow_run_id"], {"mlflow.source.git.commit": tags["code_version"]})
+        gate = cfg.registry.gate
         info = registry.register_model(
             trained["mlflow_run_id"], trained["model_dir"], cfg.registry.model_name,
-            metrics=metrics, gate_thresholds=cfg.registry.gate.thresholds,
-            tags={"base_model": cfg.model.name_or_path,
-                  "dataset_fingerprint": validated["train"]["fingerprint"],
-                  "config_hash": cfg.section_hash("data", "model", "loss", "train"),
-                  "run_dir": str(run_dir)})
+            metrics=metrics, gate_thresholds=gate.thresholds, tags=tags,
+            beat_champion_metric=gate.beat_champion_metric, min_improvement=gate.min_improvement)
         registry.end_run(trained["mlflow_run_id"])
     gate = "passed: champion" if info["gate_passed"] else "not passed: " + "; ".join(info["gate_reasons"])
+    if not info["gate_passed"] and info["champion_version"]:
+        gate += f"; champion stays version {info['champion_version']}"
     result = {
         "stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False, "seconds": t.seconds,
         **info, "outputs": [], "metrics": {},

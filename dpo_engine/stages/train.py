@@ -1,4 +1,5 @@
-"""Stage 3: DPO training of the policy against the cached reference log-probs."""
+"""Stage 3: DPO training of the policy against the cached reference log-probs (or, with a PEFT
+adapter and ``reference.source: adapter_disabled``, against the policy with its adapter off)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,23 @@ from tqdm.auto import tqdm
 
 from data_contracts.config import RunConfig, mlflow_uri
 from dpo_engine import registry
-from dpo_engine.models import (load_model, load_tokenizer, model_fingerprint, pick_device,
-                               save_model_folder)
+from dpo_engine.adapters import apply_adapter, check_config, export_model
+from dpo_engine.models import load_model, load_tokenizer, model_fingerprint, pick_device
 from dpo_engine.refcache import read_cache
-from dpo_engine.stages.common import Timer, fingerprint, record, reused, write_json
+from dpo_engine.stages.common import Timer, fingerprint, record, reused, source_fingerprint, write_json
 from dpo_engine.trainer import total_steps, train
 
 STAGE = "train"
 
 
 def key(cfg: RunConfig, precomputed: dict) -> str:
-    return fingerprint(STAGE, precomputed["fingerprint"], cfg.section_hash("loss", "train"))
+    return fingerprint(STAGE, precomputed["fingerprint"], cfg.section_hash("loss", "train", "peft"),
+                       cfg.reference.source, cfg.model.init_kwargs,
+                       source_fingerprint(cfg.peft.adapter_path) if cfg.peft.adapter_path else None)
 
 
 def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> dict:
+    check_config(cfg)
     fp = key(cfg, precomputed)
     hit = reused(STAGE, fp, run_dir)
     if hit:
@@ -31,8 +35,9 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
     out = Path(run_dir) / STAGE
     device = pick_device()
     pairs = pd.read_parquet(validated["train"]["valid"])
-    ref = read_cache(Path(precomputed["train_ref"]), expect_ids=pairs["example_id"].tolist(),
-                     expect_key=precomputed["train_ref_key"])
+    ref = None if cfg.reference.source == "adapter_disabled" else \
+        read_cache(Path(precomputed["train_ref"]), expect_ids=pairs["example_id"].tolist(),
+                   expect_key=precomputed["train_ref_key"])
     tok = load_tokenizer(cfg.model, validated["model_path"])
 
     registry.connect(mlflow_uri(cfg))
@@ -48,6 +53,8 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
 
     with Timer() as t:
         model = load_model(cfg.model, validated["model_path"], device)
+        if cfg.peft.enabled:
+            model = apply_adapter(model, cfg.peft)
         steps = total_steps(len(pairs), cfg.train)
         with tqdm(total=steps, desc="train", unit="step") as bar:
             def on_step(step, m):
@@ -58,7 +65,8 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
             res = train(model, pairs, ref, loss_cfg=cfg.loss, cfg=cfg.train, pad_id=tok.pad_token_id,
                         out_dir=out, device=device, progress=on_step,
                         log_fn=lambda m, s: registry.log_metrics(run_id, m, step=s))
-        model_dir = save_model_folder(model, tok, out / "model")
+        model_dir = export_model(model, tok, out / "model", cfg.peft.export if cfg.peft.enabled else "merged",
+                                 base_model_path=validated["model_path"])
         del model
         gc.collect()
     write_json(out / "history.json", res.history)
@@ -68,7 +76,8 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
         "model_dir": str(model_dir), "model_fingerprint": model_fingerprint(str(model_dir)),
         "mlflow_run_id": run_id, "steps": res.steps, "resumed_from": res.resumed_from,
         "history": str(out / "history.json"),
-        "outputs": [str(model_dir / "config.json"), str(out / "history.json")],
+        "outputs": [str(model_dir / ("adapter_config.json" if (model_dir / "adapter_config.json").is_file()
+                                     else "config.json")), str(out / "history.json")],
         "metrics": final,
         "summary": (f"train: {res.steps} steps in {t.seconds:.1f}s, final loss {final.get('loss', float('nan')):.4f}, "
                     f"accuracy {final.get('rewards/accuracies', float('nan')):.2f}, "

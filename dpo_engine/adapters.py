@@ -1,0 +1,90 @@
+"""PEFT adapters: build one from the run config, continue a saved one, export merged or adapter-only.
+
+With ``reference.source: adapter_disabled`` the reference log-probs come from the policy itself with
+its adapter switched off (``reference_mode``): one model in memory, no cache.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from torch import nn
+
+from data_contracts.config import ConfigError, PeftConfig, RunConfig
+from dpo_engine.forward import unwrap_model
+
+
+def is_peft(model: nn.Module) -> bool:
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    peft = sys.modules.get("peft")  # not imported: no PeftModel exists (and `import peft` takes seconds)
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Cross-section checks of the adapter settings (raise ConfigError)."""
+    if cfg.reference.source == "adapter_disabled" and not cfg.peft.enabled:
+        raise ConfigError("config error: reference.source=adapter_disabled needs peft.enabled=true "
+                          "(without an adapter there is nothing to disable)")
+    if cfg.peft.adapter_path and not cfg.peft.enabled:
+        raise ConfigError("config error: peft.adapter_path is set but peft.enabled is false")
+    if cfg.peft.adapter_path and not (Path(cfg.peft.adapter_path).expanduser() / "adapter_config.json").is_file():
+        raise ConfigError(f"config error: peft.adapter_path: no adapter_config.json in {cfg.peft.adapter_path}")
+
+
+def peft_config(cfg: PeftConfig):
+    """The peft config object: LoRA fields for LORA, then ``extra`` passed through as is."""
+    from peft import get_peft_config
+
+    kw: dict = {"peft_type": cfg.peft_type.upper(), "task_type": "CAUSAL_LM"}
+    if cfg.target_modules is not None:
+        kw["target_modules"] = cfg.target_modules
+    if cfg.modules_to_save is not None:
+        kw["modules_to_save"] = cfg.modules_to_save
+    if kw["peft_type"] == "LORA":
+        kw.update(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
+    kw.update(cfg.extra)
+    try:
+        return get_peft_config(kw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"config error: peft: {e}") from None
+
+
+def apply_adapter(model: nn.Module, cfg: PeftConfig) -> nn.Module:
+    """Wrap ``model`` in a trainable PeftModel: the saved adapter at ``cfg.adapter_path`` (continued),
+    or a fresh one built from ``cfg``. Only adapter parameters require grad afterwards."""
+    from peft import PeftModel, get_peft_model
+
+    if cfg.adapter_path:
+        return PeftModel.from_pretrained(model, str(Path(cfg.adapter_path).expanduser()), is_trainable=True)
+    return get_peft_model(model, peft_config(cfg))
+
+
+def reference_mode(model: nn.Module):
+    """Context in which ``model`` computes the reference: its adapter disabled."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    if not is_peft(model):
+        raise TypeError("reference log-probs from the adapter-disabled policy need a PeftModel")
+    return model.disable_adapter()
+
+
+def export_model(model: nn.Module, tokenizer, dest: Path, export: str = "merged",
+                 base_model_path: str | None = None) -> Path:
+    """Write the trained model to ``dest``: merged full weights (a plain model folder, so every
+    downstream consumer is unchanged) or the adapter only (adapter_config.json pointing at
+    ``base_model_path``). A non-PEFT model is saved as is."""
+    from dpo_engine.models import save_model_folder
+
+    if not is_peft(model):
+        return save_model_folder(unwrap_model(model), tokenizer, dest)
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    if export == "merged":
+        return save_model_folder(model.merge_and_unload(), tokenizer, dest)
+    if base_model_path:
+        for c in model.peft_config.values():
+            c.base_model_name_or_path = base_model_path
+    return save_model_folder(model, tokenizer, dest)
+

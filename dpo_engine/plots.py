@@ -1,0 +1,93 @@
+"""PNG plots of a run (training curves, judged eval scores) and of several runs side by side.
+
+Figures are built with matplotlib's object API (``matplotlib.figure.Figure``), which renders with
+the Agg backend and never touches pyplot's global state or a display. Matplotlib's cache lives
+under the state home (``MPLCONFIGDIR``), never in ``$HOME``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from data_contracts.config import local_state_env
+
+TRAIN_CURVES = ("loss", "rewards/margins", "rewards/accuracies")
+COMPARE_CURVES = ("rewards/margins", "rewards/accuracies")
+
+
+def _figure(ncols: int, width: float = 4.5, height: float = 3.4):
+    os.environ.setdefault("MPLCONFIGDIR", local_state_env()["MPLCONFIGDIR"])
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, format="png")
+    return path
+
+
+def training_curves(history: list[dict], path: str | Path) -> Path | None:
+    """Loss, reward margin and reward accuracy per optimizer step; None without any history."""
+    names = [n for n in TRAIN_CURVES if any(n in h for h in history)]
+    if not names:
+        return None
+    fig, axes = _figure(len(names))
+    for ax, name in zip(axes, names):
+        pts = [(h.get("step", i + 1), h[name]) for i, h in enumerate(history) if name in h]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3)
+        ax.set(title=name, xlabel="step")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def eval_scores(table, metrics: dict[str, float], path: str | Path) -> Path | None:
+    """Judge score distributions, policy vs reference, and the win-rate with its 95% CI; None when
+    the table has no judge scores."""
+    if table is None or "policy_score" not in getattr(table, "columns", []) or table.empty:
+        return None
+    fig, (dist, win) = _figure(2)
+    bins = 10
+    dist.hist([table["policy_score"], table["reference_score"]], bins=bins, range=(0.0, 1.0),
+              label=["policy", "reference"])
+    dist.set(title="judge score per prompt", xlabel="score", ylabel="prompts")
+    dist.legend()
+    rate = metrics.get("eval/win_rate", float(table["win"].mean()) if "win" in table else None)
+    if rate is not None:
+        lo, hi = metrics.get("eval/win_rate_ci_low", rate), metrics.get("eval/win_rate_ci_high", rate)
+        win.bar(["policy vs reference"], [rate], capsize=8,
+                yerr=[[max(0.0, rate - lo)], [max(0.0, hi - rate)]])
+        win.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    win.set(title="win-rate (95% CI)", ylim=(0.0, 1.0))
+    return _save(fig, path)
+
+
+def compare_runs(curves: dict[str, dict[str, list[tuple[int, float]]]],
+                 win_rates: dict[str, tuple[float, float, float] | None], path: str | Path,
+                 metrics: tuple[str, ...] = COMPARE_CURVES) -> Path:
+    """Several runs overlaid: one panel per training metric (``curves[label][metric]`` =
+    [(step, value)]) and a panel of eval win-rates (``win_rates[label]`` = (rate, low, high))."""
+    fig, axes = _figure(len(metrics) + 1)
+    for ax, name in zip(axes, metrics):
+        for label, hist in curves.items():
+            pts = hist.get(name) or []
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=label)
+        ax.set(title=name, xlabel="step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    win = axes[-1]
+    labels = [k for k, v in win_rates.items() if v is not None]
+    rates = [win_rates[k] for k in labels]
+    if labels:
+        win.bar(range(len(labels)), [r[0] for r in rates], capsize=6,
+                yerr=[[max(0.0, r[0] - r[1]) for r in rates], [max(0.0, r[2] - r[0]) for r in rates]])
+        win.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize="small")
+        win.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    win.set(title="eval win-rate (95% CI)", ylim=(0.0, 1.0))
+    return _save(fig, path)

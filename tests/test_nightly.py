@@ -1,0 +1,139 @@
+"""The nightly job: dated/partitioned sources, "skipped: nothing new", eval plots, compare, pyfunc."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from tiny import tiny_model_dir
+
+from data_contracts.errors import DataError
+from data_contracts.sources import fill_date, load_rows, newest_partition, resolve_source
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------ source resolution
+
+def test_date_template_is_filled_with_the_utc_date(monkeypatch):
+    assert fill_date("/d/{date}/train.jsonl", dt.date(2026, 1, 2)) == "/d/2026-01-02/train.jsonl"
+    today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+    assert fill_date("/d/{date}.jsonl") == f"/d/{today}.jsonl"
+    assert fill_date("builtin:answer-format") == "builtin:answer-format"
+
+
+def test_newest_partition_sorted_by_name(tmp_path):
+    (tmp_path / "2026-11-09").mkdir()
+    (tmp_path / "2026-11-10.jsonl").write_text("{}\n")
+    (tmp_path / ".hidden-2099").mkdir()
+    (tmp_path / "zz-notes.txt").write_text("not data")
+    assert newest_partition(str(tmp_path)) == str(tmp_path / "2026-11-10.jsonl")
+    assert resolve_source(str(tmp_path), "all") == str(tmp_path)
+    assert resolve_source(None, "newest") is None
+    (tmp_path / "2026-11-11").mkdir()
+    assert resolve_source(str(tmp_path), "newest") == str(tmp_path / "2026-11-11")
+    with pytest.raises(DataError, match="no partitions"):
+        newest_partition(str(tmp_path / "2026-11-11"))
+    with pytest.raises(DataError, match="needs a folder"):
+        newest_partition(str(tmp_path / "2026-11-10.jsonl"))
+
+
+def test_preflight_accepts_a_dated_path(dpo_home, tmp_path):
+    from data_contracts.config import ConfigError, load_config
+    from dpo_engine.run import preflight
+
+    today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+    cfg = load_config(None, {"data.source": str(tmp_path / "{date}.jsonl"), "eval.judge": None,
+                             "registry.enabled": False})
+    with pytest.raises(ConfigError, match=today):
+        preflight(cfg)
+    (tmp_path / f"{today}.jsonl").write_text("{}\n")
+    preflight(cfg)
+
+
+# -------------------------------------------------------------------------------- the nightly flow
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _overrides(model_dir, data: Path, eval_file: Path, **extra):
+    return {"model.name_or_path": str(model_dir), "data.source": str(data),
+            "data.source_partition": "newest", "data.eval_source": str(eval_file),
+            "data.max_length": 256, "train.per_device_train_batch_size": 4, "train.max_steps": 3,
+            "train.learning_rate": 1e-3, "train.logging_steps": 1, "eval.num_prompts": 3,
+            "eval.max_new_tokens": 4, "eval.batch_size": 4, "reference.batch_size": 8,
+            "registry.experiment": "nightly", "registry.model_name": "tiny-nightly",
+            "registry.gate.thresholds": {}, "registry.skip_unchanged": True, **extra}
+
+
+def test_nightly_skips_when_nothing_new_and_compares_runs(dpo_home, tmp_path, capsys):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from data_contracts.config import load_config, mlflow_uri
+    from dpo_engine import registry
+    from dpo_engine.run import nothing_new
+    from flows.cli import main
+    from flows.dpo import dpo
+
+    rows = load_rows("builtin:answer-format")
+    data = tmp_path / "data"
+    _write(data / "2026-11-22.jsonl", rows[:12])
+    eval_file = _write(tmp_path / "eval.jsonl", load_rows("builtin:answer-format@eval")[:6])
+    tiny = tiny_model_dir(tmp_path / "tiny-model")
+    base = _overrides(tiny, data, eval_file)
+
+    # night 1: trains, evaluates (plots + table), registers champion with provenance tags
+    s1 = dpo(overrides=base, run_name="night-1")
+    assert s1["status"] == "completed" and s1["aliases"] == ["challenger", "champion"]
+    run_dir = Path(s1["run_dir"])
+    assert json.loads((run_dir / "validate.json").read_text())["sources"]["train"] == \
+        str(data / "2026-11-22.jsonl")
+    for png in ("training_curves.png", "eval_scores.png"):
+        assert (run_dir / "evaluate" / png).read_bytes().startswith(PNG)
+    registry.connect(mlflow_uri())
+    client = MlflowClient()
+    logged = {a.path for a in client.list_artifacts(s1["mlflow_run_id"], "evaluation")}
+    assert {"evaluation/training_curves.png", "evaluation/eval_scores.png",
+            "evaluation/samples_table.json"} <= logged
+    tags = client.get_model_version("tiny-nightly", "1").tags
+    assert {"data_fingerprint", "config_hash", "code_version", "metric.eval/win_rate"} <= set(tags)
+
+    # the champion is a pyfunc that generates text
+    text = mlflow.pyfunc.load_model("models:/tiny-nightly@champion").predict(
+        ["Hi"], params={"max_new_tokens": 3})
+    assert isinstance(text[0], str)
+
+    # night 2: same data, same config -> ends early, not an error
+    s2 = dpo(overrides=base, run_name="night-2")
+    assert s2["status"] == "skipped" and s2["reason"].startswith("skipped: nothing new")
+    assert "version 1" in s2["reason"]
+    assert json.loads((Path(s2["run_dir"]) / "summary.json").read_text())["status"] == "skipped"
+    assert all(s["status"] == "not run" for s in s2["stages"].values())
+
+    # another beta trains again; it must beat the champion's win-rate by 2: it cannot
+    gate = {"registry.gate.beat_champion_metric": "eval/win_rate", "registry.gate.min_improvement": 2.0}
+    s3 = dpo(overrides={**base, "loss.beta": 0.5, **gate}, run_name="night-3")
+    assert s3["status"] == "completed" and s3["registered_version"] == 2
+    assert s3["aliases"] == ["challenger"] and s3["gate_passed"] is False
+    assert "does not beat champion version 1" in s3["stages"]["register"]["summary"]
+    assert "champion stays version 1" in s3["stages"]["register"]["summary"]
+
+    # a new partition is new data for the champion's config
+    assert nothing_new(load_config(None, base)) is not None
+    _write(data / "2026-11-23.jsonl", rows[12:24])
+    assert nothing_new(load_config(None, base)) is None
+
+    # compare: table of both runs and a PNG of their curves and win-rates
+    capsys.readouterr()
+    plot = tmp_path / "cmp.png"
+    assert main(["compare", "--experiment", "nightly", "--last", "2", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "night-1" in out and "night-3" in out and "0.5" in out
+    assert f"plot: {plot}" in out and plot.read_bytes().startswith(PNG)

@@ -1,0 +1,142 @@
+"""Promotion gate against the current champion, version tags, plots and tables (no training)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from tiny import tiny_model_dir
+
+pytest.importorskip("mlflow")
+
+from dpo_engine import plots, registry  # noqa: E402
+from dpo_engine.stages.common import code_version  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def store(dpo_home):
+    registry.connect(f"sqlite:///{dpo_home}/mlflow/mlflow.db")
+    return dpo_home
+
+
+def _run(name: str, metrics: dict) -> str:
+    rid = registry.start_run("gate-test", name)
+    registry.log_metrics(rid, metrics, step=1)
+    return rid
+
+
+def _register(rid, model_dir, metrics, **gate):
+    return registry.register_model(rid, model_dir, "tiny-gate", metrics=metrics, gate_thresholds={},
+                                   tags={"code_version": "abc123"}, **gate)
+
+
+def test_champion_must_be_beaten_by_min_improvement(store, tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "m", hidden=16)
+    gate = {"beat_champion_metric": "eval/win_rate", "min_improvement": 0.05}
+    client = registry.MlflowClient()
+
+    r1 = _run("r1", {"eval/win_rate": 0.6})
+    v1 = _register(r1, model_dir, {"eval/win_rate": 0.6, "eval/rewards/accuracies": 0.7}, **gate)
+    assert v1["gate_passed"] and v1["aliases"] == ["challenger", "champion"]  # no champion yet
+    tags = client.get_model_version("tiny-gate", "1").tags
+    assert tags["code_version"] == "abc123" and tags["gate_passed"] == "true"
+    assert float(tags["metric.eval/win_rate"]) == 0.6
+    assert float(tags["metric.eval/rewards/accuracies"]) == 0.7
+
+    # not enough better: challenger only, champion stays 1, the reason names both values
+    r2 = _run("r2", {"eval/win_rate": 0.63})
+    v2 = _register(r2, model_dir, {"eval/win_rate": 0.63}, **gate)
+    assert v2["version"] == 2 and v2["aliases"] == ["challenger"] and not v2["gate_passed"]
+    assert v2["champion_version"] == 1
+    assert "does not beat champion version 1 (0.6) by >= 0.05" in v2["gate_reasons"][0]
+    assert client.get_model_version("tiny-gate", "2").tags["gate_reasons"] == v2["gate_reasons"][0]
+
+    # registering the same run again creates no second version and changes nothing
+    again = _register(r2, model_dir, {"eval/win_rate": 0.63}, **gate)
+    assert again["version"] == 2 and len(client.search_model_versions("name = 'tiny-gate'")) == 2
+
+    # a missing metric fails; a clear improvement wins
+    r3 = _run("r3", {})
+    assert "missing" in _register(r3, model_dir, {}, **gate)["gate_reasons"][0]
+    r4 = _run("r4", {"eval/win_rate": 0.7})
+    v4 = _register(r4, model_dir, {"eval/win_rate": 0.7}, **gate)
+    assert v4["gate_passed"] and "champion" in v4["aliases"] and v4["champion_version"] == 4
+
+    # the current champion registered again is not compared with itself
+    assert _register(r4, model_dir, {"eval/win_rate": 0.7}, **gate)["gate_passed"]
+
+
+def test_champion_metric_falls_back_to_run_metrics(store, tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "m", hidden=16)
+    r1 = _run("r1", {"eval/kl_custom": 0.4})  # not a tagged metric: read from the run
+    _register(r1, model_dir, {})
+    champ = registry.champion("tiny-gate")
+    assert registry.version_metric(champ, "eval/kl_custom") == pytest.approx(0.4)
+    assert registry.version_metric(champ, "nope") is None
+    r2 = _run("r2", {})
+    out = _register(r2, model_dir, {"eval/kl_custom": 0.3}, beat_champion_metric="eval/kl_custom")
+    assert not out["gate_passed"] and "0.3 does not beat champion version 1 (0.4)" in out["gate_reasons"][0]
+    assert registry.champion("no-such-model") is None
+
+
+def test_pyfunc_predicts_through_champion_alias(store, tmp_path):
+    import mlflow
+
+    r1 = _run("r1", {})
+    _register(r1, tiny_model_dir(tmp_path / "m", hidden=16), {})
+    model = mlflow.pyfunc.load_model("models:/tiny-gate@champion")
+    out = model.predict(["Hi"], params={"max_new_tokens": 3})
+    assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_code_version_reads_git_without_git(tmp_path):
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    git = tmp_path / "repo" / ".git"
+    (git / "refs" / "heads").mkdir(parents=True)
+    (git / "HEAD").write_text("ref: refs/heads/main\n")
+    (git / "refs" / "heads" / "main").write_text(sha + "\n")
+    assert code_version(tmp_path / "repo") == sha
+    (git / "refs" / "heads" / "main").unlink()
+    (git / "packed-refs").write_text(f"# pack-refs\n{sha} refs/heads/main\n")
+    assert code_version(tmp_path / "repo") == sha
+    (git / "HEAD").write_text(sha)  # detached
+    assert code_version(tmp_path / "repo") == sha
+    assert code_version(tmp_path / "elsewhere") is None
+
+
+def test_plots_are_pngs(tmp_path):
+    history = [{"step": s, "loss": 0.7 - s / 10, "rewards/margins": s / 10,
+                "rewards/accuracies": 0.5 + s / 10} for s in (1, 2, 3)]
+    curves = plots.training_curves(history, tmp_path / "t.png")
+    assert curves.read_bytes().startswith(PNG)
+    assert plots.training_curves([], tmp_path / "none.png") is None
+
+    table = pd.DataFrame({"policy_score": [1.0, 0.5], "reference_score": [0.0, 0.5], "win": [1.0, 0.5]})
+    scores = plots.eval_scores(table, {"eval/win_rate": 0.75, "eval/win_rate_ci_low": 0.5,
+                                       "eval/win_rate_ci_high": 1.0}, tmp_path / "e.png")
+    assert scores.read_bytes().startswith(PNG)
+    assert plots.eval_scores(pd.DataFrame({"prompt": ["x"]}), {}, tmp_path / "no.png") is None
+
+    both = plots.compare_runs({"a": {"rewards/margins": [(1, 0.1), (2, 0.2)]}, "b": {}},
+                              {"a": (0.6, 0.4, 0.8), "b": None}, tmp_path / "sub" / "c.png")
+    assert both.read_bytes().startswith(PNG)
+
+
+def test_log_table_and_metric_histories(store):
+    rid = _run("r", {"rewards/margins": 0.1})
+    registry.log_metrics(rid, {"rewards/margins": 0.3}, step=2)
+    assert registry.metric_histories(rid, ["rewards/margins", "absent"]) == \
+        {"rewards/margins": [(1, 0.1), (2, 0.3)]}
+    assert registry.win_rate(rid) is None
+    registry.log_metrics(rid, {"eval/win_rate": 0.5, "eval/win_rate_ci_low": 0.2,
+                               "eval/win_rate_ci_high": 0.8})
+    assert registry.win_rate(rid) == (0.5, 0.2, 0.8)
+    registry.log_table(rid, pd.DataFrame({"prompt": ["p"], "policy_score": [1.0]}),
+                       "evaluation/samples_table.json")
+    local = registry.mlflow.artifacts.download_artifacts(run_id=rid,
+                                                         artifact_path="evaluation/samples_table.json")
+    assert json.loads(open(local).read())["columns"] == ["prompt", "policy_score"]
