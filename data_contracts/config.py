@@ -232,7 +232,9 @@ class EvalConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int = 0
     judge: str | None = Field("data_contracts.builtin:judge", description="'module:function' scoring "
-                              "(prompt, response, row) -> float in [0, 1]; null: no judge.")
+                              "(prompt, response, row) -> float (higher is better), or "
+                              "'reward_model:<folder or hub id>' (a sequence-classification reward "
+                              "model); null: no judge.")
 
 
 class GateConfig(_Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -22,8 +23,64 @@ class EvaluationError(ValueError):
     pass
 
 
+class RewardModelJudge:
+    """A reward model as judge: ``eval.judge: "reward_model:<folder or hub id>"``.
+
+    An ``AutoModelForSequenceClassification`` scores the prompt followed by the response (rendered
+    with the reward model tokenizer's chat template when it has one); the score is its single logit,
+    or the log-odds of the last label for a multi-label head. Higher is better; any scale works,
+    since the win-rate only compares policy and reference scores of the same prompt. Loaded on first
+    use, safetensors only, ``trust_remote_code`` off.
+    """
+
+    def __init__(self, name_or_path: str, max_length: int = 2048):
+        self.name_or_path, self.max_length = name_or_path, max_length
+        self._model = self._tok = None
+
+    def _load(self):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        try:
+            self._tok = AutoTokenizer.from_pretrained(self.name_or_path)
+            self._model = AutoModelForSequenceClassification.from_pretrained(
+                self.name_or_path, use_safetensors=True, trust_remote_code=False).eval()
+        except (OSError, ValueError) as e:
+            raise EvaluationError(f"eval.judge reward model {self.name_or_path!r} cannot be loaded: "
+                                  f"{str(e).splitlines()[0]}") from None
+
+    def render(self, prompt, response: str) -> str:
+        if isinstance(prompt, list) and getattr(self._tok, "chat_template", None):
+            return self._tok.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
+                                                 tokenize=False)
+        if isinstance(prompt, list):
+            prompt = "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt) + "\nassistant: "
+        return f"{prompt}{response}"
+
+    @torch.inference_mode()
+    def __call__(self, prompt, response: str, row: dict) -> float:
+        if self._model is None:
+            self._load()
+        enc = self._tok(self.render(prompt, response), return_tensors="pt", truncation=True,
+                        max_length=self.max_length)
+        logits = self._model(**enc).logits[0].float()
+        if logits.numel() == 1:
+            return float(logits[0])
+        logp = torch.log_softmax(logits, dim=-1)
+        return float(logp[-1] - torch.log1p(-logp[-1].exp().clamp(max=1 - 1e-7)))
+
+
 def load_judge(spec: str) -> Judge:
-    """'package.module:function' -> the callable (prompt, response, row) -> float."""
+    """'package.module:function' -> the callable (prompt, response, row) -> float;
+    'reward_model:<folder or id>' -> a :class:`RewardModelJudge`. Other judges implement the same
+    call: ``judge(prompt, response, row) -> float`` (higher is better; ``row`` holds the example's
+    ``meta`` columns and ``example_id``)."""
+    if spec.startswith("reward_model:"):
+        target = spec.split(":", 1)[1]
+        if not target:
+            raise EvaluationError("eval.judge 'reward_model:' needs a folder or hub id after the colon")
+        if target.startswith((".", "/", "~")) and not Path(target).expanduser().is_dir():
+            raise EvaluationError(f"eval.judge reward model folder not found: {target}")
+        return RewardModelJudge(str(Path(target).expanduser()) if Path(target).expanduser().is_dir()
+                                else target)
     mod_name, _, fn_name = spec.partition(":")
     if not mod_name or not fn_name:
         raise EvaluationError(f"eval.judge {spec!r} must look like 'package.module:function'")
