@@ -87,6 +87,16 @@ class ModelConfig(_Section):
     init_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra from_pretrained "
                                         "arguments: dtype, attn_implementation, device_map, revision...")
 
+    @field_validator("init_kwargs")
+    @classmethod
+    def _no_security_overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in ("trust_remote_code", "use_safetensors"):
+            if key in v:
+                raise ValueError(f"{key} cannot be set here; "
+                                 + ("use model.trust_remote_code" if key == "trust_remote_code"
+                                    else "weights are always loaded from safetensors"))
+        return v
+
 
 class ReferenceConfig(_Section):
     source: Literal["precomputed", "adapter_disabled"] = Field(
@@ -214,6 +224,21 @@ class TrainConfig(_Section):
     logit_chunk_size: int = Field(8192, ge=128, description="Vocabulary tile of the fused log-prob head.")
     padding_free: bool = Field(False, description="Pack each micro-batch's sequences into one row without "
                                "padding (per-sequence position ids; attention confined to each sequence).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant "
+                                         "checkpointing): less memory, about one more forward of compute. "
+                                         "Off by default (TRL: on), since the fused head already keeps the "
+                                         "logits out of memory and small CPU runs only pay the extra time.")
+    optim: Literal["adamw_torch", "adamw_8bit"] = Field("adamw_torch", description="adamw_8bit: bitsandbytes "
+                                                        "8-bit AdamW (CUDA only, bitsandbytes installed).")
+    peak_tflops: float | None = Field(None, gt=0.0, description="Peak FLOP/s of one device (TFLOP/s) for the "
+                                      "logged 'mfu'; null: a table of known GPUs (no mfu elsewhere).")
+    eval_steps: int = Field(0, ge=0, description="Evaluate on the eval split every N steps, logged as eval/* "
+                            "(0: off).")
+    early_stopping_metric: str | None = Field(None, description="Stop when this logged metric (e.g. "
+                                              "'eval/rewards/accuracies') has not improved for "
+                                              "early_stopping_patience evaluations; null: never.")
+    early_stopping_patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
+    early_stopping_mode: Literal["max", "min"] = "max"
 
     @field_validator("max_steps")
     @classmethod
@@ -221,6 +246,13 @@ class TrainConfig(_Section):
         if v == 0 or v < -1:
             raise ValueError("must be -1 (use num_train_epochs) or a positive number of steps")
         return v
+
+    @model_validator(mode="after")
+    def _early_stopping(self) -> "TrainConfig":
+        m = self.early_stopping_metric
+        if m and m.startswith("eval/") and self.eval_steps == 0:
+            raise ValueError(f"early_stopping_metric {m!r} needs train.eval_steps > 0")
+        return self
 
 
 class EvalConfig(_Section):

@@ -73,13 +73,34 @@ def example_id(ex: Example) -> str:
     return hashlib.sha256(_ID_ENCODER.encode(key).encode()).hexdigest()[:16]
 
 
+def _utf8_safe(s: str) -> str:
+    """``s`` with lone surrogates (valid JSON escapes, not UTF-8) written as backslash escapes."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_utf8(ex: Example) -> None:
+    """Reject texts Parquet cannot store (lone surrogates from JSON escapes like \\ud800)."""
+    for name in ("prompt", "chosen", "rejected", "tools", "meta"):
+        value = getattr(ex, name)
+        if value:
+            try:
+                _json(value).encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RowError("INVALID_UNICODE", name, f"not encodable as UTF-8 ({e.reason} at "
+                               f"position {e.start})") from None
+
+
 def _reject(index: int, err: RowError, raw: Any) -> dict:
     try:
         text = _json(raw)
     except (ValueError, RecursionError, TypeError):
         text = repr(raw)[:10000]
-    return {"source_index": index, "code": err.code, "field": err.field, "message": err.message,
-            "raw": text}
+    return {"source_index": index, "code": err.code, "field": _utf8_safe(str(err.field)),
+            "message": _utf8_safe(str(err.message)), "raw": _utf8_safe(text)}
 
 
 def _as_row_error(e: Exception) -> RowError:
@@ -263,6 +284,7 @@ class _Run:
         for off, raw in enumerate(rows):
             try:
                 ex = to_example(raw, self.layout)
+                _check_utf8(ex)
                 parsed.append((idx[off], raw, ex, example_id(ex)))
             except Exception as e:  # a malformed row never stops the run under quarantine
                 bad.append((idx[off], _as_row_error(e), raw))

@@ -125,15 +125,52 @@ def load_model(cfg: ModelConfig, model_path: str, device: torch.device | str = "
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
+    _require_safetensors(model_path)
     kwargs = {"revision": cfg.revision, "dtype": torch_dtype(cfg.dtype, device),
               "trust_remote_code": cfg.trust_remote_code, "use_safetensors": True,
               **init_kwargs(cfg)}
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load model {model_path!r}: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"cannot load model {model_path!r}: {_first_line(e)}") from None
+    except Exception as e:  # safetensors' SafetensorError: a damaged weights file
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ModelError(f"cannot load model {model_path!r}: weights file {_damaged_weights(model_path)} "
+                         f"is corrupted ({_first_line(e)})") from None
     disable_dropout(model)
     return model if kwargs.get("device_map") is not None else model.to(device)
+
+
+def _require_safetensors(model_path: str) -> None:
+    """Safetensors only: a local folder whose weights are pickles (pytorch_model.bin...) is refused."""
+    folder = Path(model_path)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickles = sorted(f.name for f in folder.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickles:
+            raise ModelError(f"model folder {folder} holds only pickle weights ({', '.join(pickles[:3])}); "
+                             "only safetensors are loaded: convert them (save_pretrained with "
+                             "safe_serialization) first")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _damaged_weights(model_path: str) -> str:
+    """The first .safetensors file under a local model folder whose header cannot be read."""
+    from safetensors import safe_open
+
+    folder = Path(model_path)
+    for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    fh.get_slice(k)
+        except Exception:
+            return str(f)
+    return f"under {model_path}"
 
 
 def init_kwargs(cfg: ModelConfig) -> dict:

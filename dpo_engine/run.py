@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from pathlib import Path
 
 from data_contracts.config import BUILTIN_DATASET, BUILTIN_MODEL, ConfigError, RunConfig, mlflow_uri, state_home
@@ -91,7 +92,8 @@ def write_summary(run_dir: Path, results: dict[str, dict], status: str, error: s
     reg = results.get("register", {})
     summary = {
         "run_dir": str(run_dir), "status": status, "error": error, "reason": reason, "stages": stages,
-        "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI") or None,
+        "mlflow_tracking_uri": re.sub(r"//[^/@]*@", "//***@", os.environ.get("MLFLOW_TRACKING_URI") or "")
+        or None,  # user:password in the URI is not written down
         "mlflow_run_id": results.get("train", {}).get("mlflow_run_id"),
         "registered_model": reg.get("model_name"), "registered_version": reg.get("version"),
         "aliases": reg.get("aliases"), "gate_passed": reg.get("gate_passed"),

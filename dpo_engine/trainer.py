@@ -9,6 +9,10 @@ the reference log-probs come from the same PeftModel with its adapter disabled. 
 torch.distributed each rank takes its share of every step's pairs and the gradients are summed over
 ranks, each rank's loss being normalised by the step's global pair count: the update equals the
 single-process one.
+
+Options (issue #5): gradient checkpointing, 8-bit AdamW (bitsandbytes, CUDA), per-step peak memory
+and MFU, periodic evaluation through an ``evaluate_fn(step)`` callback (logged with ``eval/`` names)
+and early stopping on any logged metric.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -42,6 +47,7 @@ class TrainResult:
     steps: int
     history: list[dict] = field(default_factory=list)
     resumed_from: int = 0
+    stopped_early: bool = False
 
     @property
     def final(self) -> dict:
@@ -89,11 +95,101 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def check_optim(cfg: TrainConfig, device: torch.device | str) -> None:
+    """Fail before any model is loaded when ``train.optim`` cannot run here."""
+    if cfg.optim != "adamw_8bit":
+        return
+    if torch.device(device).type != "cuda":
+        raise TrainingError(f"train.optim: adamw_8bit needs a CUDA device (training runs on {device}); "
+                            "use adamw_torch")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TrainingError("train.optim: adamw_8bit needs the bitsandbytes package "
+                            "(pip install bitsandbytes); use adamw_torch") from None
+
+
+def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig, device) -> torch.optim.Optimizer:
+    check_optim(cfg, device)
+    kw = dict(lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    if cfg.optim == "adamw_8bit":
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
+# ------------------------------------------------------------------------------ observability
+
+# Dense bf16 peak TFLOP/s of one GPU, matched on a substring of its name (first match wins).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
+               "L4": 121.0, "A10": 125.0, "V100": 125.0, "T4": 65.0}
+
+
+def peak_tflops(cfg: TrainConfig, device: torch.device) -> float | None:
+    if cfg.peak_tflops:
+        return cfg.peak_tflops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: max allocated since the start; elsewhere: the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB on Linux
+        return kb / 2**20 if sys.platform == "darwin" else kb / 1024
+    except ImportError:  # Windows
+        import psutil
+        return psutil.Process().memory_info().peak_wset / 2**20
+
+
+def mfu(n_params: int, tokens: int, seconds: float, peak: float | None, n_devices: int) -> float | None:
+    """6·N·tokens / (seconds · peak FLOP/s of all devices): the usual dense-training estimate."""
+    if not peak:
+        return None
+    return 6 * n_params * tokens / (max(seconds, 1e-9) * peak * 1e12 * n_devices)
+
+
+# ------------------------------------------------------------------------------ early stopping
+
+def should_stop(history: list[dict], cfg: TrainConfig) -> bool:
+    """True when ``cfg.early_stopping_metric`` has not improved over its best for ``patience``
+    evaluations. Derived from the history alone, so a resumed run decides the same way."""
+    name = cfg.early_stopping_metric
+    if not name:
+        return False
+    values = [h[name] for h in history if name in h]
+    best, since = None, 0
+    for v in values:
+        better = best is None or (v > best if cfg.early_stopping_mode == "max" else v < best)
+        best, since = (v, 0) if better else (best, since + 1)
+    return since >= cfg.early_stopping_patience
+
+
 # ------------------------------------------------------------------------------ checkpoints
 
-def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    done = [p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+def _checkpoint_problem(path: Path) -> str | None:
+    """What a checkpoint folder lacks (state.json, trainer.pt, weights), or None when complete."""
+    for name in ("state.json", "trainer.pt"):
+        if not (path / name).is_file():
+            return f"{path.name}/{name} is missing"
+    if not any(path.glob("*.safetensors")):
+        return f"{path.name}/model.safetensors is missing"
+    return None
+
+
+def _latest_checkpoint(ckpt_dir: Path, log: Callable[[str], None] = print) -> Path | None:
+    """The newest complete checkpoint; incomplete ones are reported by name and skipped."""
+    for p in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        problem = _checkpoint_problem(p)
+        if problem is None:
+            return p
+        log(f"checkpoint skipped: {problem}")
+    return None
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history: list[dict]) -> None:
@@ -135,29 +231,20 @@ def load_checkpoint(path: Path, model, opt, sched) -> tuple[int, list[dict]]:
 def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | None, *, loss_cfg: LossConfig,
           cfg: TrainConfig, pad_id: int, out_dir: Path, device: torch.device | str = "cpu",
           log_fn: Callable[[dict, int], None] | None = None,
-          progress: Callable[[int, dict], None] | None = None, keep_checkpoints: int = 2
-          ) -> TrainResult:
+          progress: Callable[[int, dict], None] | None = None, keep_checkpoints: int = 2,
+          evaluate_fn: Callable[[int], dict] | None = None) -> TrainResult:
     """Train ``model`` in place on ``pairs`` (valid.parquet rows) with reference log-probs ``ref``
     (None: computed on the fly by ``model`` with its adapter disabled; ``model`` must be a PeftModel).
 
     ``log_fn(metrics, step)`` receives TRL-named metrics after every optimizer step; checkpoints go
     to ``out_dir/checkpoints`` every ``cfg.save_steps`` steps and a re-run resumes from the last.
+    ``evaluate_fn(step) -> {"eval/...": value}`` runs every ``cfg.eval_steps`` steps (the model is put
+    back in train mode afterwards); its metrics join that step's and may drive early stopping.
     """
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     records = pairs.to_dict("records")
-    if ref is None:
-        if not is_peft(model):
-            raise TrainingError("no reference log-probs given and the model has no adapter to disable")
-        ref_c = ref_r = None
-    else:
-        ref_map = ref.set_index("example_id")
-        missing = set(pairs["example_id"]) - set(ref_map.index)
-        if missing:
-            raise TrainingError(f"{len(missing)} training examples have no reference log-probs "
-                                f"(e.g. {sorted(missing)[0]}); re-run precompute")
-        ref_c = torch.tensor(ref_map.loc[pairs["example_id"], "ref_chosen_logps"].to_numpy())
-        ref_r = torch.tensor(ref_map.loc[pairs["example_id"], "ref_rejected_logps"].to_numpy())
+    ref_c, ref_r = _reference_tensors(model, pairs, ref)
 
     rank, n_ranks = world()
     bs, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
@@ -167,42 +254,35 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | None, *, lo
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                            betas=(cfg.adam_beta1, cfg.adam_beta2))
+    opt = make_optimizer(params, cfg, device)
     sched = make_scheduler(opt, cfg, steps)
     use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
+    if cfg.gradient_checkpointing:
+        _unwrap_ddp(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peak = peak_tflops(cfg, device)
+    n_params = sum(p.numel() for p in model.parameters())
 
     ckpt_dir = out_dir / "checkpoints"
     start, history = 0, []
     last = _latest_checkpoint(ckpt_dir)
     if last is not None:
         start, history = load_checkpoint(last, _unwrap_ddp(model), opt, sched)
+    seen = int(history[-1]["num_tokens"]) if history else 0  # cumulative, as TRL logs num_tokens
+    stopped = should_stop(history, cfg)
     model.train()
-    for step in range(start, steps):
+    step = start
+    while step < steps and not stopped:
         t0 = time.perf_counter()
         step_idx = order[step * per_step:(step + 1) * per_step]
         n_pairs = len(step_idx)  # global: every rank normalises by the pairs of the whole step
         idx = step_idx[rank * bs * accum:(rank + 1) * bs * accum]
         outs, tokens = [], 0
         for m0 in range(0, len(idx), bs):
-            mb = [records[i] for i in idx[m0:m0 + bs]]
-            fwd = dict(loss_cfg=loss_cfg, chunk_size=cfg.logit_chunk_size, device=device,
-                       padding_free=cfg.padding_free)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                fw = pair_logps(model, mb, pad_id, with_stats=True, **fwd)
-                if ref_c is None:
-                    with torch.no_grad(), reference_mode(model):
-                        fr = pair_logps(model, mb, pad_id, **fwd)
-                    rc, rr = fr["chosen"].double(), fr["rejected"].double()
-                else:
-                    sel = idx[m0:m0 + bs]
-                    rc, rr = ref_c[sel].to(device), ref_r[sel].to(device)
-            tokens += fw["batch"].num_tokens
-            pc, pr, seq = fw["chosen"], fw["rejected"], fw["seq"]
-            out = loss_from_config(loss_cfg, pc, pr, rc, rr, ld_weighted=fw["ld_weighted"],
-                                   **fw["loss_inputs"])
-            (out.losses.sum() / n_pairs).backward()  # normalised by the pairs of the whole step
-            outs.append((out, pc.detach(), pr.detach(), seq))
+            sel = idx[m0:m0 + bs]
+            out, pc, pr, seq, n_tok = _micro_step(model, [records[i] for i in sel], sel, ref_c, ref_r,
+                                                  n_pairs, pad_id, loss_cfg, cfg, device, use_bf16)
+            outs.append((out, pc, pr, seq))
+            tokens += n_tok
         loss_sum = torch.tensor([sum(o[0].losses.sum().item() for o in outs), float(tokens)],
                                 dtype=torch.float64)
         if n_ranks > 1:
@@ -218,22 +298,78 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | None, *, lo
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        metrics = _step_metrics(outs, grad_norm.item(), lr, tokens, time.perf_counter() - t0)
-        metrics["step"] = step + 1
+        step += 1
+        seconds = time.perf_counter() - t0
+        seen += tokens
+        metrics = _step_metrics(outs, grad_norm.item(), lr, tokens, seconds)
+        metrics["num_tokens"] = float(seen)
+        metrics["peak_memory_mb"] = peak_memory_mb(device)
+        step_mfu = mfu(n_params, tokens, seconds, peak, n_ranks)
+        if step_mfu is not None:
+            metrics["mfu"] = step_mfu
+        if evaluate_fn and cfg.eval_steps and step % cfg.eval_steps == 0:
+            metrics.update(_evaluate(model, evaluate_fn, step))
+        metrics["step"] = step
         history.append(metrics)
+        stopped = should_stop(history, cfg)
         if log_fn:
-            log_fn({k: v for k, v in metrics.items() if k != "step"}, step + 1)
+            log_fn({k: v for k, v in metrics.items() if k != "step"}, step)
         if progress:
-            progress(step + 1, metrics)
-        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < steps:
-            if rank == 0:
-                save_checkpoint(ckpt_dir, step + 1, _unwrap_ddp(model), opt, sched, history)
-                for old in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[
-                        :-keep_checkpoints]:
-                    shutil.rmtree(old, ignore_errors=True)
-            if n_ranks > 1:
-                dist.barrier()
-    return TrainResult(steps=steps, history=history, resumed_from=start)
+            progress(step, metrics)
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < steps and not stopped:
+            _save_and_prune(ckpt_dir, step, model, opt, sched, history, keep_checkpoints, rank, n_ranks)
+    return TrainResult(steps=step, history=history, resumed_from=start, stopped_early=step < steps)
+
+
+def _reference_tensors(model, pairs: pd.DataFrame, ref: pd.DataFrame | None):
+    """(ref chosen, ref rejected) log-probs aligned with ``pairs``; (None, None): computed online."""
+    if ref is None:
+        if not is_peft(model):
+            raise TrainingError("no reference log-probs given and the model has no adapter to disable")
+        return None, None
+    ref_map = ref.set_index("example_id")
+    missing = set(pairs["example_id"]) - set(ref_map.index)
+    if missing:
+        raise TrainingError(f"{len(missing)} training examples have no reference log-probs "
+                            f"(e.g. {sorted(missing)[0]}); re-run precompute")
+    return (torch.tensor(ref_map.loc[pairs["example_id"], "ref_chosen_logps"].to_numpy()),
+            torch.tensor(ref_map.loc[pairs["example_id"], "ref_rejected_logps"].to_numpy()))
+
+
+def _micro_step(model, mb: list[dict], sel: list[int], ref_c, ref_r, n_pairs: int, pad_id: int,
+                loss_cfg: LossConfig, cfg: TrainConfig, device: torch.device, use_bf16: bool):
+    """Forward + backward of one micro-batch; the loss is normalised by the pairs of the whole step."""
+    fwd = dict(loss_cfg=loss_cfg, chunk_size=cfg.logit_chunk_size, device=device,
+               padding_free=cfg.padding_free)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        fw = pair_logps(model, mb, pad_id, with_stats=True, **fwd)
+        if ref_c is None:
+            with torch.no_grad(), reference_mode(model):
+                fr = pair_logps(model, mb, pad_id, **fwd)
+            rc, rr = fr["chosen"].double(), fr["rejected"].double()
+        else:
+            rc, rr = ref_c[sel].to(device), ref_r[sel].to(device)
+    pc, pr = fw["chosen"], fw["rejected"]
+    out = loss_from_config(loss_cfg, pc, pr, rc, rr, ld_weighted=fw["ld_weighted"], **fw["loss_inputs"])
+    (out.losses.sum() / n_pairs).backward()
+    return out, pc.detach(), pr.detach(), fw["seq"], fw["batch"].num_tokens
+
+
+def _evaluate(model: nn.Module, evaluate_fn: Callable[[int], dict], step: int) -> dict:
+    try:
+        return {k if k.startswith("eval/") else f"eval/{k}": float(v) for k, v in evaluate_fn(step).items()}
+    finally:
+        model.train()
+
+
+def _save_and_prune(ckpt_dir: Path, step: int, model, opt, sched, history: list[dict], keep: int,
+                    rank: int, n_ranks: int) -> None:
+    if rank == 0:
+        save_checkpoint(ckpt_dir, step, _unwrap_ddp(model), opt, sched, history)
+        for old in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if n_ranks > 1:
+        dist.barrier()
 
 
 def _unwrap_ddp(model: nn.Module) -> nn.Module:

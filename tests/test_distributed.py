@@ -64,7 +64,7 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     train(single, pairs, ref, loss_cfg=LossConfig(), cfg=_cfg(8), pad_id=0, out_dir=tmp_path / "single")
     want = torch.cat([p.detach().flatten() for p in single.parameters()])
     for rank in (0, 1):
-        got = torch.cat([p.flatten() for p in torch.load(tmp_path / f"w{rank}.pt")])
+        got = torch.cat([p.flatten() for p in torch.load(tmp_path / f"w{rank}.pt", weights_only=True)])
         assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(want, torch.cat([p.detach().flatten() for p in AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32).parameters()]), atol=1e-4)  # training moved the weights

@@ -111,6 +111,22 @@ def reused(stage: str, fp: str, run_dir: Path) -> dict | None:
     return res
 
 
+def read_valid(path: str | Path):
+    """An earlier stage's ``valid.parquet`` as a DataFrame; a damaged or missing file is a one-line
+    DataError naming it (re-run validate), not a pyarrow traceback."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from data_contracts.errors import DataError
+
+    try:
+        return pd.read_parquet(path)
+    except (OSError, pa.ArrowException, ValueError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"data error: {path} is missing or not a readable Parquet file ({why}); "
+                        f"re-run the validate stage to rebuild it") from None
+
+
 def load_result(run_dir: Path, stage: str) -> dict:
     """The saved result of an earlier stage of this run (for the per-stage CLI commands)."""
     p = Path(run_dir) / f"{stage}.json"

@@ -14,7 +14,7 @@ from dpo_engine import plots, registry
 from dpo_engine.evaluation import generate, judge_table, load_judge, preference_metrics, sample_kl
 from dpo_engine.models import load_model, load_tokenizer, pick_device
 from dpo_engine.refcache import read_cache
-from dpo_engine.stages.common import Timer, fingerprint, record, reused, write_json
+from dpo_engine.stages.common import Timer, fingerprint, read_valid, record, reused, write_json
 
 STAGE = "evaluate"
 
@@ -40,7 +40,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, train
     out = Path(run_dir) / STAGE
     device = pick_device()
     judge = load_judge(cfg.eval.judge) if cfg.eval.judge else None
-    pairs = pd.read_parquet(validated["eval"]["valid"])
+    pairs = read_valid(validated["eval"]["valid"])
     ref = read_cache(Path(precomputed["eval_ref"]), expect_ids=pairs["example_id"].tolist(),
                      expect_key=precomputed["eval_ref_key"])
     tok = load_tokenizer(cfg.model, validated["model_path"])

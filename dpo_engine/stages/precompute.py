@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from data_contracts.config import RunConfig, state_home
 from dpo_engine.models import load_model, load_tokenizer, pick_device
 from dpo_engine.refcache import ENGINE_VERSION, cached_reference_logps, compute_reference_logps
-from dpo_engine.stages.common import Timer, fingerprint, record, reused, write_json
+from dpo_engine.stages.common import Timer, fingerprint, read_valid, record, reused, write_json
 
 STAGE = "precompute"
 
@@ -66,7 +66,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict) -> dict:
     computed, tokens = 0, 0
     with Timer() as t:
         for split in splits(cfg):
-            rows = pd.read_parquet(validated[split]["valid"])
+            rows = read_valid(validated[split]["valid"])
             ck = cache_key(cfg, validated, split)
             meta = {"split": split, "data": validated[split]["fingerprint"],
                     "model": validated["model_fingerprint"], "tokenizer": validated["tokenizer_fingerprint"],

@@ -15,7 +15,8 @@ from dpo_engine.adapters import apply_adapter, check_config, export_model
 from dpo_engine.models import load_model, load_tokenizer, model_fingerprint, pick_device
 from dpo_engine.refcache import read_cache
 from dpo_engine.stages.common import Timer, fingerprint, record, reused, source_fingerprint, write_json
-from dpo_engine.trainer import total_steps, train
+from dpo_engine.evaluation import preference_metrics
+from dpo_engine.trainer import check_optim, total_steps, train
 
 STAGE = "train"
 
@@ -34,6 +35,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
         return hit
     out = Path(run_dir) / STAGE
     device = pick_device()
+    check_optim(cfg.train, device)
     pairs = pd.read_parquet(validated["train"]["valid"])
     ref = None if cfg.reference.source == "adapter_disabled" else \
         read_cache(Path(precomputed["train_ref"]), expect_ids=pairs["example_id"].tolist(),
@@ -56,6 +58,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
         if cfg.peft.enabled:
             model = apply_adapter(model, cfg.peft)
         steps = total_steps(len(pairs), cfg.train)
+        evaluate_fn = eval_callback(cfg, validated, precomputed, model, tok.pad_token_id, device)
         with tqdm(total=steps, desc="train", unit="step") as bar:
             def on_step(step, m):
                 bar.update(1)
@@ -64,7 +67,8 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
 
             res = train(model, pairs, ref, loss_cfg=cfg.loss, cfg=cfg.train, pad_id=tok.pad_token_id,
                         out_dir=out, device=device, progress=on_step,
-                        log_fn=lambda m, s: registry.log_metrics(run_id, m, step=s))
+                        log_fn=lambda m, s: registry.log_metrics(run_id, m, step=s),
+                        evaluate_fn=evaluate_fn)
         model_dir = export_model(model, tok, out / "model", cfg.peft.export if cfg.peft.enabled else "merged",
                                  base_model_path=validated["model_path"])
         del model
@@ -75,12 +79,32 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
         "stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False, "seconds": t.seconds,
         "model_dir": str(model_dir), "model_fingerprint": model_fingerprint(str(model_dir)),
         "mlflow_run_id": run_id, "steps": res.steps, "resumed_from": res.resumed_from,
+        "stopped_early": res.stopped_early,
         "history": str(out / "history.json"),
         "outputs": [str(model_dir / ("adapter_config.json" if (model_dir / "adapter_config.json").is_file()
                                      else "config.json")), str(out / "history.json")],
         "metrics": final,
-        "summary": (f"train: {res.steps} steps in {t.seconds:.1f}s, final loss {final.get('loss', float('nan')):.4f}, "
+        "summary": (f"train: {res.steps} steps{' (early stop)' if res.stopped_early else ''} in {t.seconds:.1f}s, final loss {final.get('loss', float('nan')):.4f}, "
                     f"accuracy {final.get('rewards/accuracies', float('nan')):.2f}, "
                     f"margin {final.get('rewards/margins', float('nan')):.3f}"),
     }
     return record(STAGE, fp, result)
+
+
+def eval_callback(cfg: RunConfig, validated: dict, precomputed: dict, model, pad_id: int, device):
+    """``step -> eval/ metrics`` of ``model`` on the eval split (its cached reference log-probs), or
+    None when periodic evaluation is off or there is no eval split."""
+    if not cfg.train.eval_steps or not precomputed.get("eval_ref") or not validated.get("eval"):
+        return None
+    pairs = pd.read_parquet(validated["eval"]["valid"])
+    if pairs.empty:
+        return None
+    ref = read_cache(Path(precomputed["eval_ref"]), expect_ids=pairs["example_id"].tolist(),
+                     expect_key=precomputed["eval_ref_key"])
+
+    def evaluate(step: int) -> dict:
+        return preference_metrics(model, pairs, ref, loss_cfg=cfg.loss, pad_id=pad_id,
+                                  batch_size=cfg.eval.batch_size, chunk_size=cfg.train.logit_chunk_size,
+                                  device=device)
+
+    return evaluate
