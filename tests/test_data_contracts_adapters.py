@@ -39,11 +39,10 @@ def msg(role, content, **kw):
 
 
 def run(rows, tok, tmp_path, cfg=CFG, **kw):
-    rep = validate_split(rows, tmp_path / "out", tok, cfg, **kw)
-    valid = pq.read_table(tmp_path / "out" / "valid.parquet").to_pylist()
-    rejects = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
-    assert rep["rows_in"] == rep["valid"] + rep["rejected"] + rep["duplicates"] + rep["limited_out"]
-    return rep, valid, rejects
+    """validate_split + read both outputs + check the counts (shared helper, this file's CFG)."""
+    from test_data_contracts import run as validate_and_read
+
+    return validate_and_read(rows, tok, tmp_path, cfg, **kw)
 
 
 def text(tok, ids):
