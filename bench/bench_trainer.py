@@ -8,6 +8,13 @@ pairs per step and steps, fp32, no gradient checkpointing, reference log-probs p
 then training), real (non-padding) tokens/s of training, and peak RSS.
 
     python bench/bench_trainer.py [--steps 10] [--pairs-per-step 8] [--max-length 256]
+
+``--gpu``: a Qwen3-0.6B-shaped model (d 1024, 28 layers, V 151,936, tied embeddings, random
+weights), fp32 master weights with bf16 autocast on CUDA for both, max_length 1024, sdpa attention.
+Each side first trains 2 throw-away steps (kernel compilation, cuBLAS/allocator warm-up), then the
+timed run; peak memory is torch.cuda.max_memory_allocated of the timed run; MFU = 6 x parameters x
+real tokens / time / 989 TFLOP/s (H100 SXM dense bf16). ``ours`` runs padded and packed
+(``padding_free``) when --packed is given.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("DPO_SHARED", ROOT.parent / "shared"))
+H100_BF16_TFLOPS = 989.0
 TOKENIZER = SHARED / "models/gpt-neox-20b-tokenizer/tokenizer.json"
 DATA = SHARED / "data/ultrafeedback-binarized-sample/train_clean.jsonl"
 
@@ -37,11 +45,18 @@ def load_tokenizer():
     return tok
 
 
-def make_model(vocab: int):
+def make_model(vocab: int, gpu: bool = False):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    if gpu:
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        cfg = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                          num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                          max_position_embeddings=4096, attn_implementation="sdpa")
+        return Qwen3ForCausalLM(cfg).cuda()
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
     return LlamaForCausalLM(cfg)
@@ -81,6 +96,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _gpu_mark():
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return time.perf_counter()
+
+
+def _gpu_peak_mb() -> float:
+    import torch
+
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
 def worker_ours(args, tok) -> dict:
     import pandas as pd
 
@@ -92,17 +122,31 @@ def worker_ours(args, tok) -> dict:
     rows = text_rows(args.steps * args.pairs_per_step, tok, args.max_length)
     pairs = pd.DataFrame([{"example_id": f"ex{i}", **tokenize_like_trl(r, tok, args.max_length)}
                           for i, r in enumerate(rows)])
-    model = make_model(len(tok))
+    model = make_model(len(tok), args.gpu)
+    device = "cuda" if args.gpu else "cpu"
     t1 = time.perf_counter()
-    ref = compute_reference_logps(model, pairs, pad_id=tok.pad_token_id, batch_size=args.pairs_per_step)
+    ref = compute_reference_logps(model, pairs, pad_id=tok.pad_token_id, batch_size=args.pairs_per_step,
+                                  device=device)
     t2 = time.perf_counter()
-    cfg = TrainConfig(per_device_train_batch_size=args.pairs_per_step, max_steps=args.steps,
-                      learning_rate=1e-6, logging_steps=1, seed=0)
-    with tempfile.TemporaryDirectory() as out:
-        train(model, pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=tok.pad_token_id, out_dir=Path(out))
+
+    def run(steps: int) -> None:
+        cfg = TrainConfig(per_device_train_batch_size=args.pairs_per_step, max_steps=steps,
+                          learning_rate=1e-6, logging_steps=1, seed=0, padding_free=args.worker == "ours_packed",
+                          save_steps=10**6)
+        with tempfile.TemporaryDirectory() as out:
+            train(model, pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=tok.pad_token_id, out_dir=Path(out),
+                  device=device)
+
+    out = {}
+    if args.gpu:
+        run(2)  # warm-up: kernel compilation, allocator
+        t2 = _gpu_mark()
+    run(args.steps)
+    if args.gpu:
+        out["peak_gpu_mb"] = _gpu_peak_mb()
     t3 = time.perf_counter()
-    return {"setup_s": t1 - t0, "precompute_s": t2 - t1, "train_s": t3 - t2,
-            "tokens": real_tokens(pairs.to_dict("records"))}
+    return {**out, "setup_s": t1 - t0, "precompute_s": t2 - t1, "train_s": t3 - t2,
+            "tokens": real_tokens(pairs.to_dict("records")), "params": sum(p.numel() for p in model.parameters())}
 
 
 def worker_trl(args, tok) -> dict:
@@ -111,22 +155,38 @@ def worker_trl(args, tok) -> dict:
 
     t0 = time.perf_counter()
     rows = text_rows(args.steps * args.pairs_per_step, tok, args.max_length)
-    model = make_model(len(tok))
+    model = make_model(len(tok), args.gpu)
     tokens = real_tokens([tokenize_like_trl(r, tok, args.max_length) for r in rows])
-    with tempfile.TemporaryDirectory() as out:
-        cfg = DPOConfig(output_dir=out, report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
+
+    def trainer_for(steps: int, out: str):
+        cfg = DPOConfig(output_dir=out, report_to=[], use_cpu=not args.gpu, bf16=args.gpu,
+                        gradient_checkpointing=False,
                         per_device_train_batch_size=args.pairs_per_step, gradient_accumulation_steps=1,
-                        max_steps=args.steps, learning_rate=1e-6, max_length=args.max_length,
+                        max_steps=steps, learning_rate=1e-6, max_length=args.max_length,
                         precompute_ref_log_probs=True, precompute_ref_batch_size=args.pairs_per_step,
                         logging_steps=1, save_strategy="no", seed=0, dataloader_num_workers=0)
+        return DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok)
+
+    out_d = {}
+    with tempfile.TemporaryDirectory() as out:
+        if args.gpu:  # warm-up run, then a fresh trainer (its optimizer state freed first)
+            import gc
+
+            warm = trainer_for(2, out)
+            warm.train()
+            del warm
+            gc.collect()
+            __import__("torch").cuda.empty_cache()
         t1 = time.perf_counter()
-        trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows),
-                             processing_class=tok)
-        t2 = time.perf_counter()
+        trainer = trainer_for(args.steps, out)
+        t2 = _gpu_mark() if args.gpu else time.perf_counter()
         trainer.train()
+        if args.gpu:
+            out_d["peak_gpu_mb"] = _gpu_peak_mb()
         t3 = time.perf_counter()
     # DPOTrainer.__init__ tokenizes and runs the reference pass; report both together as "precompute"
-    return {"setup_s": t1 - t0, "precompute_s": t2 - t1, "train_s": t3 - t2, "tokens": tokens}
+    return {**out_d, "setup_s": t1 - t0, "precompute_s": t2 - t1, "train_s": t3 - t2, "tokens": tokens,
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 def run_worker(which: str, args) -> dict:
@@ -135,6 +195,7 @@ def run_worker(which: str, args) -> dict:
                "TOKENIZERS_PARALLELISM": "false"}
         cmd = [sys.executable, __file__, "--worker", which, "--steps", str(args.steps),
                "--pairs-per-step", str(args.pairs_per_step), "--max-length", str(args.max_length)]
+        cmd += ["--gpu"] if args.gpu else []
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if res.returncode:
         sys.exit(f"{which} failed:\n{res.stderr[-3000:]}")
@@ -146,15 +207,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--pairs-per-step", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--worker", choices=["ours", "trl"])
+    ap.add_argument("--gpu", action="store_true", help="Qwen3-0.6B shape on CUDA, bf16 autocast")
+    ap.add_argument("--packed", action="store_true", help="also run ours with padding_free packing")
+    ap.add_argument("--worker", choices=["ours", "ours_packed", "trl"])
     args = ap.parse_args()
+    if args.gpu and args.max_length == 256:
+        args.max_length = 1024
     if not TOKENIZER.is_file() or not DATA.is_file():
         print(f"skipped: {TOKENIZER} or {DATA} is absent (needs ../shared beside the checkout)")
         return
     if args.worker:
         sys.path.insert(0, str(ROOT))
         tok = load_tokenizer()
-        out = (worker_ours if args.worker == "ours" else worker_trl)(args, tok)
+        out = (worker_trl if args.worker == "trl" else worker_ours)(args, tok)
         out["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(out))
         return
@@ -163,21 +228,29 @@ def main() -> None:
     import transformers
     import trl
 
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, trl {trl.__version__}; Llama d=128 L=2 V=50,277 fp32; "
-          f"{args.steps} steps x {args.pairs_per_step} pairs, max_length {args.max_length}")
-    res = {w: run_worker(w, args) for w in ("ours", "trl")}
-    print(f"{'':6} {'setup s':>8} {'ref pass s':>10} {'train s':>8} {'total s':>8} {'train tok/s':>11} "
-          f"{'peak RSS MB':>11}")
+    dev = torch.cuda.get_device_name() if args.gpu else f"{platform.processor() or platform.machine()}, " \
+        f"{os.cpu_count()} CPUs"
+    model_desc = "Qwen3-0.6B shape (d 1024, 28 layers, V 151,936) bf16 autocast" if args.gpu else \
+        "Llama d=128 L=2 V=50,277 fp32"
+    print(f"{dev}, torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
+          f"{model_desc}; {args.steps} steps x {args.pairs_per_step} pairs, max_length {args.max_length}")
+    workers = ["ours"] + (["ours_packed"] if args.packed else []) + ["trl"]
+    res = {w: run_worker(w, args) for w in workers}
+    mem = "peak_gpu_mb" if args.gpu else "peak_rss_mb"
+    print(f"{'':11} {'setup s':>8} {'ref pass s':>10} {'train s':>8} {'total s':>8} {'train tok/s':>11} "
+          f"{'peak MB':>9}" + (f" {'MFU':>6}" if args.gpu else ""))
     for w, r in res.items():
         r["total_s"] = r["setup_s"] + r["precompute_s"] + r["train_s"]
         r["tok_s"] = r["tokens"] / r["train_s"]
-        print(f"{w:6} {r['setup_s']:8.1f} {r['precompute_s']:10.1f} {r['train_s']:8.1f} {r['total_s']:8.1f} "
-              f"{r['tok_s']:11.0f} {r['peak_rss_mb']:11.0f}")
-    o, t = res["ours"], res["trl"]
-    print(f"real tokens per run: {o['tokens']:,} (ours) / {t['tokens']:,} (trl)")
-    print(f"ours/TRL: train time {o['train_s'] / t['train_s']:.2f}x, total {o['total_s'] / t['total_s']:.2f}x, "
-          f"tokens/s {o['tok_s'] / t['tok_s']:.2f}x, peak RSS {o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
+        mfu = 6 * r["params"] * r["tok_s"] / (H100_BF16_TFLOPS * 1e12)
+        print(f"{w:11} {r['setup_s']:8.1f} {r['precompute_s']:10.1f} {r['train_s']:8.2f} {r['total_s']:8.1f} "
+              f"{r['tok_s']:11.0f} {r[mem]:9.0f}" + (f" {mfu:6.1%}" if args.gpu else ""))
+    t = res["trl"]
+    print(f"real tokens per run: " + ", ".join(f"{r['tokens']:,} ({w})" for w, r in res.items()))
+    for w in workers[:-1]:
+        o = res[w]
+        print(f"{w}/TRL: train time {o['train_s'] / t['train_s']:.2f}x, total {o['total_s'] / t['total_s']:.2f}x, "
+              f"tokens/s {o['tok_s'] / t['tok_s']:.2f}x, peak memory {o[mem] / t[mem]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ from torch import nn
 
 from dpo_engine.logprobs import token_logps
 
-# The Triton head is opt-in (DPO_HEAD_BACKEND=triton or auto) until it has been verified on a GPU;
-# the chunked torch path runs everywhere.
-HEAD_BACKEND = os.environ.get("DPO_HEAD_BACKEND", "torch")
+# "auto": the Triton head on CUDA (verified on an H100, BENCHMARKS.md), the chunked torch path
+# elsewhere; DPO_HEAD_BACKEND=torch forces the torch path everywhere.
+HEAD_BACKEND = os.environ.get("DPO_HEAD_BACKEND", "auto")
 
 
 @dataclass

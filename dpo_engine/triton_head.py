@@ -8,8 +8,15 @@ optional stats (entropy, mean logit, log sum p^2) are folded the same way. Only 
 are written to device memory, nothing of size N x V.
 
 Backward recomputes the logit tiles from the saved per-token lse:
-``dlogits = g * (onehot(target) - softmax)``.
+``dlogits = g * (onehot(target) - softmax)``. Two backward modes:
 
+* ``"gemm"`` (default): the vocabulary is walked in chunks of ``Vc`` columns (``Vc`` chosen so one
+  ``N x Vc`` chunk of dlogits fits ``GEMM_BWD_BYTES``); ``_dl_chunk_kernel`` recomputes the logit
+  tiles on chip and writes only dlogits of that chunk (in the input dtype), then two cuBLAS GEMMs
+  give ``grad_W[chunk] = dlogits^T @ h`` (the whole chunk's weight gradient over all tokens, written
+  once) and ``grad_h += dlogits @ W[chunk]`` (fp32 accumulator). Tensor-core GEMMs do the 4·N·d·V
+  backward FLOPs; memory stays bounded by the chunk, whatever N and V are.
+* ``"fused"`` (used for gradient filtering, which needs per-tile skips):
 * ``_bwd_dh_kernel``: one program per token block, looping over vocabulary tiles, accumulates
   ``grad_h[block] += dlogits @ W_tile``.
 * ``_bwd_dw_kernel``: one program per vocabulary tile, looping over token blocks, accumulates
@@ -39,7 +46,12 @@ import torch
 import triton
 import triton.language as tl
 
-DEFAULT_BLOCKS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64)
+DEFAULT_BLOCKS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=4, num_stages=3)
+# Hopper (sm_90): measured best of a sweep on an H100 (bench/tune_triton_head.py, BENCHMARKS.md);
+# its 4-stage pipeline needs ~196 KB of shared memory, more than pre-Hopper GPUs have.
+HOPPER_BLOCKS = dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=4)
+GEMM_BWD_BYTES = 128 * 2**20  # dlogits chunk budget of the "gemm" backward
+BWD_MODES = ("auto", "gemm", "fused")
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -135,6 +147,27 @@ def _dlogits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, lse, g, tgt, D,
 
 
 @triton.jit
+def _dl_chunk_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dl_ptr, N, V, D, v0, VC, stride_dl,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
+    """dlogits of columns [v0, v0 + VC) for one (token block, vocabulary tile), stored to dl."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    local = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = v0 + local
+    cmask = (local < VC) & (cols < V)
+    tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+    dl, keep = _dlogits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, lse, g, tgt, D, 0.0,
+                             HAS_BIAS, False, BLOCK_N, BLOCK_V, BLOCK_D, DOT_F32, PREC)
+    tl.store(dl_ptr + rows[:, None] * stride_dl + local[None, :],
+             dl.to(dl_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
 def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, gh_ptr, N, V, D, eps,
                    HAS_BIAS: tl.constexpr, FILTER: tl.constexpr, SINGLE_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -222,7 +255,8 @@ def _bwd_dw_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, gw_ptr, gb_ptr, N
 
 
 def _config(hidden: torch.Tensor, blocks: dict | None) -> dict:
-    cfg = dict(DEFAULT_BLOCKS, **(blocks or {}))
+    hopper = hidden.is_cuda and torch.cuda.get_device_capability(hidden.device)[0] >= 9
+    cfg = dict(HOPPER_BLOCKS if hopper else DEFAULT_BLOCKS, **(blocks or {}))
     for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D"):
         v = cfg[k]
         if v < 16 or v & (v - 1):
@@ -230,14 +264,33 @@ def _config(hidden: torch.Tensor, blocks: dict | None) -> dict:
     interp = _interpreting()
     cfg["DOT_F32"] = interp or hidden.dtype == torch.float32
     cfg["PREC"] = "ieee" if cfg["DOT_F32"] else None  # fp32 dots without TF32
-    cfg["num_warps"] = cfg.get("num_warps", 4)
     return cfg
+
+
+def _launch(cfg: dict) -> dict:
+    """Compile-time and launch options shared by every kernel."""
+    return {k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D", "DOT_F32", "PREC", "num_warps",
+                                "num_stages")}
+
+
+def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b with fp32 accumulation for any input dtype."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError):  # older torch: no out_dtype
+            pass
+    acc.addmm_(a.float(), b.float())
 
 
 class TritonTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, with_stats: bool, grad_filter_eps: float,
-                blocks: dict | None):
+                blocks: dict | None, bwd: str):
         if hidden.dtype not in _SUPPORTED or weight.dtype not in _SUPPORTED:
             raise TypeError(f"the Triton head supports {_SUPPORTED}; got {hidden.dtype}, "
                             f"{weight.dtype} (use backend='torch')")
@@ -260,11 +313,10 @@ class TritonTokenLogps(torch.autograd.Function):
         if n:
             _fwd_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
                 hidden, weight, hidden if bias_c is None else bias_c, targets, lse, logp, *stats,
-                n, vocab, d, HAS_BIAS=bias is not None, WITH_STATS=with_stats,
-                BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-                DOT_F32=cfg["DOT_F32"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
+                n, vocab, d, HAS_BIAS=bias is not None, WITH_STATS=with_stats, **_launch(cfg))
         ctx.save_for_backward(hidden, weight, bias_c, targets, lse)
         ctx.cfg, ctx.eps = cfg, float(grad_filter_eps)
+        ctx.bwd = ("fused" if grad_filter_eps > 0 else "gemm") if bwd == "auto" else bwd
         ctx.weight_dtype = weight_dtype
         if not with_stats:
             return logp, None, None, None
@@ -274,48 +326,99 @@ class TritonTokenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, *_stat_grads):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        cfg, eps = ctx.cfg, ctx.eps
-        n, d = hidden.shape
-        vocab = weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         g = grad_logp.to(torch.float32).contiguous()
-        f = dict(device=hidden.device, dtype=torch.float32)
-        single_d = d <= cfg["BLOCK_D"]
-        common = dict(HAS_BIAS=bias is not None, FILTER=eps > 0, SINGLE_D=single_d,
-                      BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-                      DOT_F32=cfg["DOT_F32"], PREC=cfg["PREC"], num_warps=cfg["num_warps"])
-        b_arg = hidden if bias is None else bias
-        grad_h = grad_w = grad_b = None
-        if need_h:
-            grad_h = (torch.empty if single_d else torch.zeros)((n, d), **f)
-            if n:
-                _bwd_dh_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-                    hidden, weight, b_arg, targets, lse, g, grad_h, n, vocab, d, eps, **common)
+        run = _backward_gemm if ctx.bwd == "gemm" else _backward_fused
+        grad_h, grad_w, grad_b = run(ctx.cfg, ctx.eps, hidden, weight, bias, targets, lse, g,
+                                     need_h, need_w, need_b)
+        if grad_h is not None:
             grad_h = grad_h.to(hidden.dtype)
-        if need_w or need_b:
-            gw = (torch.empty if single_d and n else torch.zeros)((vocab, d), **f)
-            gb = torch.zeros(vocab, **f) if need_b else gw
-            if n:
-                _bwd_dw_kernel[(triton.cdiv(vocab, cfg["BLOCK_V"]),)](
-                    hidden, weight, b_arg, targets, lse, g, gw, gb, n, vocab, d, eps,
-                    GRAD_B=need_b, **common)
-            grad_w = gw.to(ctx.weight_dtype) if need_w else None
-            grad_b = gb.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None, None, None
+        if grad_w is not None:
+            grad_w = grad_w.to(ctx.weight_dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _backward_gemm(cfg, eps, hidden, weight, bias, targets, lse, g, need_h, need_w, need_b):
+    """dlogits chunk by chunk (on-chip recompute), then tensor-core GEMMs (module docstring)."""
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    f = dict(device=hidden.device, dtype=torch.float32)
+    grad_h = torch.zeros((n, d), **f) if need_h else None
+    grad_w = torch.empty_like(weight) if need_w else None
+    grad_b = torch.empty(vocab, **f) if need_b else None
+    if not n:
+        if grad_w is not None:
+            grad_w.zero_()
+        if grad_b is not None:
+            grad_b.zero_()
+        return grad_h, grad_w, grad_b
+    bv = cfg["BLOCK_V"]
+    vc = cfg.get("CHUNK_V") or GEMM_BWD_BYTES // (n * hidden.element_size())
+    vc = max(bv, min(vc // bv * bv, triton.cdiv(vocab, bv) * bv))
+    buf = torch.empty((n, vc), device=hidden.device, dtype=hidden.dtype)
+    b_arg = hidden if bias is None else bias
+    for v0 in range(0, vocab, vc):
+        width = min(vc, vocab - v0)
+        _dl_chunk_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(width, bv))](
+            hidden, weight, b_arg, targets, lse, g, buf, n, vocab, d, v0, width, buf.stride(0),
+            HAS_BIAS=bias is not None, **_launch(cfg))
+        dl = buf[:, :width]
+        if grad_w is not None:
+            torch.mm(dl.t(), hidden, out=grad_w[v0:v0 + width])
+        if grad_h is not None:
+            _acc_mm(grad_h, dl, weight[v0:v0 + width])
+        if grad_b is not None:
+            grad_b[v0:v0 + width] = dl.sum(dim=0, dtype=torch.float32)
+    return grad_h, grad_w, grad_b
+
+
+def _backward_fused(cfg, eps, hidden, weight, bias, targets, lse, g, need_h, need_w, need_b):
+    """Both gradients from recomputed tiles inside two kernels; supports gradient filtering."""
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    f = dict(device=hidden.device, dtype=torch.float32)
+    single_d = d <= cfg["BLOCK_D"]
+    common = dict(HAS_BIAS=bias is not None, FILTER=eps > 0, SINGLE_D=single_d, **_launch(cfg))
+    b_arg = hidden if bias is None else bias
+    grad_h = grad_w = grad_b = None
+    if need_h:
+        grad_h = (torch.empty if single_d else torch.zeros)((n, d), **f)
+        if n:
+            _bwd_dh_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+                hidden, weight, b_arg, targets, lse, g, grad_h, n, vocab, d, eps, **common)
+    if need_w or need_b:
+        gw = (torch.empty if single_d and n else torch.zeros)((vocab, d), **f)
+        gb = torch.zeros(vocab, **f) if need_b else gw
+        if n:
+            _bwd_dw_kernel[(triton.cdiv(vocab, cfg["BLOCK_V"]),)](
+                hidden, weight, b_arg, targets, lse, g, gw, gb, n, vocab, d, eps,
+                GRAD_B=need_b, **common)
+        grad_w = gw if need_w else None
+        grad_b = gb if need_b else None
+    return grad_h, grad_w, grad_b
 
 
 def triton_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                        bias: torch.Tensor | None = None, *, with_stats: bool = False,
-                       grad_filter_eps: float = 0.0, blocks: dict | None = None):
+                       grad_filter_eps: float = 0.0, blocks: dict | None = None,
+                       bwd: str = "auto"):
     """(logps, entropy, mean_logit, log_sum_p2) [N] fp32 from the Triton kernels; the stats are
-    None unless ``with_stats``. ``blocks`` overrides BLOCK_N / BLOCK_V / BLOCK_D / num_warps."""
+    None unless ``with_stats``. ``blocks`` overrides BLOCK_N / BLOCK_V / BLOCK_D / num_warps /
+    num_stages (and CHUNK_V, the gemm backward's chunk width). ``bwd``: "auto" (gemm, or fused
+    when gradient filtering is on), "gemm" or "fused" (module docstring)."""
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be [N, d] and targets [N]; got {tuple(hidden.shape)}, "
                          f"{tuple(targets.shape)}")
+    if bwd not in BWD_MODES:
+        raise ValueError(f"bwd must be one of {BWD_MODES}; got {bwd!r}")
+    if bwd == "gemm" and grad_filter_eps > 0:
+        raise ValueError("gradient filtering needs bwd='fused' (the gemm backward has no tile skips)")
     if not hidden.is_cuda and not _interpreting():
         raise RuntimeError("the Triton head needs CUDA tensors, or TRITON_INTERPRET=1 set before "
                            "triton is imported (CPU, for tests)")
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         return TritonTokenLogps.apply(hidden, weight, bias, targets, bool(with_stats),
-                                      float(grad_filter_eps), blocks)
+                                      float(grad_filter_eps), blocks, bwd)

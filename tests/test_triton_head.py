@@ -18,7 +18,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCKS = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16)
+# CHUNK_V=64: the gemm backward walks V=100 in two chunks (the second ragged)
+BLOCKS = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, CHUNK_V=64)
 
 # name -> (n, d, v, bias, dtype, with_stats, grad_filter_eps, frozen_weight)
 CASES = {
@@ -30,7 +31,11 @@ CASES = {
     "bf16_multi_d_bias": (24, 40, 100, True, "bfloat16", False, 0.0, False),
     "fp16_single_d": (24, 16, 100, False, "float16", True, 0.0, False),
     "fp32_filter_on_plain_inputs": (24, 40, 100, True, "float32", False, 2.0 ** -12, False),
+    "fp32_single_d_bias_fused": (24, 16, 100, True, "float32", False, 0.0, False),
+    "fp32_multi_d_bias_fused": (24, 40, 100, True, "float32", False, 0.0, False),
+    "bf16_multi_d_fused": (24, 40, 100, False, "bfloat16", False, 0.0, False),
 }
+# cases that run the fused backward kernels; the others the default (gemm, or fused when filtering)
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
 
 
@@ -51,8 +56,9 @@ def run_case(name: str, device: str) -> dict:
     b = torch.randn(v, generator=g).to(device, dt).requires_grad_() if bias else None
     t = torch.randint(0, v, (n,), generator=g).to(device)
     up = torch.randn(n, generator=g).to(device)
+    bwd = "fused" if name.endswith("_fused") else "auto"
     lp, ent, mean, p2 = triton_token_logps(h, w, t, b, with_stats=stats, grad_filter_eps=eps,
-                                           blocks=BLOCKS)
+                                           blocks=BLOCKS, bwd=bwd)
     params = [x for x in (h, w, b) if x is not None and x.requires_grad]
     grads = torch.autograd.grad((lp * up).sum(), params)
     ref_in = [None if x is None else x.detach().double().requires_grad_(x.requires_grad)
@@ -95,7 +101,8 @@ def run_filter_case(device: str) -> dict:
     up = torch.randn(n, generator=g).to(device)
     res = {}
     for eps in (0.0, 2.0 ** -12):
-        lp = triton_token_logps(h, w, t, b, grad_filter_eps=eps, blocks=BLOCKS)[0]
+        # fused both times, so the kept tiles must match bit for bit
+        lp = triton_token_logps(h, w, t, b, grad_filter_eps=eps, blocks=BLOCKS, bwd="fused")[0]
         res[eps] = torch.autograd.grad((lp * up).sum(), [h, w, b])
     ins = [x.detach().double().requires_grad_() for x in (h, w, b)]
     ref = torch.autograd.grad((naive_token_logps(*ins[:2], t, ins[2]) * up.double()).sum(), ins)
@@ -199,6 +206,40 @@ def test_cuda_default_blocks_match_torch_path(dtype):
     assert _rel(a.log_sum_p2, b.log_sum_p2.double()) < tol
     for x, y in zip(ga, gb):
         assert _rel(x, y.double()) < tol
+
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_model_sequence_logps_auto_matches_torch_backend():
+    """A real (tiny Llama) model under bf16 autocast on CUDA, padded and packed: the default
+    backend (Triton) gives the torch path's sequence log-probs and parameter gradients."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dpo_engine import forward
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=5000, hidden_size=128, intermediate_size=256,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2)).cuda()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 5000, (int(n),), generator=g).tolist() for n in (5, 9, 3, 12)]
+    comps = [torch.randint(0, 5000, (int(n),), generator=g).tolist() for n in (7, 4, 11, 6)]
+    for packed in (False, True):
+        batch = (forward.pack if packed else forward.collate)(prompts, comps, 0).to("cuda")
+        res = {}
+        for backend in ("auto", "torch"):
+            model.zero_grad()
+            forward.HEAD_BACKEND = backend
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = forward.sequence_logps(model, batch)
+            out["logps"].sum().backward()
+            res[backend] = (out["logps"].detach().double(),
+                            model.lm_head.weight.grad.double().clone(),
+                            model.model.layers[0].mlp.up_proj.weight.grad.double().clone())
+        forward.HEAD_BACKEND = "auto"
+        for a, b in zip(res["auto"], res["torch"]):
+            assert _rel(a, b) < 2e-2, (packed, _rel(a, b))
 
 
 if __name__ == "__main__":  # the interpreter subprocess: print all metrics as one JSON line
