@@ -286,6 +286,14 @@ class RegistryConfig(_Section):
     skip_unchanged: bool = Field(False, description="End the flow early ('skipped: nothing new') when "
                                  "the data fingerprint and config hash equal those tagged on the current "
                                  "champion version. The nightly schedule sets it; manual runs train.")
+    retry_timeout_s: float = Field(600.0, ge=0, description="How long MLflow writes keep retrying an "
+                                   "unreachable tracking store (connection refused, time-out, HTTP 5xx, locked "
+                                   "SQLite) before the stage fails with one line; registration waits this long "
+                                   "for the server to come back. Training never waits: its metrics are kept in "
+                                   "an outbox file and sent when the server answers. 0: one try.")
+    retry_backoff_s: float = Field(2.0, gt=0, description="First wait between MLflow retries; doubles after "
+                                   "each failure up to retry_max_backoff_s.")
+    retry_max_backoff_s: float = Field(60.0, gt=0, description="Longest wait between MLflow retries.")
 
 
 class TrackingConfig(_Section):

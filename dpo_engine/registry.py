@@ -10,18 +10,30 @@ A registered model is an MLflow ``transformers`` model (task ``text-generation``
 hold ``model/`` (config.json, generation_config.json, model.safetensors) and
 ``components/tokenizer/`` (tokenizer files and chat_template.jinja). ``download_hf_folder`` puts
 them back together as one Hugging Face folder; ``load_registered`` loads (model, tokenizer).
+
+An unreachable tracking server is survived, not fatal (RELIABILITY.md, drill 2): every write goes
+through :func:`call`, which retries transient failures (connection refused, time-outs, HTTP 5xx,
+a locked SQLite store) with exponential back-off for up to ``RetryPolicy.timeout_s`` and then
+raises a one-line :class:`TrackingUnavailable`. Training and evaluation write through an
+:class:`Outbox` instead: entries go to a JSONL file under ``state_home()/mlflow/outbox/`` first and
+are sent when the server answers (training never waits for it); registration sends what is still
+pending, waiting for the server under the policy, before it registers.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import os
 import shutil
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import unquote, urlparse
 
 import mlflow
@@ -55,6 +67,93 @@ def _client() -> MlflowClient:
     return MlflowClient()
 
 
+# ------------------------------------------------------------------------------------- retries
+
+@dataclass
+class RetryPolicy:
+    """How long writes keep trying an unreachable tracking store: ``timeout_s`` in all (0: one
+    try), waiting ``backoff_s`` after the first failure, doubling up to ``max_backoff_s``."""
+    timeout_s: float = 0.0
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+
+    @classmethod
+    def from_config(cls, registry_cfg) -> "RetryPolicy":
+        return cls(timeout_s=registry_cfg.retry_timeout_s, backoff_s=registry_cfg.retry_backoff_s,
+                   max_backoff_s=registry_cfg.retry_max_backoff_s)
+
+
+_policy = RetryPolicy()
+_TRANSIENT_TEXT = ("failed with exception", "failed with timeout exception", "connection refused",
+                   "connection aborted", "connection reset", "max retries exceeded",
+                   "database is locked", "temporarily unavailable", "remote end closed",
+                   "bad gateway", "service unavailable", "gateway timeout", "response code 5")
+_TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED", "REQUEST_LIMIT_EXCEEDED"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause chain) means "the tracking store did not answer" rather than
+    "the request is wrong": those are retried, the others raised at once."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "transient", False):
+            return True
+        if isinstance(exc, (ConnectionError, TimeoutError, urllib.error.URLError)):
+            return True
+        if type(exc).__module__.startswith(("requests", "urllib3")) and \
+                type(exc).__name__ in ("ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout",
+                                       "ProtocolError", "NewConnectionError", "MaxRetryError"):
+            return True
+        if isinstance(exc, MlflowException) and getattr(exc, "error_code", None) in _TRANSIENT_CODES:
+            return True
+        text = str(exc).lower()
+        if isinstance(exc, (MlflowException, OSError)) or type(exc).__name__ == "OperationalError":
+            if any(t in text for t in _TRANSIENT_TEXT):
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _redact(uri: str) -> str:
+    import re
+    return re.sub(r"//[^/@]*@", "//***@", uri)  # user:password in a URI is not printed
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for marker in ("Connection refused", "timed out", "Read timed out", "database is locked"):
+        if marker in text:
+            return marker
+    return text[:200]
+
+
+def call(what: str, fn: Callable, *args, policy: RetryPolicy | None = None,
+         log: Callable[[str], None] = print, **kwargs):
+    """``fn(*args, **kwargs)``, retried with exponential back-off while the tracking store is
+    unreachable, for up to ``policy.timeout_s`` (default: the policy given to :func:`connect`).
+    Then a one-line :class:`TrackingUnavailable` naming ``what``. Other errors raise at once."""
+    policy = policy or _policy
+    t0 = time.monotonic()
+    wait, attempt = policy.backoff_s, 1
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - classified below
+            if not is_transient(e):
+                raise
+            spent = time.monotonic() - t0
+            left = policy.timeout_s - spent
+            if left <= 0:
+                raise TrackingUnavailable(
+                    f"MLflow tracking store {_redact(mlflow.get_tracking_uri())} unavailable: {what} failed "
+                    f"{attempt} time(s) over {spent:.0f}s ({_reason(e)})") from None
+            pause = min(wait, left)
+            log(f"MLflow unavailable ({what}: {_reason(e)}); try {attempt + 1} in {pause:.1f}s")
+            time.sleep(pause)
+            wait, attempt = min(wait * 2, policy.max_backoff_s), attempt + 1
+
+
 def _unavailable(uri: str, reason: Any) -> TrackingUnavailable:
     reason = " ".join(str(reason).split()) or type(reason).__name__
     return TrackingUnavailable(f"cannot reach MLflow tracking server at {uri}: {reason}; "
@@ -72,21 +171,41 @@ def _is_local_store(uri: str) -> bool:
     return urlparse(uri).scheme in ("sqlite", "file", "")
 
 
+def _retried(what: str):
+    """Decorator: the function's MLflow calls go through :func:`call` (whole function retried)."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return call(what, fn, *args, **kwargs)
+        return wrapper
+    return deco
+
+
 # ----------------------------------------------------------------------------------------- connect
 
-def connect(tracking_uri: str, timeout: float = 3.0) -> None:
-    """Point MLflow tracking and registry at ``tracking_uri``; fail fast if it cannot be used."""
+HTTP_DEFAULTS = {  # MLflow's own HTTP retries (7, backoff 2: minutes per call) off: call() retries
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def connect(tracking_uri: str, timeout: float = 3.0, retry: RetryPolicy | None = None,
+            wait: bool = False, check: bool = True) -> None:
+    """Point MLflow tracking and registry at ``tracking_uri``; fail fast if it cannot be used
+    (``wait``: keep checking under ``retry`` first; ``check=False``: no check, for writers that
+    go through an :class:`Outbox`). ``retry`` becomes the policy of later writes (default: one try).
+    For an HTTP server MLflow's own per-request retries are turned off unless set in the
+    environment (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``)."""
+    global _policy
+    _policy = retry or RetryPolicy()
     scheme = urlparse(tracking_uri).scheme
     if scheme in ("http", "https"):
-        url = tracking_uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                if resp.status >= 400:
-                    raise _unavailable(tracking_uri, f"GET /health returned HTTP {resp.status}")
-        except urllib.error.HTTPError as e:
-            raise _unavailable(tracking_uri, f"GET /health returned HTTP {e.code}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise _unavailable(tracking_uri, getattr(e, "reason", e)) from None
+        for k, v in HTTP_DEFAULTS.items():
+            os.environ.setdefault(k, v)
+        if not check:
+            pass
+        elif wait:
+            call("health check", _check_health, tracking_uri, timeout, policy=retry or _policy)
+        else:
+            _check_health(tracking_uri, timeout)
     elif (db := _sqlite_path(tracking_uri)) is not None:
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -97,8 +216,27 @@ def connect(tracking_uri: str, timeout: float = 3.0) -> None:
     mlflow.set_registry_uri(tracking_uri)
 
 
+def _check_health(tracking_uri: str, timeout: float) -> None:
+    """GET <server>/health; a TrackingUnavailable marked ``transient`` when it does not answer."""
+    url = tracking_uri.rstrip("/") + "/health"
+    status, reason = None, None
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            status = resp.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+    if reason is None and status is not None and status < 400:
+        return
+    err = _unavailable(tracking_uri, reason if reason is not None else f"GET /health returned HTTP {status}")
+    err.transient = reason is not None or status >= 500
+    raise err
+
+
 # ------------------------------------------------------------------------------------ experiments
 
+@_retried("create experiment")
 def ensure_experiment(name: str) -> str:
     """Experiment id of ``name``, created (or restored) if needed."""
     client = _client()
@@ -120,6 +258,7 @@ def ensure_experiment(name: str) -> str:
     return exp.experiment_id
 
 
+@_retried("start run")
 def start_run(experiment: str, run_name: str, tags: dict | None = None,
               run_id: str | None = None) -> str:
     """Create a run (or re-open ``run_id``) and return its id. It is not made the active run."""
@@ -137,6 +276,7 @@ def start_run(experiment: str, run_name: str, tags: dict | None = None,
     return run.info.run_id
 
 
+@_retried("end run")
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     _client().set_terminated(run_id, status=status)
 
@@ -155,6 +295,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@_retried("log params")
 def log_params(run_id: str, params: dict) -> None:
     """Log (nested) params. Keys already logged with the same value are skipped; a different
     value for an existing key raises ValueError (MLflow params are immutable)."""
@@ -174,6 +315,7 @@ def log_params(run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=new[i:i + BATCH])
 
 
+@_retried("log metrics")
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
     """Log metrics in one batch; names are kept as given (``rewards/margins``). None is skipped."""
     ts = int(time.time() * 1000)
@@ -182,12 +324,14 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None)
         _client().log_batch(run_id, metrics=items[i:i + 1000])
 
 
+@_retried("set tags")
 def set_tags(run_id: str, tags: dict) -> None:
     items = [RunTag(k, str(v)[:MAX_TAG_LEN]) for k, v in tags.items()]
     for i in range(0, len(items), BATCH):
         _client().log_batch(run_id, tags=items[i:i + BATCH])
 
 
+@_retried("log artifact")
 def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     """Log a file, or every file of a folder, under ``artifact_path``."""
     path = Path(path)
@@ -197,14 +341,144 @@ def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None
         _client().log_artifact(run_id, str(path), artifact_path)
 
 
+@_retried("log dict")
 def log_dict(run_id: str, dictionary: dict, filename: str) -> None:
     """Write ``dictionary`` as JSON/YAML (by ``filename``'s suffix) into the run's artifacts."""
     _client().log_dict(run_id, dictionary, filename)
 
 
+@_retried("log table")
 def log_table(run_id: str, table, artifact_file: str) -> None:
     """Log a DataFrame as an MLflow table (shown in the UI's artifact view and Evaluation tab)."""
     _client().log_table(run_id, data=table, artifact_file=artifact_file)
+
+
+class Outbox:
+    """Writes to one MLflow run that must not be lost while the tracking store is unreachable.
+
+    Each entry (a metrics batch with its step and time stamp, an artifact file, a table) is first
+    appended to ``state_home()/mlflow/outbox/<run_id>.jsonl``, then everything pending is sent. When
+    the store does not answer, the entries stay in the file (surviving a crash too) and sending is
+    tried again after a back-off (``RetryPolicy.backoff_s`` doubling to ``max_backoff_s``) on a
+    later entry, or by :meth:`send` with ``wait=True`` (registration does that). Metrics are resent
+    with their original time stamps, which MLflow stores once, so a resend after a partial send
+    adds nothing; sent entries leave the file as they are confirmed.
+    """
+
+    def __init__(self, run_id: str, folder: Path | None = None, log: Callable[[str], None] = print):
+        self.run_id = run_id
+        self.path = Path(folder or state_home() / "mlflow" / "outbox") / f"{run_id}.jsonl"
+        self.log = log
+        self._next_try = 0.0
+        self._wait: float | None = None
+
+    # -- queueing
+    def _append(self, entry: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell():  # a crash mid-line must not swallow this entry
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
+            fh.write(json.dumps(entry).encode() + b"\n")
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> bool:
+        items = {k: float(v) for k, v in metrics.items() if v is not None}
+        if items:
+            self._append({"metrics": items, "step": step or 0, "ts": int(time.time() * 1000)})
+        return self.send()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> bool:
+        self._append({"artifact": str(Path(path).resolve()), "artifact_path": artifact_path})
+        return self.send()
+
+    def log_table(self, jsonl: str | Path, artifact_file: str) -> bool:
+        """The JSONL file ``jsonl`` (one row per line) as an MLflow table."""
+        self._append({"table": str(Path(jsonl).resolve()), "artifact_file": artifact_file})
+        return self.send()
+
+    def pending(self) -> list[dict]:
+        """Entries not yet confirmed sent (a line cut short by a crash is reported and skipped)."""
+        try:
+            lines = self.path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                self.log(f"outbox {self.path}: line {i + 1} was cut short by a crash; skipped")
+        return out
+
+    # -- sending
+    def _keep(self, entries: list[dict]) -> None:
+        if not entries:
+            self.path.unlink(missing_ok=True)
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
+        os.replace(tmp, self.path)
+
+    def _send_once(self) -> None:
+        entries = self.pending()
+        client = _client()
+        done = 0
+        while done < len(entries):
+            e = entries[done]
+            if "metrics" in e:
+                batch, n = [], 0
+                while done + n < len(entries) and "metrics" in entries[done + n] and len(batch) < 900:
+                    m = entries[done + n]
+                    batch += [Metric(k, v, m["ts"], m["step"]) for k, v in m["metrics"].items()]
+                    n += 1
+                client.log_batch(self.run_id, metrics=batch)
+            else:
+                n = 1
+                if "artifact" in e:
+                    if Path(e["artifact"]).is_dir():
+                        client.log_artifacts(self.run_id, e["artifact"], e.get("artifact_path"))
+                    else:
+                        client.log_artifact(self.run_id, e["artifact"], e.get("artifact_path"))
+                elif "table" in e:
+                    import pandas as pd
+                    client.log_table(self.run_id, data=pd.read_json(e["table"], lines=True),
+                                     artifact_file=e["artifact_file"])
+            done += n
+            self._keep(entries[done:])
+
+    def send(self, wait: bool = False, policy: RetryPolicy | None = None) -> bool:
+        """Send what is pending. ``wait=False``: one try (none while backing off); an unreachable
+        store returns False and keeps the entries. ``wait=True``: retried under ``policy``
+        (default: the one given to :func:`connect`); TrackingUnavailable when it runs out."""
+        if not self.path.is_file():
+            return True
+        if wait:
+            call("send buffered metrics and artifacts", self._send_once, policy=policy, log=self.log)
+            self._wait = None
+            return True
+        if time.monotonic() < self._next_try:
+            return False
+        try:
+            self._send_once()
+        except Exception as e:  # noqa: BLE001
+            if not is_transient(e):
+                raise
+            policy = policy or _policy
+            if self._wait is None:
+                self.log(f"MLflow unavailable ({_reason(e)}); metrics kept in {self.path} and sent "
+                         "when it answers")
+            self._wait = policy.backoff_s if self._wait is None else min(self._wait * 2,
+                                                                         policy.max_backoff_s)
+            self._next_try = time.monotonic() + self._wait
+            return False
+        if self._wait is not None:
+            self.log(f"MLflow reachable again: buffered entries of run {self.run_id} sent")
+        self._wait = None
+        return True
 
 
 def metric_histories(run_id: str, names: list[str]) -> dict[str, list[tuple[int, float]]]:
@@ -292,7 +566,9 @@ def champion(model_name: str):
     """The model version holding alias ``champion`` (with its tags), or None."""
     try:
         return _client().get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:  # no such model or no champion yet
+    except MlflowException as e:  # no such model or no champion yet; an outage is not "no champion"
+        if is_transient(e):
+            raise
         return None
 
 
@@ -335,15 +611,20 @@ def _version_tags(run_id: str, metrics: dict[str, float], reasons: list[str],
     return out
 
 
+@_retried("register model")
 def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
                    metrics: dict[str, float], gate_thresholds: dict[str, float],
                    tags: dict[str, str] | None = None, beat_champion_metric: str | None = None,
-                   min_improvement: float = 0.0) -> dict:
+                   min_improvement: float = 0.0,
+                   on_step: Callable[[str], None] | None = None) -> dict:
     """Log the Hugging Face folder ``model_dir`` to the run, register it as a new version of
     ``model_name`` with alias ``challenger``, and make it ``champion`` when every gate metric
     is >= its threshold and, with ``beat_champion_metric``, it beats the current champion on that
     metric by at least ``min_improvement``. The version is tagged with ``tags``, the key eval
-    metrics (``metric.<name>``) and the gate's outcome. Idempotent per (model_name, run_id)."""
+    metrics (``metric.<name>``) and the gate's outcome. Idempotent per (model_name, run_id), so a
+    retry after an outage or a crash at any point leaves exactly one version. ``on_step(point)``
+    is called at ``model-logged``, ``version-created`` and ``aliases-set`` (crash drills)."""
+    on_step = on_step or (lambda point: None)
     client = _client()
     reasons = _gate(metrics, gate_thresholds)
     if beat_champion_metric:
@@ -355,6 +636,7 @@ def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
             raise FileNotFoundError(f"{model_dir} is not a Hugging Face model folder "
                                     "(no config.json)")
         model_uri, model_id = _log_hf_model(run_id, model_dir)
+        on_step("model-logged")
         try:
             client.create_registered_model(model_name)
         except MlflowException as e:
@@ -363,6 +645,7 @@ def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
         mv = client.create_model_version(model_name, source=model_uri, run_id=run_id,
                                          tags=_version_tags(run_id, metrics, reasons, tags),
                                          model_id=model_id)
+        on_step("version-created")
         newest = True
     else:  # already registered: only finish aliases if this is still the newest version
         latest = max(int(v.version) for v in client.search_model_versions(f"name = '{model_name}'"))
@@ -371,6 +654,7 @@ def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
         client.set_registered_model_alias(model_name, CHALLENGER, mv.version)
         if not reasons:
             client.set_registered_model_alias(model_name, CHAMPION, mv.version)
+        on_step("aliases-set")
     aliases = sorted(client.get_model_version(model_name, mv.version).aliases)
     champ = champion(model_name)
     return {"model_name": model_name, "version": int(mv.version),

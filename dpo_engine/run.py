@@ -8,15 +8,24 @@ import re
 from pathlib import Path
 
 from data_contracts.config import BUILTIN_DATASET, BUILTIN_MODEL, ConfigError, RunConfig, mlflow_uri, state_home
-from dpo_engine.stages.common import STAGES, write_json
+from dpo_engine.stages.common import STAGES, write_json, write_text
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
     name = cfg.run_name or (dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
                             + "-" + cfg.section_hash("data", "model", "loss", "train")[:6])
     run_dir = state_home() / "runs" / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if cfg.run_name:  # named: a re-run continues in the same folder (training resumes there)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:  # two runs started in the same second get a folder each
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(2, 1000):
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                run_dir = run_dir.with_name(f"{name}-{n}")
+    write_text(run_dir / "config.yaml", cfg.to_yaml())
     return run_dir
 
 

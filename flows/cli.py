@@ -27,12 +27,17 @@ def default_config_path() -> str | None:
 
 
 def _cfg(args):
-    return load_config(args.config, args.set)
+    config = args.config
+    if config is None:  # a stage command: the run folder's own config, else the default
+        run_config = Path(args.run_dir) / "config.yaml" if getattr(args, "run_dir", None) else None
+        config = str(run_config) if run_config and run_config.is_file() else default_config_path()
+    return load_config(config, args.set)
 
 
 def _add_config_args(p: argparse.ArgumentParser, with_run_dir: bool = False) -> None:
-    p.add_argument("--config", "-c", default=default_config_path(),
-                   help="run config YAML (default: configs/default.yaml of this checkout)")
+    p.add_argument("--config", "-c", default=None if with_run_dir else default_config_path(),
+                   help="run config YAML (default: " + ("the run folder's config.yaml, else " if with_run_dir
+                                                        else "") + "configs/default.yaml of this checkout)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one config field, e.g. --set train.learning_rate=1e-6 (repeatable)")
     if with_run_dir:

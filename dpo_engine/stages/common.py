@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -18,11 +19,36 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def write_json(path: Path, obj) -> None:
+KILL_ENV = "DPO_TEST_KILL_AT"  # crash drills: "<stage>:<point>" SIGKILLs the process at that point
+
+
+def crash_point(stage: str, point: str) -> None:
+    """A named point inside a stage where the crash drill (tests/test_reliability_crash.py) can
+    SIGKILL the process: set ``DPO_TEST_KILL_AT=<stage>:<point>``. The whole process group dies when
+    this process leads one (a preempted machine: Prefect's temporary server goes too). No-op
+    otherwise."""
+    if os.environ.get(KILL_ENV) != f"{stage}:{point}":
+        return
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def atomic_path(path: Path) -> Path:
+    """A temporary sibling of ``path`` to write to and then ``os.replace`` onto it: readers see
+    the previous complete file or the new complete file, never a half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = atomic_path(path)
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def source_fingerprint(source: str | None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +15,8 @@ from dpo_engine import plots, registry
 from dpo_engine.evaluation import generate, judge_table, load_judge, preference_metrics, sample_kl
 from dpo_engine.models import load_model, load_tokenizer, pick_device
 from dpo_engine.refcache import read_cache
-from dpo_engine.stages.common import Timer, fingerprint, read_valid, record, reused, write_json
+from dpo_engine.stages.common import (Timer, atomic_path, crash_point, fingerprint, read_valid, record,
+                                      reused, write_json)
 
 STAGE = "evaluate"
 
@@ -27,9 +29,14 @@ def _plots(out: Path, trained: dict, table: pd.DataFrame, metrics: dict) -> list
     """Training curves (from the train stage's history.json) and judged eval scores, as PNGs."""
     history_file = Path(trained.get("history") or Path(trained["run_dir"]) / "train" / "history.json")
     history = json.loads(history_file.read_text()) if history_file.is_file() else []
-    made = [plots.training_curves(history, out / "training_curves.png"),
-            plots.eval_scores(table, metrics, out / "eval_scores.png")]
-    return [p for p in made if p is not None]
+    made = []
+    for name, draw in (("training_curves.png", lambda p: plots.training_curves(history, p)),
+                       ("eval_scores.png", lambda p: plots.eval_scores(table, metrics, p))):
+        tmp = atomic_path(out / name)  # written whole, then renamed
+        if draw(tmp) is not None:
+            os.replace(tmp, out / name)
+            made.append(out / name)
+    return made
 
 
 def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, trained: dict) -> dict:
@@ -73,18 +80,26 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, train
             del reference
         del policy
         gc.collect()
+    crash_point(STAGE, "computed")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "metrics.json", metrics)
-    table.to_json(out / "samples.jsonl", orient="records", lines=True, force_ascii=False)
+    tmp = atomic_path(out / "samples.jsonl")
+    table.to_json(tmp, orient="records", lines=True, force_ascii=False)
+    os.replace(tmp, out / "samples.jsonl")
     pngs = _plots(out, trained, table, metrics)
+    write_json(out / "metrics.json", metrics)
+    crash_point(STAGE, "written")
 
+    # through the run's outbox: an unreachable MLflow does not stop evaluation; what it could not
+    # take is sent by the register stage, which waits for the server
     run_id = trained["mlflow_run_id"]
-    registry.connect(mlflow_uri(cfg))
-    registry.log_metrics(run_id, metrics)
+    registry.connect(mlflow_uri(cfg), retry=registry.RetryPolicy.from_config(cfg.registry), check=False)
+    outbox = registry.Outbox(run_id)
+    outbox.log_metrics(metrics)
     for f in [out / "samples.jsonl", out / "metrics.json", *pngs]:
-        registry.log_artifact(run_id, f, "evaluation")
+        outbox.log_artifact(f, "evaluation")
     if not table.empty:
-        registry.log_table(run_id, table, "evaluation/samples_table.json")
+        outbox.log_table(out / "samples.jsonl", "evaluation/samples_table.json")
+    crash_point(STAGE, "logged")
 
     summary = (f"evaluate: eval accuracy {metrics['eval/rewards/accuracies']:.2f}, "
                f"margin {metrics['eval/rewards/margins']:.3f}")

@@ -18,9 +18,14 @@ from tqdm.auto import tqdm
 from data_contracts.config import RunConfig, state_home
 from dpo_engine.models import load_model, load_tokenizer, pick_device
 from dpo_engine.refcache import ENGINE_VERSION, cached_reference_logps, compute_reference_logps
-from dpo_engine.stages.common import Timer, fingerprint, read_valid, record, reused, write_json
+from dpo_engine.stages.common import Timer, crash_point, fingerprint, read_valid, record, reused, write_json
 
 STAGE = "precompute"
+
+
+def _computed(logps, split: str):
+    crash_point(STAGE, f"{split}-computed")  # crash drill: computed, its cache shard not yet written
+    return logps
 
 
 def cache_key(cfg: RunConfig, validated: dict, split: str) -> str:
@@ -73,8 +78,9 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict) -> dict:
                     "max_length": cfg.data.max_length, "truncation_mode": cfg.data.truncation_mode,
                     "dtype": cfg.model.dtype, "ld_alpha": cfg.loss.ld_alpha, "engine": ENGINE_VERSION}
             _, stats = cached_reference_logps(state_home() / "cache" / "reference", ck, rows, meta,
-                                              lambda part, s=split: compute(part, s))
+                                              lambda part, s=split: _computed(compute(part, s), s))
             result[f"{split}_ref"], result[f"{split}_ref_key"] = stats["path"], ck
+            crash_point(STAGE, f"{split}-cached")
             computed += stats["computed_examples"]
             tokens += int(2 * rows["prompt_len"].sum() + rows["chosen_len"].sum() + rows["rejected_len"].sum())
         del model
@@ -91,4 +97,5 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict) -> dict:
                     f"({how}) in {t.seconds:.1f}s"),
     })
     write_json(out / "reference_cache.json", {s: result[f"{s}_ref"] for s in splits(cfg)})
+    crash_point(STAGE, "before-record")
     return record(STAGE, fp, result)

@@ -7,7 +7,7 @@ from pathlib import Path
 from data_contracts.config import RunConfig, mlflow_uri
 from dpo_engine import registry
 from dpo_engine.stages import validate
-from dpo_engine.stages.common import Timer, code_version, fingerprint, record
+from dpo_engine.stages.common import Timer, code_version, crash_point, fingerprint, record
 
 STAGE = "register"
 
@@ -40,17 +40,29 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, trained: dict, evaluated
                 "metrics": {}, "summary": "register: skipped (registry.enabled is false)"}
     # no index reuse here: register_model itself is idempotent (one version per MLflow run)
     metrics = {**trained.get("metrics", {}), **evaluated.get("metrics", {})}
+    run_id = trained["mlflow_run_id"]
     with Timer() as t:
-        registry.connect(mlflow_uri(cfg))
-        tags = version_tags(cfg, run_dir, validated)
-        if tags["code_version"]:
-            registry.set_tags(trained["mlflow_run_id"], {"mlflow.source.git.commit": tags["code_version"]})
-        gate = cfg.registry.gate
-        info = registry.register_model(
-            trained["mlflow_run_id"], trained["model_dir"], cfg.registry.model_name,
-            metrics=metrics, gate_thresholds=gate.thresholds, tags=tags,
-            beat_champion_metric=gate.beat_champion_metric, min_improvement=gate.min_improvement)
-        registry.end_run(trained["mlflow_run_id"])
+        try:
+            # an unreachable server is waited for (registry.retry_*), then everything training and
+            # evaluation could not send goes first, then the one version of this run
+            registry.connect(mlflow_uri(cfg), retry=registry.RetryPolicy.from_config(cfg.registry),
+                             wait=True)
+            registry.Outbox(run_id).send(wait=True)
+            crash_point(STAGE, "outbox-sent")
+            tags = version_tags(cfg, run_dir, validated)
+            if tags["code_version"]:
+                registry.set_tags(run_id, {"mlflow.source.git.commit": tags["code_version"]})
+            gate = cfg.registry.gate
+            info = registry.register_model(
+                run_id, trained["model_dir"], cfg.registry.model_name,
+                metrics=metrics, gate_thresholds=gate.thresholds, tags=tags,
+                beat_champion_metric=gate.beat_champion_metric, min_improvement=gate.min_improvement,
+                on_step=lambda point: crash_point(STAGE, point))
+            registry.end_run(run_id)
+        except registry.TrackingUnavailable as e:
+            raise registry.TrackingUnavailable(
+                f"{e}; the trained model stays at {trained['model_dir']}: register it later with "
+                f"`dpo register --run-dir {run_dir}`") from None
     gate = "passed: champion" if info["gate_passed"] else "not passed: " + "; ".join(info["gate_reasons"])
     if not info["gate_passed"] and info["champion_version"]:
         gate += f"; champion stays version {info['champion_version']}"
@@ -60,4 +72,5 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, trained: dict, evaluated
         "summary": (f"register: {info['model_name']} version {info['version']} "
                     f"(aliases {', '.join(info['aliases'])}; gate {gate}) in {t.seconds:.1f}s"),
     }
+    crash_point(STAGE, "before-record")
     return record(STAGE, fp, result)

@@ -14,7 +14,8 @@ from dpo_engine import registry
 from dpo_engine.adapters import apply_adapter, check_config, export_model
 from dpo_engine.models import load_model, load_tokenizer, model_fingerprint, pick_device
 from dpo_engine.refcache import read_cache
-from dpo_engine.stages.common import Timer, fingerprint, record, reused, source_fingerprint, write_json
+from dpo_engine.stages.common import (Timer, crash_point, fingerprint, record, reused, source_fingerprint,
+                                      write_json, write_text)
 from dpo_engine.evaluation import preference_metrics
 from dpo_engine.trainer import check_optim, total_steps, train
 
@@ -42,16 +43,22 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
                    expect_key=precomputed["train_ref_key"])
     tok = load_tokenizer(cfg.model, validated["model_path"])
 
-    registry.connect(mlflow_uri(cfg))
+    registry.connect(mlflow_uri(cfg), retry=registry.RetryPolicy.from_config(cfg.registry))
     id_file = out / "mlflow_run_id"  # a retried/resumed training logs into the same MLflow run
     run_id = registry.start_run(cfg.registry.experiment, Path(run_dir).name,
                                 tags={"dpo.fingerprint": fp, "dpo.run_dir": str(run_dir),
                                       "dpo.base_model": cfg.model.name_or_path},
                                 run_id=id_file.read_text().strip() if id_file.is_file() else None)
     out.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run_id)
+    write_text(id_file, run_id)
+    crash_point(STAGE, "mlflow-run")
     registry.log_params(run_id, cfg.model_dump(mode="json"))
-    registry.log_metrics(run_id, validated.get("metrics", {}))
+    outbox = registry.Outbox(run_id)  # metrics kept on disk while MLflow is away, sent when it is back
+    outbox.log_metrics(validated.get("metrics", {}))
+
+    def log_step(m, s):
+        outbox.log_metrics(m, step=s)
+        crash_point(STAGE, f"step-{s}")
 
     with Timer() as t:
         model = load_model(cfg.model, validated["model_path"], device)
@@ -67,12 +74,13 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
 
             res = train(model, pairs, ref, loss_cfg=cfg.loss, cfg=cfg.train, pad_id=tok.pad_token_id,
                         out_dir=out, device=device, progress=on_step,
-                        log_fn=lambda m, s: registry.log_metrics(run_id, m, step=s),
+                        log_fn=log_step,
                         evaluate_fn=evaluate_fn)
         model_dir = export_model(model, tok, out / "model", cfg.peft.export if cfg.peft.enabled else "merged",
                                  base_model_path=validated["model_path"])
         del model
         gc.collect()
+    crash_point(STAGE, "exported")
     write_json(out / "history.json", res.history)
     final = {k: v for k, v in res.final.items() if k != "step"}
     result = {

@@ -9,7 +9,7 @@ from data_contracts.sources import load_rows, resolve_source
 from data_contracts.validate import split_rows, validate_split
 from dpo_engine.models import (load_tokenizer, model_fingerprint, resolve_model_path,
                                tokenizer_fingerprint)
-from dpo_engine.stages.common import Timer, fingerprint, record, reused, source_fingerprint
+from dpo_engine.stages.common import Timer, crash_point, fingerprint, record, reused, source_fingerprint
 
 STAGE = "validate"
 
@@ -53,6 +53,9 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         reports = {
             "train": validate_split(train_src, out / "train", tok, cfg.data, split="train",
                                     limit=cfg.data.train_limit, holdout=split("train")),
+        }
+        crash_point(STAGE, "train-written")  # crash drill: train split written, eval not yet
+        reports |= {
             "eval": validate_split(eval_src or train_src, out / "eval", tok, cfg.data, split="eval",
                                    limit=cfg.data.eval_limit, holdout=split("eval")),
         }
@@ -75,4 +78,5 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
                     f"eval {ev['valid']}/{ev['rows_in']} valid ({ev['rejected']} rejected) "
                     f"in {t.seconds:.1f}s"),
     }
+    crash_point(STAGE, "before-record")
     return record(STAGE, fp, result)

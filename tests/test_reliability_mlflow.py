@@ -1,0 +1,199 @@
+"""Drill 2 (RELIABILITY.md): the MLflow tracking server goes away mid-run.
+
+A real ``mlflow server`` (127.0.0.1, free port, SQLite backend and artifact folder in the test's
+temporary folder) is started by the test and killed at training step 2. Training goes on (its
+metrics wait in the run's outbox file), evaluation goes on, registration waits with back-off; the
+server comes back and the run ends with every step metric in MLflow and exactly one model version.
+If it never comes back, the run fails with one line and the trained model stays on disk, and
+`dpo register --run-dir` registers it later.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tiny import tiny_model_dir
+
+STEPS = 6
+DOWN_AT_STEP = 2
+
+
+class MlflowServer:
+    def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 90) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["HOME"] = str(self.root)  # nothing of the server's lands in the real $HOME
+        log = open(self.root / f"server-{self.starts}.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.starts += 1
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            assert self.proc.poll() is None, (self.root / f"server-{self.starts - 1}.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("mlflow server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = MlflowServer(tmp_path / "mlflow-server")
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return tiny_model_dir(tmp_path / "tiny-model")
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    # what registry.connect sets for an HTTP store, undone after the test
+    for k, v in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+        monkeypatch.setenv(k, v)
+    import prefect.settings as ps
+
+    # a loaded 2-core machine can take longer than Prefect's 20 s to start its temporary server
+    with ps.temporary_settings(updates={ps.PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
+        yield
+
+
+def _overrides(model_dir, uri, retry_s):
+    return {"model.name_or_path": str(model_dir), "data.train_limit": 12, "data.eval_limit": 6,
+            "data.max_length": 256, "train.per_device_train_batch_size": 2, "train.max_steps": STEPS,
+            "train.learning_rate": 1e-3, "train.save_steps": 2, "eval.num_prompts": 3,
+            "eval.max_new_tokens": 4, "eval.batch_size": 4, "reference.batch_size": 8,
+            "registry.model_name": "tiny-outage", "registry.gate.thresholds": {},
+            "tracking.mlflow_tracking_uri": uri, "registry.retry_timeout_s": retry_s,
+            "registry.retry_backoff_s": 0.5, "registry.retry_max_backoff_s": 2.0}
+
+
+def _down_during_training(monkeypatch, server):
+    """Kill the server just before step DOWN_AT_STEP's metrics are logged; record the steps."""
+    from dpo_engine.stages import train as train_stage
+
+    real, seen = train_stage.train, []
+
+    def wrapped(*args, log_fn, **kwargs):
+        def log(metrics, step):
+            if step == DOWN_AT_STEP:
+                server.stop()
+            seen.append(step)
+            log_fn(metrics, step)
+        return real(*args, log_fn=log, **kwargs)
+
+    monkeypatch.setattr(train_stage, "train", wrapped)
+    return seen
+
+
+def _check_store(uri: str, run_id: str) -> None:
+    """All step metrics and the evaluation in MLflow, exactly one model version, nothing pending."""
+    from mlflow import MlflowClient
+
+    from dpo_engine import registry
+
+    registry.connect(uri)
+    client = MlflowClient()
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+    assert steps == list(range(1, STEPS + 1)), steps
+    metrics = client.get_run(run_id).data.metrics
+    assert "eval/rewards/accuracies" in metrics and "data/train_pairs" in metrics
+    arts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert "evaluation/metrics.json" in arts and "evaluation/samples.jsonl" in arts
+    versions = client.search_model_versions("name = 'tiny-outage'")
+    assert [int(v.version) for v in versions] == [1] and versions[0].run_id == run_id
+    assert sorted(client.get_model_version("tiny-outage", "1").aliases) == ["challenger", "champion"]
+    assert registry.Outbox(run_id).pending() == []
+
+
+def test_server_down_in_training_and_registration_then_back(dpo_home, tiny, server, monkeypatch):
+    from dpo_engine import registry
+    from dpo_engine.stages import register as register_stage
+    from flows.dpo import dpo
+
+    seen = _down_during_training(monkeypatch, server)
+    real_register, at_register = register_stage.run, {}
+
+    def register(cfg, run_dir, validated, trained, evaluated):
+        at_register["pending"] = registry.Outbox(trained["mlflow_run_id"]).pending()
+        assert server.proc.poll() is not None  # still down when registration starts
+        threading.Timer(1.0, server.start).start()  # back while registration is retrying
+        return real_register(cfg, run_dir, validated, trained, evaluated)
+
+    monkeypatch.setattr(register_stage, "run", register)
+    t0 = time.time()
+    summary = dpo(overrides=_overrides(tiny, server.uri, retry_s=120), run_name="outage")
+    assert summary["status"] == "completed", summary
+    assert seen == list(range(1, STEPS + 1))  # training went on while the server was down
+    # buffered, not lost: the steps from the outage on, and evaluation's metrics and files
+    pending = at_register["pending"]
+    buffered_steps = sorted(e["step"] for e in pending if "metrics" in e and "loss" in e["metrics"])
+    assert buffered_steps == list(range(DOWN_AT_STEP, STEPS + 1))
+    assert any("artifact" in e for e in pending) and any("table" in e for e in pending)
+    assert server.starts == 2 and summary["registered_version"] == 1
+    _check_store(server.uri, summary["mlflow_run_id"])
+    print(f"outage drill: {time.time() - t0:.1f}s")
+
+
+def test_server_never_back_fails_in_one_line_then_dpo_register(dpo_home, tiny, server, monkeypatch,
+                                                               capsys):
+    from data_contracts.errors import user_error
+    from flows.cli import main
+    from flows.dpo import dpo
+
+    _down_during_training(monkeypatch, server)
+    with pytest.raises(Exception) as info:
+        dpo(overrides=_overrides(tiny, server.uri, retry_s=3), run_name="never-back")
+    err = user_error(info.value)
+    assert type(err).__name__ == "TrackingUnavailable", info.value
+    message = str(err)
+    run_dir = dpo_home / "runs" / "never-back"
+    assert "\n" not in message and "unavailable" in message
+    assert f"dpo register --run-dir {run_dir}" in message
+    model_dir = run_dir / "train" / "model"
+    assert str(model_dir) in message and (model_dir / "model.safetensors").is_file()
+
+    # the CLI says the same in one line (exit 1)
+    capsys.readouterr()
+    assert main(["register", "--run-dir", str(run_dir)]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.strip() and not line.startswith("MLflow unavailable")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "dpo register" in lines[0], lines
+
+    server.start()
+    assert main(["register", "--run-dir", str(run_dir)]) == 0  # config: the run folder's config.yaml
+    assert main(["register", "--run-dir", str(run_dir)]) == 0  # again: still one version
+    from dpo_engine.stages.common import load_result
+    _check_store(server.uri, load_result(run_dir, "train")["mlflow_run_id"])
