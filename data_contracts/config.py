@@ -99,11 +99,40 @@ class ModelConfig(_Section):
 
 
 class ReferenceConfig(_Section):
-    source: Literal["precomputed", "adapter_disabled"] = Field(
-        "precomputed", description="precomputed: a cached pass of the base model before training; "
-        "adapter_disabled (needs peft.enabled): the policy itself with its adapter switched off, "
-        "computed during training (no cache, no second model).")
+    source: Literal["precomputed", "adapter_disabled", "model"] = Field(
+        "precomputed", description="precomputed: a cached pass of the reference model (model_path, else "
+        "the policy's base) before training; adapter_disabled (needs peft.enabled): the policy itself with "
+        "its adapter switched off, computed during training (no cache, no second model); model: a second, "
+        "frozen model (model_path, else a copy of the policy's initial weights) run online during "
+        "training (no train cache; needed by sync_ref_model).")
+    model_path: str | None = Field(None, description="Reference model: a local folder or hub id, loaded like "
+                                   "the policy (safetensors only, model.trust_remote_code, model.init_kwargs); "
+                                   "used online with source=model, or precomputed with source=precomputed; "
+                                   "null: the policy's base model.")
     batch_size: int = Field(16, ge=1, description="Sequences per reference forward pass.")
+    sync_ref_model: bool = Field(False, description="TR-DPO: every ref_model_sync_steps optimizer steps the "
+                                 "reference becomes alpha * policy + (1 - alpha) * reference (TRL's "
+                                 "semantics). Needs source=model (an online reference with the policy's "
+                                 "architecture).")
+    ref_model_mixup_alpha: float = Field(0.6, ge=0.0, le=1.0, description="TR-DPO alpha: the policy's share "
+                                         "in each reference update.")
+    ref_model_sync_steps: int = Field(512, ge=1, description="TR-DPO: optimizer steps between reference "
+                                      "updates.")
+
+    @model_validator(mode="after")
+    def _online_reference(self) -> "ReferenceConfig":
+        if self.sync_ref_model and self.source != "model":
+            why = ("the precomputed cache is fixed before training" if self.source == "precomputed"
+                   else "the adapter-disabled reference shares its weights with the policy")
+            raise ValueError(f"reference.sync_ref_model=true (TR-DPO: reference.ref_model_mixup_alpha, "
+                             f"reference.ref_model_sync_steps) needs an online reference model: set "
+                             f"reference.source=model (with reference.model_path, or none for a copy of the "
+                             f"policy's initial weights); with reference.source={self.source} {why}")
+        if self.model_path is not None and self.source == "adapter_disabled":
+            raise ValueError("reference.model_path has no effect with reference.source=adapter_disabled "
+                             "(the reference is the policy with its adapter off); unset it or use "
+                             "source=model")
+        return self
 
 
 # Loss names (TRL's ``loss_type`` values plus the reference-free SimPO and ORPO) and the facts the
@@ -239,6 +268,16 @@ class TrainConfig(_Section):
                                               "early_stopping_patience evaluations; null: never.")
     early_stopping_patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
     early_stopping_mode: Literal["max", "min"] = "max"
+    num_processes: int = Field(1, ge=1, description="Data-parallel processes on this machine; > 1 launches "
+                               "the precompute and train stages through `accelerate launch` (torchrun): "
+                               "one process per GPU, or gloo processes on the CPU. Each takes its share of "
+                               "every step's pairs (per_device_train_batch_size each); the update equals "
+                               "one process with the global batch.")
+    accelerate_config: str | None = Field(None, description="An accelerate config file (`accelerate config`; "
+                                          "e.g. configs/accelerate/fsdp.yaml) for `accelerate launch "
+                                          "--config_file`: setting it launches the precompute and train "
+                                          "stages through accelerate; num_processes > 1 overrides its "
+                                          "num_processes.")
 
     @field_validator("max_steps")
     @classmethod

@@ -142,6 +142,26 @@ def load_model(cfg: ModelConfig, model_path: str, device: torch.device | str = "
     return model if kwargs.get("device_map") is not None else model.to(device)
 
 
+def reference_model_path(model_path: str | None, policy_path: str) -> str:
+    """The reference model's folder or hub id: ``reference.model_path`` resolved like the policy's
+    name (builtin names, local folders), else the policy's own base model."""
+    return policy_path if model_path is None else resolve_model_path(model_path)
+
+
+def load_reference_model(cfg: ModelConfig, model_path: str | None, policy_path: str,
+                         device: torch.device | str = "cpu") -> nn.Module:
+    """A frozen reference model (no grad, eval mode, dropout off) through the policy's safe loader
+    (safetensors only, ``trust_remote_code`` and ``init_kwargs`` from the model config). Without
+    ``model_path`` it is a second copy of the policy's initial weights. ``cfg.revision`` only applies
+    to the policy's own base."""
+    path = reference_model_path(model_path, policy_path)
+    if path != policy_path:
+        cfg = cfg.model_copy(update={"revision": None})
+    model = load_model(cfg, path, device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
 def _require_safetensors(model_path: str) -> None:
     """Safetensors only: a local folder whose weights are pickles (pytorch_model.bin...) is refused."""
     folder = Path(model_path)

@@ -190,3 +190,76 @@ def cached_reference_logps(cache_dir: Path, key: str, rows: pd.DataFrame, meta: 
         df = _read_folder(folder, ids, key)
     return df.set_index("example_id").loc[ids].reset_index(), {"computed_examples": computed,
                                                                 "path": str(folder)}
+
+
+# ------------------------------------------------------------------------------ several processes
+
+# Under ``accelerate launch`` (torch.distributed), rank 0 runs ``cached_reference_logps`` as above
+# with ``compute = shard_across_ranks(local)``: for every missing shard it sends the shard's example
+# ids to the other ranks, each rank computes its contiguous share with ``local``, and rank 0 gathers
+# the shares in rank order and writes the shard itself. The cache format does not change; only rank 0
+# touches the cache folder and its lock. The other ranks run ``follow_shards`` until rank 0 sends
+# ``release_followers()``.
+
+def _share(part: pd.DataFrame, rank: int, n_ranks: int) -> pd.DataFrame:
+    n = len(part)
+    return part.iloc[rank * n // n_ranks:(rank + 1) * n // n_ranks]
+
+
+def shard_across_ranks(local: Callable[[pd.DataFrame, str], pd.DataFrame]
+                       ) -> Callable[[pd.DataFrame, str], pd.DataFrame]:
+    """Rank 0's ``compute(part, tag)``: the same frame as ``local(part, tag)``, computed by all ranks."""
+    import torch.distributed as dist
+
+    def compute(part: pd.DataFrame, tag: str) -> pd.DataFrame:
+        n_ranks = dist.get_world_size()
+        dist.broadcast_object_list([("work", tag, part["example_id"].tolist())], src=0)
+        shares: list = [None] * n_ranks
+        dist.gather_object(local(_share(part, 0, n_ranks), tag), shares, dst=0)
+        return pd.concat(shares, ignore_index=True)
+
+    return compute
+
+
+def follow_shards(rows_of: Callable[[str], pd.DataFrame],
+                  local: Callable[[pd.DataFrame, str], pd.DataFrame]) -> int:
+    """A rank > 0: compute this rank's share of every shard rank 0 hands out (``rows_of(tag)`` holds
+    the rows the example ids refer to) until rank 0 releases it. Returns the examples computed."""
+    import torch.distributed as dist
+
+    rank, n_ranks, done = dist.get_rank(), dist.get_world_size(), 0
+    while True:
+        msg: list = [None]
+        dist.broadcast_object_list(msg, src=0)
+        if msg[0][0] == "done":
+            return done
+        _, tag, ids = msg[0]
+        rows = rows_of(tag)
+        part = rows.iloc[pd.Index(rows["example_id"]).get_indexer(ids)]
+        mine = _share(part, rank, n_ranks)
+        dist.gather_object(local(mine, tag), None, dst=0)
+        done += len(mine)
+
+
+def release_followers() -> None:
+    """Rank 0: tell ``follow_shards`` on the other ranks that there is no more work."""
+    import torch.distributed as dist
+
+    dist.broadcast_object_list([("done",)], src=0)
+
+
+# ------------------------------------------------------------------------------ training
+
+def training_reference(cfg, validated: dict, precomputed: dict, pairs: pd.DataFrame,
+                       device: torch.device | str = "cpu"):
+    """What the train stage compares the policy with (``reference.source``): the cached log-probs of
+    ``pairs`` (precomputed), None (adapter_disabled: the policy with its adapter off) or a frozen
+    reference model run online (model: ``reference.model_path``, else the policy's initial weights)."""
+    source = cfg.reference.source
+    if source == "adapter_disabled":
+        return None
+    if source == "model":
+        from dpo_engine.models import load_reference_model
+        return load_reference_model(cfg.model, cfg.reference.model_path, validated["model_path"], device)
+    return read_cache(Path(precomputed["train_ref"]), expect_ids=pairs["example_id"].tolist(),
+                      expect_key=precomputed["train_ref_key"])

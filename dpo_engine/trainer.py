@@ -1,14 +1,17 @@
-"""DPO training against precomputed reference log-probs (no reference model in memory).
+"""DPO training against precomputed reference log-probs, or an online reference.
 
 A plain loop: micro-batches of pairs, gradient accumulation with the loss normalised by the number
 of pairs in the optimizer step (exact under accumulation), AdamW, warmup + linear/cosine schedule,
 gradient clipping, atomic checkpoints that a re-run resumes from, and TRL's metric names.
 
-Only parameters that require grad are optimised (a PeftModel trains its adapter). With ``ref=None``
-the reference log-probs come from the same PeftModel with its adapter disabled. Under
-torch.distributed each rank takes its share of every step's pairs and the gradients are summed over
-ranks, each rank's loss being normalised by the step's global pair count: the update equals the
-single-process one.
+Only parameters that require grad are optimised (a PeftModel trains its adapter). The reference is
+a frame of precomputed log-probs, ``None`` (the same PeftModel with its adapter disabled) or a frozen
+reference model run online; with an online model, TR-DPO (``reference.sync_ref_model``) moves it
+towards the policy every ``ref_model_sync_steps`` steps (checkpointed with the policy). Under
+torch.distributed (``accelerate launch``, see ``dpo_engine.launch``) each rank takes its share of every
+step's pairs and the gradients are summed over ranks, each rank's loss being normalised by the step's
+global pair count: the update equals the single-process one; the logged metrics are gathered over
+ranks, and only rank 0 logs and writes checkpoints.
 
 Options (issue #5): gradient checkpointing, 8-bit AdamW (bitsandbytes, CUDA), per-step peak memory
 and MFU, periodic evaluation through an ``evaluate_fn(step)`` callback (logged with ``eval/`` names)
@@ -23,6 +26,7 @@ import os
 import sys
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,9 +36,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data_contracts.config import LossConfig, TrainConfig
+from data_contracts.config import LossConfig, ReferenceConfig, TrainConfig
 from dpo_engine.adapters import is_peft, reference_mode
-from dpo_engine.forward import pair_logps
+from dpo_engine.forward import pair_logps, unwrap_model
 from dpo_engine.losses import loss_from_config, pair_metrics
 
 
@@ -172,9 +176,13 @@ def should_stop(history: list[dict], cfg: TrainConfig) -> bool:
 
 # ------------------------------------------------------------------------------ checkpoints
 
-def _checkpoint_problem(path: Path) -> str | None:
-    """What a checkpoint folder lacks (state.json, trainer.pt, weights), or None when complete."""
-    for name in ("state.json", "trainer.pt"):
+REF_WEIGHTS = "reference/model.safetensors"  # TR-DPO: the synced reference, next to the policy
+
+
+def _checkpoint_problem(path: Path, with_reference: bool = False) -> str | None:
+    """What a checkpoint folder lacks (state.json, trainer.pt, weights, the synced reference's
+    weights with TR-DPO), or None when complete."""
+    for name in ("state.json", "trainer.pt") + ((REF_WEIGHTS,) if with_reference else ()):
         if not (path / name).is_file():
             return f"{path.name}/{name} is missing"
     if not any(path.glob("*.safetensors")):
@@ -182,29 +190,36 @@ def _checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def _latest_checkpoint(ckpt_dir: Path, log: Callable[[str], None] = print) -> Path | None:
+def _latest_checkpoint(ckpt_dir: Path, log: Callable[[str], None] = print,
+                       with_reference: bool = False) -> Path | None:
     """The newest complete checkpoint; incomplete ones are reported by name and skipped."""
     for p in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True):
-        problem = _checkpoint_problem(p)
+        problem = _checkpoint_problem(p, with_reference)
         if problem is None:
             return p
         log(f"checkpoint skipped: {problem}")
     return None
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history: list[dict]) -> None:
+def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history: list[dict],
+                    ref_model: nn.Module | None = None) -> None:
     final = ckpt_dir / f"step-{step}"
     tmp = ckpt_dir / f".step-{step}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
+    if ref_model is not None:  # TR-DPO changes the reference: a resumed run needs its weights too
+        from safetensors.torch import save_model
+        (tmp / REF_WEIGHTS).parent.mkdir()
+        save_model(ref_model, str(tmp / REF_WEIGHTS))
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
 
-def load_checkpoint(path: Path, model, opt, sched) -> tuple[int, list[dict]]:
-    from safetensors.torch import load_file
+def load_checkpoint(path: Path, model, opt, sched, ref_model: nn.Module | None = None
+                    ) -> tuple[int, list[dict]]:
+    from safetensors.torch import load_file, load_model
 
     state = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -219,6 +234,8 @@ def load_checkpoint(path: Path, model, opt, sched) -> tuple[int, list[dict]]:
     if unexpected or set(missing) - tied:
         raise TrainingError(f"checkpoint {path} does not match the model "
                             f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+    if ref_model is not None:
+        load_model(ref_model, str(path / REF_WEIGHTS))
     blob = torch.load(path / "trainer.pt", weights_only=True)
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
@@ -228,13 +245,17 @@ def load_checkpoint(path: Path, model, opt, sched) -> tuple[int, list[dict]]:
 
 # ------------------------------------------------------------------------------ the loop
 
-def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | None, *, loss_cfg: LossConfig,
+def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module | None, *, loss_cfg: LossConfig,
           cfg: TrainConfig, pad_id: int, out_dir: Path, device: torch.device | str = "cpu",
           log_fn: Callable[[dict, int], None] | None = None,
           progress: Callable[[int, dict], None] | None = None, keep_checkpoints: int = 2,
-          evaluate_fn: Callable[[int], dict] | None = None) -> TrainResult:
-    """Train ``model`` in place on ``pairs`` (valid.parquet rows) with reference log-probs ``ref``
-    (None: computed on the fly by ``model`` with its adapter disabled; ``model`` must be a PeftModel).
+          evaluate_fn: Callable[[int], dict] | None = None,
+          ref_cfg: ReferenceConfig | None = None) -> TrainResult:
+    """Train ``model`` in place on ``pairs`` (valid.parquet rows) against the reference ``ref``:
+    precomputed log-probs (a frame), None (computed on the fly by ``model`` with its adapter disabled;
+    ``model`` must be a PeftModel) or a frozen reference model run online on every micro-batch.
+    ``ref_cfg.sync_ref_model`` (TR-DPO, online model only) updates that model in place every
+    ``ref_cfg.ref_model_sync_steps`` steps: ref = alpha * policy + (1 - alpha) * ref.
 
     ``log_fn(metrics, step)`` receives TRL-named metrics after every optimizer step; checkpoints go
     to ``out_dir/checkpoints`` every ``cfg.save_steps`` steps and a re-run resumes from the last.
@@ -244,7 +265,8 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | None, *, lo
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     records = pairs.to_dict("records")
-    ref_c, ref_r = _reference_tensors(model, pairs, ref)
+    reference = _reference(model, pairs, ref)
+    sync = _tr_dpo(model, ref, ref_cfg)
 
     rank, n_ranks = world()
     bs, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
@@ -254,6 +276,9 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | None, *, lo
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters")
+    if n_ranks > 1:  # every rank starts from rank 0's weights (e.g. a freshly initialised adapter)
+        for p in params:
+            dist.broadcast(p.data, src=0)
     opt = make_optimizer(params, cfg, device)
     sched = make_scheduler(opt, cfg, steps)
     use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
@@ -264,11 +289,12 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | None, *, lo
 
     ckpt_dir = out_dir / "checkpoints"
     start, history = 0, []
-    last = _latest_checkpoint(ckpt_dir)
+    synced = ref if sync else None  # a reference that changes is checkpointed with the policy
+    last = _latest_checkpoint(ckpt_dir, with_reference=synced is not None)
     if last is not None:
-        start, history = load_checkpoint(last, _unwrap_ddp(model), opt, sched)
+        start, history = load_checkpoint(last, _unwrap_ddp(model), opt, sched, synced)
     seen = int(history[-1]["num_tokens"]) if history else 0  # cumulative, as TRL logs num_tokens
-    stopped = should_stop(history, cfg)
+    stopped = _agree(should_stop(history, cfg), n_ranks)
     model.train()
     step = start
     while step < steps and not stopped:
@@ -279,15 +305,16 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | None, *, lo
         outs, tokens = [], 0
         for m0 in range(0, len(idx), bs):
             sel = idx[m0:m0 + bs]
-            out, pc, pr, seq, n_tok = _micro_step(model, [records[i] for i in sel], sel, ref_c, ref_r,
+            out, pc, pr, seq, n_tok = _micro_step(model, [records[i] for i in sel], sel, reference,
                                                   n_pairs, pad_id, loss_cfg, cfg, device, use_bf16)
-            outs.append((out, pc, pr, seq))
+            outs.append(_record(out, pc, pr, seq))
             tokens += n_tok
-        loss_sum = torch.tensor([sum(o[0].losses.sum().item() for o in outs), float(tokens)],
+        loss_sum = torch.tensor([sum(o["losses"].sum().item() for o in outs), float(tokens)],
                                 dtype=torch.float64)
         if n_ranks > 1:
             _all_reduce_grads(params)
             dist.all_reduce(loss_sum)
+            outs = _gather_records(outs, n_ranks)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         loss_val, tokens = loss_sum[0].item() / n_pairs, int(loss_sum[1].item())
@@ -299,6 +326,8 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | None, *, lo
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        if sync and step % sync[1] == 0:
+            sync_reference(model, ref, sync[0])
         seconds = time.perf_counter() - t0
         seen += tokens
         metrics = _step_metrics(outs, grad_norm.item(), lr, tokens, seconds)
@@ -311,22 +340,34 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | None, *, lo
             metrics.update(_evaluate(model, evaluate_fn, step))
         metrics["step"] = step
         history.append(metrics)
-        stopped = should_stop(history, cfg)
-        if log_fn:
+        stopped = _agree(should_stop(history, cfg), n_ranks)
+        if log_fn and rank == 0:
             log_fn({k: v for k, v in metrics.items() if k != "step"}, step)
         if progress:
             progress(step, metrics)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < steps and not stopped:
-            _save_and_prune(ckpt_dir, step, model, opt, sched, history, keep_checkpoints, rank, n_ranks)
+            _save_and_prune(ckpt_dir, step, model, opt, sched, history, keep_checkpoints, rank, n_ranks,
+                            synced)
     return TrainResult(steps=step, history=history, resumed_from=start, stopped_early=step < steps)
 
 
-def _reference_tensors(model, pairs: pd.DataFrame, ref: pd.DataFrame | None):
-    """(ref chosen, ref rejected) log-probs aligned with ``pairs``; (None, None): computed online."""
+def _reference(model, pairs: pd.DataFrame, ref):
+    """The reference for ``_micro_step``: a frozen model (run online), None (the adapter-disabled
+    policy) or (ref chosen, ref rejected) log-probs aligned with ``pairs``."""
+    if isinstance(ref, nn.Module):
+        if ref is _unwrap_ddp(model):
+            raise TrainingError("the reference model must be a separate model, not the policy itself")
+        vocab = [m.get_output_embeddings().weight.shape[0] for m in (unwrap_model(model), ref)]
+        if vocab[0] != vocab[1]:
+            raise TrainingError(f"the reference model's vocabulary has {vocab[1]} tokens, the policy's "
+                                f"{vocab[0]}: they must share one tokenizer")
+        ref.eval()
+        ref.requires_grad_(False)
+        return ref
     if ref is None:
         if not is_peft(model):
             raise TrainingError("no reference log-probs given and the model has no adapter to disable")
-        return None, None
+        return None
     ref_map = ref.set_index("example_id")
     missing = set(pairs["example_id"]) - set(ref_map.index)
     if missing:
@@ -336,19 +377,19 @@ def _reference_tensors(model, pairs: pd.DataFrame, ref: pd.DataFrame | None):
             torch.tensor(ref_map.loc[pairs["example_id"], "ref_rejected_logps"].to_numpy()))
 
 
-def _micro_step(model, mb: list[dict], sel: list[int], ref_c, ref_r, n_pairs: int, pad_id: int,
+def _micro_step(model, mb: list[dict], sel: list[int], reference, n_pairs: int, pad_id: int,
                 loss_cfg: LossConfig, cfg: TrainConfig, device: torch.device, use_bf16: bool):
     """Forward + backward of one micro-batch; the loss is normalised by the pairs of the whole step."""
     fwd = dict(loss_cfg=loss_cfg, chunk_size=cfg.logit_chunk_size, device=device,
                padding_free=cfg.padding_free)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
         fw = pair_logps(model, mb, pad_id, with_stats=True, **fwd)
-        if ref_c is None:
-            with torch.no_grad(), reference_mode(model):
-                fr = pair_logps(model, mb, pad_id, **fwd)
+        if reference is None or isinstance(reference, nn.Module):
+            with torch.no_grad(), (reference_mode(model) if reference is None else nullcontext()):
+                fr = pair_logps(model if reference is None else reference, mb, pad_id, **fwd)
             rc, rr = fr["chosen"].double(), fr["rejected"].double()
         else:
-            rc, rr = ref_c[sel].to(device), ref_r[sel].to(device)
+            rc, rr = reference[0][sel].to(device), reference[1][sel].to(device)
     pc, pr = fw["chosen"], fw["rejected"]
     out = loss_from_config(loss_cfg, pc, pr, rc, rr, ld_weighted=fw["ld_weighted"], **fw["loss_inputs"])
     (out.losses.sum() / n_pairs).backward()
@@ -363,13 +404,22 @@ def _evaluate(model: nn.Module, evaluate_fn: Callable[[int], dict], step: int) -
 
 
 def _save_and_prune(ckpt_dir: Path, step: int, model, opt, sched, history: list[dict], keep: int,
-                    rank: int, n_ranks: int) -> None:
+                    rank: int, n_ranks: int, ref_model: nn.Module | None = None) -> None:
     if rank == 0:
-        save_checkpoint(ckpt_dir, step, _unwrap_ddp(model), opt, sched, history)
+        save_checkpoint(ckpt_dir, step, _unwrap_ddp(model), opt, sched, history, ref_model)
         for old in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if n_ranks > 1:
         dist.barrier()
+
+
+def _agree(flag: bool, n_ranks: int) -> bool:
+    """Rank 0's decision on every rank (a stop rule may read what only rank 0 sees)."""
+    if n_ranks == 1:
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 def _unwrap_ddp(model: nn.Module) -> nn.Module:
@@ -384,20 +434,58 @@ def _all_reduce_grads(params: list[torch.Tensor]) -> None:
         dist.all_reduce(p.grad)
 
 
+# ------------------------------------------------------------------------------ TR-DPO
+
+def _tr_dpo(model, ref, ref_cfg: ReferenceConfig | None) -> tuple[float, int] | None:
+    """(alpha, sync steps) when TR-DPO is on, after checking the reference can follow the policy."""
+    if ref_cfg is None or not ref_cfg.sync_ref_model:
+        return None
+    if not isinstance(ref, nn.Module):
+        raise TrainingError("reference.sync_ref_model needs an online reference model "
+                            "(reference.source=model), not precomputed log-probs or the adapter-disabled policy")
+    pol = [(n, p.shape) for n, p in _unwrap_ddp(model).named_parameters()]
+    if is_peft(model) or pol != [(n, p.shape) for n, p in ref.named_parameters()]:
+        raise TrainingError("reference.sync_ref_model: the reference model must have exactly the policy's "
+                            "parameters (same architecture, no PEFT adapter on the policy) to be mixed with it")
+    return ref_cfg.ref_model_mixup_alpha, ref_cfg.ref_model_sync_steps
+
+
+@torch.no_grad()
+def sync_reference(policy: nn.Module, ref_model: nn.Module, alpha: float) -> None:
+    """TR-DPO's soft update (TRL's SyncRefModelCallback): ref = alpha * policy + (1 - alpha) * ref,
+    parameter by parameter, in place."""
+    for rp, pp in zip(ref_model.parameters(), _unwrap_ddp(policy).parameters()):
+        rp.mul_(1.0 - alpha).add_(pp.detach().to(rp.dtype), alpha=alpha)
+
+
+# ------------------------------------------------------------------------------ metrics
+
+def _record(out, pc, pr, seq) -> dict:
+    """What a micro-batch contributes to the step's metrics (detached, on the CPU)."""
+    b = len(pc)
+    return {"losses": out.losses.detach().cpu(), "chosen_rewards": out.chosen_rewards.detach().cpu(),
+            "rejected_rewards": out.rejected_rewards.detach().cpu(), "pc": pc.cpu(), "pr": pr.cpu(),
+            "entropy": seq["entropy_sum"].sum().item(),
+            "logit_c": seq["mean_logit_sum"][:b].sum().item(), "logit_r": seq["mean_logit_sum"][b:].sum().item(),
+            "n_c": seq["n_tokens"][:b].sum().item(), "n_r": seq["n_tokens"][b:].sum().item()}
+
+
+def _gather_records(outs: list[dict], n_ranks: int) -> list[dict]:
+    """Every rank's micro-batch records, in rank order: the step's metrics cover all its pairs."""
+    everyone: list = [None] * n_ranks
+    dist.all_gather_object(everyone, outs)
+    return [o for rank_outs in everyone for o in rank_outs]
+
+
 def _step_metrics(outs, grad_norm: float, lr: float, tokens: int, seconds: float) -> dict:
     from dpo_engine.losses import PairLoss
 
-    cat = PairLoss(torch.cat([o[0].losses.detach() for o in outs]),
-                   torch.cat([o[0].chosen_rewards for o in outs]),
-                   torch.cat([o[0].rejected_rewards for o in outs]))
-    pc = torch.cat([o[1] for o in outs])
-    pr = torch.cat([o[2] for o in outs])
-    m = pair_metrics(cat, pc, pr)
-    ent = sum(o[3]["entropy_sum"].sum().item() for o in outs)
-    ml_c = sum(o[3]["mean_logit_sum"][:len(o[1])].sum().item() for o in outs)
-    ml_r = sum(o[3]["mean_logit_sum"][len(o[1]):].sum().item() for o in outs)
-    n_c = sum(o[3]["n_tokens"][:len(o[1])].sum().item() for o in outs)
-    n_r = sum(o[3]["n_tokens"][len(o[1]):].sum().item() for o in outs)
+    cat = PairLoss(torch.cat([o["losses"] for o in outs]), torch.cat([o["chosen_rewards"] for o in outs]),
+                   torch.cat([o["rejected_rewards"] for o in outs]))
+    m = pair_metrics(cat, torch.cat([o["pc"] for o in outs]), torch.cat([o["pr"] for o in outs]))
+    ent = sum(o["entropy"] for o in outs)
+    ml_c, ml_r = sum(o["logit_c"] for o in outs), sum(o["logit_r"] for o in outs)
+    n_c, n_r = sum(o["n_c"] for o in outs), sum(o["n_r"] for o in outs)
     m.update({
         "logits/chosen": ml_c / max(1, n_c), "logits/rejected": ml_r / max(1, n_r),
         "entropy": ent / max(1, n_c + n_r), "num_tokens": float(tokens), "grad_norm": grad_norm,

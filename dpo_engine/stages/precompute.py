@@ -1,10 +1,16 @@
 """Stage 2: reference log-probs of the train and eval pairs, computed once, cached to Parquet.
 
-The cache lives in the shared folder ``<state home>/cache/reference/<key>/`` (key: model, tokenizer,
-data and length fingerprints, dtype, engine version), so runs and experiments with the same key
-share it: a hit does zero forward passes and does not even load the model.
-With ``reference.source: adapter_disabled`` only the eval split is precomputed: training gets its
-reference from the adapter-disabled policy.
+The cache lives in the shared folder ``<state home>/cache/reference/<key>/`` (key: reference model,
+tokenizer, data and length fingerprints, dtype, engine version), so runs and experiments with the same
+key share it: a hit does zero forward passes and does not even load the model.
+The reference model is ``reference.model_path`` when set (a different model than the policy's base),
+else the policy's base. With ``reference.source: adapter_disabled`` or ``model`` only the eval split is
+precomputed: training gets its reference online.
+
+With ``train.num_processes > 1`` (or ``train.accelerate_config``) the stage runs under ``accelerate
+launch`` like training: every rank computes its share of each missing cache shard and rank 0 writes
+the shards (``dpo_engine.refcache.shard_across_ranks``); a cache that is already complete is read
+in this process, without launching.
 """
 
 from __future__ import annotations
@@ -16,9 +22,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from data_contracts.config import RunConfig, state_home
-from dpo_engine.models import load_model, load_tokenizer, pick_device
-from dpo_engine.refcache import ENGINE_VERSION, cached_reference_logps, compute_reference_logps
+from dpo_engine import launch
+from dpo_engine.models import (ModelError, load_reference_model, load_tokenizer, model_fingerprint,
+                               pick_device, reference_model_path)
+from dpo_engine.refcache import (COMPLETE, ENGINE_VERSION, cached_reference_logps, compute_reference_logps,
+                                 follow_shards, release_followers, shard_across_ranks)
 from dpo_engine.stages.common import Timer, crash_point, fingerprint, read_valid, record, reused, write_json
+from dpo_engine.trainer import world
 
 STAGE = "precompute"
 
@@ -28,19 +38,34 @@ def _computed(logps, split: str):
     return logps
 
 
+def reference_fingerprint(cfg: RunConfig, validated: dict) -> str:
+    """The reference model's fingerprint: the policy base's unless ``reference.model_path`` is set."""
+    if cfg.reference.model_path is None:
+        return validated["model_fingerprint"]
+    return model_fingerprint(reference_model_path(cfg.reference.model_path, validated["model_path"]))
+
+
 def cache_key(cfg: RunConfig, validated: dict, split: str) -> str:
     extra = [cfg.model.init_kwargs] if cfg.model.init_kwargs else []  # keeps older keys unchanged
-    return fingerprint("reference", validated["model_fingerprint"], validated["tokenizer_fingerprint"],
+    return fingerprint("reference", reference_fingerprint(cfg, validated), validated["tokenizer_fingerprint"],
                        validated[split]["fingerprint"], cfg.data.max_length, cfg.data.truncation_mode,
                        cfg.model.dtype, cfg.loss.ld_alpha, ENGINE_VERSION, *extra)
 
 
 def splits(cfg: RunConfig) -> tuple[str, ...]:
-    return ("eval",) if cfg.reference.source == "adapter_disabled" else ("train", "eval")
+    return ("train", "eval") if cfg.reference.source == "precomputed" else ("eval",)
 
 
 def key(cfg: RunConfig, validated: dict) -> str:
     return fingerprint(STAGE, *(cache_key(cfg, validated, s) for s in splits(cfg)))
+
+
+def _cache_dir() -> Path:
+    return state_home() / "cache" / "reference"
+
+
+def _all_cached(cfg: RunConfig, validated: dict) -> bool:
+    return all((_cache_dir() / cache_key(cfg, validated, s) / COMPLETE).is_file() for s in splits(cfg))
 
 
 def run(cfg: RunConfig, run_dir: Path, validated: dict) -> dict:
@@ -48,10 +73,24 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict) -> dict:
 
     check_config(cfg)
     fp = key(cfg, validated)
+    rank, n_ranks = world()
+    if rank > 0:  # a launched worker: computes the shares of the shards that rank 0 hands out
+        _computer(cfg, validated, follower=True)
+        return {}
     hit = reused(STAGE, fp, run_dir)
-    if hit:
-        return hit
-    out = Path(run_dir) / STAGE
+    if hit is None and launch.wants_launch(cfg) and not _all_cached(cfg, validated):
+        return launch.launch_stage(STAGE, cfg, run_dir, validated)
+    if n_ranks == 1:
+        return hit or _run(cfg, run_dir, validated, fp, _computer(cfg, validated))
+    try:
+        return hit or _run(cfg, run_dir, validated, fp, shard_across_ranks(_computer(cfg, validated)))
+    finally:
+        release_followers()
+
+
+def _computer(cfg: RunConfig, validated: dict, follower: bool = False):
+    """``compute(rows, split)``: the reference log-probs of ``rows``, loading the reference model on
+    first use. ``follower``: serve rank 0's shards instead (a rank > 0), then free the model."""
     device = pick_device()
     tok = load_tokenizer(cfg.model, validated["model_path"])
     model = None
@@ -59,42 +98,61 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict) -> dict:
     def compute(rows: pd.DataFrame, split: str) -> pd.DataFrame:
         nonlocal model
         if model is None:
-            model = load_model(cfg.model, validated["model_path"], device)
-        with tqdm(total=2 * len(rows), desc=f"precompute {split}", unit="seq") as bar:
+            model = load_reference_model(cfg.model, cfg.reference.model_path, validated["model_path"], device)
+            _check_vocab(model, tok, cfg.reference.model_path)
+        with tqdm(total=2 * len(rows), desc=f"precompute {split}", unit="seq", disable=follower) as bar:
             return compute_reference_logps(model, rows, pad_id=tok.pad_token_id,
                                            batch_size=cfg.reference.batch_size,
                                            chunk_size=cfg.train.logit_chunk_size, device=device,
                                            ld_alpha=cfg.loss.ld_alpha, progress=bar.update)
 
+    if follower:
+        follow_shards(lambda split: read_valid(validated[split]["valid"]), compute)
+        del model
+        gc.collect()
+    return compute
+
+
+def _check_vocab(model, tok, model_path: str | None) -> None:
+    rows = model.get_output_embeddings().weight.shape[0]
+    if model_path is not None and rows < len(tok):
+        raise ModelError(f"reference.model_path {model_path}: its vocabulary has {rows} tokens, the "
+                         f"policy's tokenizer {len(tok)}; the reference must share the policy's tokenizer")
+
+
+def _run(cfg: RunConfig, run_dir: Path, validated: dict, fp: str, compute) -> dict:
+    out = Path(run_dir) / STAGE
     result = {"stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False,
               "train_ref": None, "train_ref_key": None}
     computed, tokens = 0, 0
+    ref_fp = reference_fingerprint(cfg, validated)
     with Timer() as t:
         for split in splits(cfg):
             rows = read_valid(validated[split]["valid"])
             ck = cache_key(cfg, validated, split)
-            meta = {"split": split, "data": validated[split]["fingerprint"],
-                    "model": validated["model_fingerprint"], "tokenizer": validated["tokenizer_fingerprint"],
+            meta = {"split": split, "data": validated[split]["fingerprint"], "model": ref_fp,
+                    "tokenizer": validated["tokenizer_fingerprint"],
                     "max_length": cfg.data.max_length, "truncation_mode": cfg.data.truncation_mode,
                     "dtype": cfg.model.dtype, "ld_alpha": cfg.loss.ld_alpha, "engine": ENGINE_VERSION}
-            _, stats = cached_reference_logps(state_home() / "cache" / "reference", ck, rows, meta,
+            _, stats = cached_reference_logps(_cache_dir(), ck, rows, meta,
                                               lambda part, s=split: _computed(compute(part, s), s))
             result[f"{split}_ref"], result[f"{split}_ref_key"] = stats["path"], ck
             crash_point(STAGE, f"{split}-cached")
             computed += stats["computed_examples"]
             tokens += int(2 * rows["prompt_len"].sum() + rows["chosen_len"].sum() + rows["rejected_len"].sum())
-        del model
         gc.collect()
     n_train, n_eval = validated["train"]["rows"], validated["eval"]["rows"]
     how = ("all from the shared cache, 0 forward passes" if computed == 0
            else f"{computed} of {n_train + n_eval} pairs computed")
+    ranks = world()[1]
     result.update({
-        "seconds": t.seconds, "computed_examples": computed,
+        "seconds": t.seconds, "computed_examples": computed, "processes": ranks,
+        "reference_model": reference_model_path(cfg.reference.model_path, validated["model_path"]),
         "outputs": [str(Path(result[f"{s}_ref"]) / "_COMPLETE.json") for s in splits(cfg)],
         "metrics": {"precompute/computed_pairs": computed,
                     **({"precompute/tokens_per_second": tokens / max(t.seconds, 1e-9)} if computed else {})},
         "summary": (f"precompute: reference log-probs of {n_train} train + {n_eval} eval pairs "
-                    f"({how}) in {t.seconds:.1f}s"),
+                    f"({how}{f', {ranks} processes' if ranks > 1 and computed else ''}) in {t.seconds:.1f}s"),
     })
     write_json(out / "reference_cache.json", {s: result[f"{s}_ref"] for s in splits(cfg)})
     crash_point(STAGE, "before-record")

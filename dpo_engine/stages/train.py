@@ -1,5 +1,7 @@
 """Stage 3: DPO training of the policy against the cached reference log-probs (or, with a PEFT
-adapter and ``reference.source: adapter_disabled``, against the policy with its adapter off)."""
+adapter and ``reference.source: adapter_disabled``, against the policy with its adapter off; with
+``reference.source: model``, against a reference model run online). With ``train.num_processes > 1``
+or ``train.accelerate_config`` the stage runs under ``accelerate launch`` (``dpo_engine.launch``)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from data_contracts.config import RunConfig, mlflow_uri
-from dpo_engine import registry
+from dpo_engine import launch, registry
 from dpo_engine.adapters import apply_adapter, check_config, export_model
 from dpo_engine.models import load_model, load_tokenizer, model_fingerprint, pick_device
-from dpo_engine.refcache import read_cache
+from dpo_engine.refcache import read_cache, training_reference
 from dpo_engine.stages.common import (Timer, crash_point, fingerprint, record, reused, source_fingerprint,
                                       write_json, write_text)
 from dpo_engine.evaluation import preference_metrics
@@ -24,7 +26,8 @@ STAGE = "train"
 
 def key(cfg: RunConfig, precomputed: dict) -> str:
     return fingerprint(STAGE, precomputed["fingerprint"], cfg.section_hash("loss", "train", "peft"),
-                       cfg.reference.source, cfg.model.init_kwargs,
+                       cfg.reference.source if cfg.reference.source != "model" else cfg.section_hash("reference"),
+                       cfg.model.init_kwargs,
                        source_fingerprint(cfg.peft.adapter_path) if cfg.peft.adapter_path else None)
 
 
@@ -34,13 +37,13 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
     hit = reused(STAGE, fp, run_dir)
     if hit:
         return hit
+    if launch.wants_launch(cfg):  # every rank runs this function again, rank 0 records the result
+        return launch.launch_stage(STAGE, cfg, run_dir, validated, precomputed)
     out = Path(run_dir) / STAGE
     device = pick_device()
     check_optim(cfg.train, device)
     pairs = pd.read_parquet(validated["train"]["valid"])
-    ref = None if cfg.reference.source == "adapter_disabled" else \
-        read_cache(Path(precomputed["train_ref"]), expect_ids=pairs["example_id"].tolist(),
-                   expect_key=precomputed["train_ref_key"])
+    ref = training_reference(cfg, validated, precomputed, pairs, device)
     tok = load_tokenizer(cfg.model, validated["model_path"])
 
     registry.connect(mlflow_uri(cfg), retry=registry.RetryPolicy.from_config(cfg.registry))
@@ -75,7 +78,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
             res = train(model, pairs, ref, loss_cfg=cfg.loss, cfg=cfg.train, pad_id=tok.pad_token_id,
                         out_dir=out, device=device, progress=on_step,
                         log_fn=log_step,
-                        evaluate_fn=evaluate_fn)
+                        evaluate_fn=evaluate_fn, ref_cfg=cfg.reference)
         model_dir = export_model(model, tok, out / "model", cfg.peft.export if cfg.peft.enabled else "merged",
                                  base_model_path=validated["model_path"])
         del model
