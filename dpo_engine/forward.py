@@ -147,8 +147,10 @@ def sequence_logps(model: nn.Module, batch: SeqBatch, *, chunk_size: int = 8192,
         hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
                       use_cache=False).last_hidden_state
     else:
-        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      use_cache=False).last_hidden_state
+        # Right padding: under causal attention no real token sees a pad (pads come after it), so
+        # the mask is left out; the body then runs plain causal attention (sdpa's flash/efficient
+        # kernels) instead of a [S, 1, T, T] padding mask. Pad positions are never read.
+        hidden = body(input_ids=batch.input_ids, use_cache=False).last_hidden_state
     mask = batch.predict_mask
     s = batch.num_seqs
     seq_idx = batch.seq_ids[mask]

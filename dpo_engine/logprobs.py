@@ -191,8 +191,9 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     """Per-token log-probs of ``targets`` under ``softmax(hidden @ weight.T + bias)``.
 
     hidden [N, d] (any float dtype; accumulation is fp32), weight [V, d], bias [V] or None,
-    targets [N] int64. Differentiable in hidden, weight and bias. Autocast is disabled inside:
-    the head always computes in fp32.
+    targets [N] int64. Differentiable in hidden, weight and bias. The torch path disables autocast
+    and computes in fp32; the Triton path multiplies in the autocast dtype when autocast is on
+    (bf16 tensor cores, fp32 accumulation, as TRL's head does) and in the input dtype otherwise.
 
     ``with_stats`` adds entropy, mean logit and log sum p^2 per token (no grad).
     ``grad_filter_eps`` > 0 enables gradient filtering in backward (``CCE_FILTER_EPS`` = 2^-12 is

@@ -31,6 +31,9 @@ Gradient filtering (``grad_filter_eps > 0``): a (token block, vocabulary tile) w
 probability is below eps and that holds no target of the block is skipped in both backward kernels
 (its gradient is below eps * |g| per entry). Tiles holding a target are always computed exactly.
 
+The token count (and the chunk offsets) are not specialised on (``do_not_specialize``): every
+batch has another N, and a recompilation per divisibility class cost seconds per training step.
+
 Accumulation is fp32 for every input dtype (fp32 / fp16 / bf16). fp32 dots use
 ``input_precision="ieee"`` (no TF32), so fp32 results match a float64 reference to ~1e-6.
 
@@ -81,7 +84,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, D,
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, logp_ptr, ent_ptr, mean_ptr, p2_ptr,
                 N, V, D,
                 HAS_BIAS: tl.constexpr, WITH_STATS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -146,7 +149,7 @@ def _dlogits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, lse, g, tgt, D,
     return dl, keep
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "v0", "VC"])
 def _dl_chunk_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dl_ptr, N, V, D, v0, VC, stride_dl,
                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                      BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
@@ -167,7 +170,7 @@ def _dl_chunk_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dl_ptr, N, V, D
              dl.to(dl_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, gh_ptr, N, V, D, eps,
                    HAS_BIAS: tl.constexpr, FILTER: tl.constexpr, SINGLE_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -207,7 +210,7 @@ def _bwd_dh_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, gh_ptr, N, V, D, 
                  mask=rmask[:, None] & (ks < D)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _bwd_dw_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, gw_ptr, gb_ptr, N, V, D, eps,
                    HAS_BIAS: tl.constexpr, GRAD_B: tl.constexpr, FILTER: tl.constexpr,
                    SINGLE_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -255,8 +258,11 @@ def _bwd_dw_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, gw_ptr, gb_ptr, N
 
 
 def _config(hidden: torch.Tensor, blocks: dict | None) -> dict:
-    hopper = hidden.is_cuda and torch.cuda.get_device_capability(hidden.device)[0] >= 9
-    cfg = dict(HOPPER_BLOCKS if hopper else DEFAULT_BLOCKS, **(blocks or {}))
+    # HOPPER_BLOCKS for 16-bit inputs on a GPU with Hopper-sized shared memory (fp32 tiles need twice it)
+    smem = getattr(torch.cuda.get_device_properties(hidden.device), "shared_memory_per_block_optin", 0) \
+        if hidden.is_cuda else 0
+    big = hidden.dtype != torch.float32 and smem >= 200 * 1024
+    cfg = dict(HOPPER_BLOCKS if big else DEFAULT_BLOCKS, **(blocks or {}))
     for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D"):
         v = cfg[k]
         if v < 16 or v & (v - 1):
@@ -419,6 +425,12 @@ def triton_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     if not hidden.is_cuda and not _interpreting():
         raise RuntimeError("the Triton head needs CUDA tensors, or TRITON_INTERPRET=1 set before "
                            "triton is imported (CPU, for tests)")
+    if torch.is_autocast_enabled(hidden.device.type):
+        # the head's matmuls run in the autocast dtype (fp32 accumulation), as every other matmul
+        # of the model does; the casts are differentiable, so the gradients keep the input dtypes
+        dt = torch.get_autocast_dtype(hidden.device.type)
+        if dt in _SUPPORTED:
+            hidden = hidden.to(dt)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         return TritonTokenLogps.apply(hidden, weight, bias, targets, bool(with_stats),
                                       float(grad_filter_eps), blocks, bwd)
