@@ -160,9 +160,31 @@ def mfu(n_params: int, tokens: int, seconds: float, peak: float | None, n_device
 
 # ------------------------------------------------------------------------------ early stopping
 
+from contextlib import contextmanager  # noqa: E402
+from contextvars import ContextVar  # noqa: E402
+
+# Extra stop rules ``rule(history) -> bool`` installed around a ``train`` call with
+# ``extra_stop_rule`` (e.g. a sweep's "this variant lags behind the best one", dpo_engine/sweep.py).
+_EXTRA_RULES: ContextVar[tuple] = ContextVar("dpo_extra_stop_rules", default=())
+
+
+@contextmanager
+def extra_stop_rule(rule: Callable[[list[dict]], bool] | None):
+    """While the block runs, ``should_stop`` also stops when ``rule(history)`` is true
+    (None: no extra rule). Thread-local: parallel trainings each see their own rules."""
+    token = _EXTRA_RULES.set(_EXTRA_RULES.get() + ((rule,) if rule is not None else ()))
+    try:
+        yield
+    finally:
+        _EXTRA_RULES.reset(token)
+
+
 def should_stop(history: list[dict], cfg: TrainConfig) -> bool:
     """True when ``cfg.early_stopping_metric`` has not improved over its best for ``patience``
-    evaluations. Derived from the history alone, so a resumed run decides the same way."""
+    evaluations, or when an ``extra_stop_rule`` says so. Derived from the history (and, for an extra
+    rule, what it reads), so a resumed run decides the same way."""
+    if any(rule(history) for rule in _EXTRA_RULES.get()):
+        return True
     name = cfg.early_stopping_metric
     if not name:
         return False

@@ -111,22 +111,30 @@ def parse_grid(items: list[str]) -> dict[str, list]:
 
 
 def cmd_sweep(args) -> int:
-    from dpo_engine.sweep import expand_grid
+    from dpo_engine.sweep import check_stop_configs, expand_grid, stop_options
 
     grid = parse_grid(args.grid)
     overrides = dict(o.split("=", 1) for o in args.set)
     variants = expand_grid(grid)
-    for v in variants:  # fail fast on user errors, before Prefect starts
-        load_config(args.config, list(args.set) + [f"{k}={val}" for k, val in v.items()])
+    if args.parallel < 1:
+        raise ConfigError(f"sweep: --parallel must be >= 1 (got {args.parallel})")
+    stop = stop_options(args.stop_margin, args.stop_metric, args.stop_mode)
+    cfgs = [load_config(args.config, list(args.set) + [f"{k}={val}" for k, val in v.items()])
+            for v in variants]  # fail fast on user errors, before Prefect starts
+    if stop:
+        check_stop_configs(cfgs)
     check_prefect_api()
     from flows.dpo import dpo
 
     summary = dpo(config=args.config, overrides=overrides or None, run_name=args.run_name,
-                  grid=grid, metric=args.metric)
+                  grid=grid, metric=args.metric, parallel=args.parallel, stop_margin=args.stop_margin,
+                  stop_metric=args.stop_metric, stop_mode=args.stop_mode)
     print("\n" + "=" * 60)
     for i, v in enumerate(summary["variants"]):
         mark = "*" if i == summary["best"] else " "
-        print(f"{mark} {i:02d} {v['overrides']}  {summary['metric']}={v[summary['metric']]}  {v['run_dir']}")
+        status = "" if v.get("status", "completed") == "completed" else f"  {v['status']}"
+        print(f"{mark} {i:02d} {v['overrides']}  {summary['metric']}={v[summary['metric']]}  "
+              f"{v['run_dir']}{status}")
     print("=" * 60)
     print(f"sweep folder:      {summary['run_dir']}")
     print(f"MLflow parent run: {summary['mlflow_parent_run_id']}")
@@ -336,6 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="eval/win_rate", help="pick the best variant by this eval "
                    "metric, higher is better (default eval/win_rate)")
     p.add_argument("--run-name", help="sweep name (default: sweep-<UTC time>)")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="train/evaluate N variants at a time, bounded by the Prefect global concurrency "
+                   "limit 'dpo-train' (set to N slots); default 1: one after another (one GPU)")
+    p.add_argument("--stop-margin", type=float, metavar="M",
+                   help="stop a variant at a train.eval_steps checkpoint when its --stop-metric is behind "
+                   "the best value any variant reached at that step by more than M (needs "
+                   "train.eval_steps); default: no early stop")
+    p.add_argument("--stop-metric", metavar="METRIC",
+                   help="periodic eval metric compared by --stop-margin (default eval/rewards/accuracies; "
+                   "also eval/loss, eval/rewards/margins, ...)")
+    p.add_argument("--stop-mode", choices=("max", "min"),
+                   help="whether higher or lower --stop-metric is better (default: min for eval/loss, "
+                   "else max)")
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("compare", help="table and plot of runs of an MLflow experiment",

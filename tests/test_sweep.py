@@ -13,6 +13,16 @@ from data_contracts.config import ConfigError
 from dpo_engine.sweep import best_index, expand_grid
 
 
+@pytest.fixture(autouse=True)
+def _slow_server_start():
+    import flows  # noqa: F401  (the project-local Prefect state, before prefect is imported)
+    import prefect.settings as ps
+
+    # a loaded 2-core machine can take longer than Prefect's 20 s to start its temporary server
+    with ps.temporary_settings(updates={ps.PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
+        yield
+
+
 def test_expand_grid_is_the_cartesian_product():
     assert expand_grid({"loss.beta": [0.1, 0.2], "train.learning_rate": [1e-3]}) == [
         {"loss.beta": 0.1, "train.learning_rate": 1e-3}, {"loss.beta": 0.2, "train.learning_rate": 1e-3}]
@@ -26,6 +36,7 @@ def test_expand_grid_is_the_cartesian_product():
 
 def test_best_index_ignores_missing_and_nan():
     assert best_index([{"m": 0.2}, {"m": float("nan")}, {"m": 0.5}, {}], "m") == 2
+    assert best_index([{"m": 0.9}, {"m": 0.5}, {}], "m", among=[1, 2]) == 1  # 0 was stopped early
     with pytest.raises(ValueError, match="no variant has metric"):
         best_index([{}, {"m": float("nan")}], "m")
 
@@ -39,37 +50,156 @@ def test_parse_grid():
         parse_grid(["loss.beta"])
 
 
-def test_sweep_trains_children_under_one_parent_and_registers_the_best(dpo_home, tmp_path):
-    from mlflow import MlflowClient
+def _tiny_overrides(tmp_path, name: str) -> dict:
+    tiny = tiny_model_dir(tmp_path / "tiny-model")
+    return {"model.name_or_path": str(tiny), "data.train_limit": 12, "data.eval_limit": 6,
+            "data.max_length": 256, "train.per_device_train_batch_size": 4, "train.max_steps": 2,
+            "train.learning_rate": 1e-3, "eval.num_prompts": 2, "eval.max_new_tokens": 4,
+            "eval.batch_size": 4, "reference.batch_size": 8, "registry.experiment": f"{name}-test",
+            "registry.model_name": f"tiny-{name}", "registry.gate.thresholds": {}}
 
-    from data_contracts.config import mlflow_uri
-    from dpo_engine import registry
+
+def test_sweep_trains_children_under_one_parent_and_registers_the_best(dpo_home, tmp_path):
     from flows.dpo import dpo
 
-    tiny = tiny_model_dir(tmp_path / "tiny-model")
-    overrides = {"model.name_or_path": str(tiny), "data.train_limit": 12, "data.eval_limit": 6,
-                 "data.max_length": 256, "train.per_device_train_batch_size": 4, "train.max_steps": 2,
-                 "train.learning_rate": 1e-3, "eval.num_prompts": 2, "eval.max_new_tokens": 4,
-                 "eval.batch_size": 4, "reference.batch_size": 8, "registry.experiment": "sweep-test",
-                 "registry.model_name": "tiny-sweep", "registry.gate.thresholds": {}}
-    s = dpo(overrides=overrides, run_name="sw", grid={"loss.beta": [0.1, 0.5]},
+    s = dpo(overrides=_tiny_overrides(tmp_path, "sweep"), run_name="sw", grid={"loss.beta": [0.1, 0.5]},
             metric="eval/rewards/margins")
 
     assert len(s["variants"]) == 2 and s["registered_version"] == 1
     margins = [v["eval/rewards/margins"] for v in s["variants"]]
     assert s["best"] == margins.index(max(margins))
     assert json.loads((Path(s["run_dir"]) / "summary.json").read_text())["best"] == s["best"]
+    _check_children(s, "loss.beta", [0.1, 0.5], "tiny-sweep")
+
+
+def _check_children(s: dict, field: str, values: list, model_name: str) -> None:
+    """One finished child MLflow run per variant under the parent; only the best registered."""
+    from mlflow import MlflowClient
+
+    from data_contracts.config import mlflow_uri
+    from dpo_engine import registry
 
     registry.connect(mlflow_uri())
     client = MlflowClient()
     children = [v["mlflow_run_id"] for v in s["variants"]]
-    assert len(set(children)) == 2
+    assert len(set(children)) == len(values)
     for i, rid in enumerate(children):
         run = client.get_run(rid)
         assert run.data.tags["mlflow.parentRunId"] == s["mlflow_parent_run_id"]
-        assert run.data.tags["dpo.sweep.loss.beta"] == str([0.1, 0.5][i])
+        assert run.data.tags[f"dpo.sweep.{field}"] == str(values[i])
         assert run.info.status == "FINISHED"
     parent = client.get_run(s["mlflow_parent_run_id"])
     assert parent.data.tags["dpo.sweep.best_run_id"] == children[s["best"]]
-    versions = client.search_model_versions("name = 'tiny-sweep'")
+    versions = client.search_model_versions(f"name = '{model_name}'")
     assert [v.run_id for v in versions] == [children[s["best"]]]  # only the best is registered
+
+
+def test_stop_options_and_board(tmp_path):
+    import threading
+
+    from dpo_engine.sweep import Board, LaggingRule, best_at, stop_options
+
+    assert stop_options(None) is None
+    assert stop_options(0.05) == {"stop_margin": 0.05, "stop_metric": "eval/rewards/accuracies",
+                                  "stop_mode": "max"}
+    assert stop_options(0.1, "eval/loss")["stop_mode"] == "min"
+    with pytest.raises(ConfigError, match="not measured at checkpoints"):
+        stop_options(0.1, "eval/win_rate")
+    with pytest.raises(ConfigError, match=">= 0"):
+        stop_options(-1)
+    with pytest.raises(ConfigError, match="max or min"):
+        stop_options(0.1, "eval/loss", "down")
+
+    board = Board(tmp_path / "board.json")
+    # parallel posts never lose one another (lock + atomic replace)
+    threads = [threading.Thread(target=lambda v=v: [board.post(v, {s: s * 0.1}) for s in range(1, 21)])
+               for v in ("00", "01", "02", "03")]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert {v: len(steps) for v, steps in board.read().items()} == {"00": 20, "01": 20, "02": 20, "03": 20}
+    assert best_at(board.read(), 5, "max")[0] == pytest.approx(0.5) and best_at(board.read(), 99, "max") is None
+
+    loss = Board(tmp_path / "loss.json")
+    loss.post("00", {2: 0.40, 4: 0.30})
+    rule = LaggingRule(loss, "01", "eval/loss", "min", margin=0.05)
+    assert not rule([{"step": 1, "loss": 0.9}])  # not an evaluation step: nothing to compare
+    assert not rule([{"step": 2, "eval/loss": 0.44}])  # behind by 0.04 <= 0.05
+    assert rule([{"step": 4, "eval/loss": 0.36}]) and "lagging: eval/loss 0.36 vs best 0.3 of variant 00 " \
+        "at step 4" in rule.reason
+    assert rule([{"step": 5}])  # sticky
+    # the decision at a step is recorded: another rank (or a resumed run) decides the same way
+    assert LaggingRule(loss, "01", "eval/loss", "min", 0.05)([{"step": 4, "eval/loss": 0.1}])
+    assert not LaggingRule(loss, "01", "eval/loss", "min", 0.05)([{"step": 2, "eval/loss": 9.0}])
+    assert not LaggingRule(loss, "02", "eval/loss", "min", 0.05)([{"step": 6, "eval/loss": 9.0}])  # first at 6
+    assert loss.read()["01"] == {2: 0.44, 4: 0.36}
+
+
+def test_lagging_variant_is_stopped_early(dpo_home, tmp_path):
+    """Sequential sweep: the good variant (first) runs to the end; the useless learning rate is stopped
+    at its first evaluation, keeps its checkpoint, is not evaluated, not chosen, not indexed for reuse."""
+    from mlflow import MlflowClient
+
+    from data_contracts.config import mlflow_uri
+    from dpo_engine import registry
+    from dpo_engine.stages.common import lookup
+    from flows.dpo import dpo
+
+    overrides = {**_tiny_overrides(tmp_path, "stop"), "train.max_steps": 4, "train.eval_steps": 2,
+                 "train.save_steps": 1}
+    s = dpo(overrides=overrides, run_name="st", grid={"train.learning_rate": [5e-3, 1e-12]},
+            metric="eval/rewards/margins", stop_margin=0.05, stop_metric="eval/rewards/margins")
+
+    good, bad = s["variants"]
+    assert good["status"] == "completed" and good["steps"] == 4 and good["eval/rewards/margins"] is not None
+    assert bad["steps"] == 2 and bad["eval/rewards/margins"] is None
+    assert bad["status"].startswith("stopped early (lagging: eval/rewards/margins 0 vs best ") and \
+        bad["status"].endswith(" of variant 00 at step 2)")
+    assert s["best"] == 0 and s["registered_version"] == 1
+    board = json.loads(Path(s["board"]).read_text())
+    assert sorted(board["values"]["00"]) == ["2", "4"] and list(board["values"]["01"]) == ["2"]
+    assert board["decisions"] == {"00": {"2": None, "4": None}, "01": {"2": bad["status"]}}
+
+    bad_dir = Path(bad["run_dir"])
+    assert (bad_dir / "train" / "checkpoints" / "step-1" / "state.json").is_file()  # last checkpoint kept
+    assert (bad_dir / "train" / "model" / "config.json").is_file()
+    trained = json.loads((bad_dir / "train.json").read_text())
+    assert trained["stop_reason"] == bad["status"] and trained["stopped_early"]
+    assert lookup("train", trained["fingerprint"]) is None  # never reused by a later run
+    assert not (bad_dir / "evaluate.json").exists()
+
+    registry.connect(mlflow_uri())
+    client = MlflowClient()
+    tags = [client.get_run(v["mlflow_run_id"]).data.tags for v in s["variants"]]
+    assert tags[0]["dpo.sweep.status"] == "completed" and tags[1]["dpo.sweep.status"] == bad["status"]
+    assert all(t["mlflow.parentRunId"] == s["mlflow_parent_run_id"] for t in tags)
+
+
+def test_parallel_sweep_under_a_concurrency_limit(dpo_home, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.dpo import dpo
+    from flows.sweep import CONCURRENCY_LIMIT
+
+    s = dpo(overrides=_tiny_overrides(tmp_path, "par"), run_name="par", grid={"loss.beta": [0.1, 0.5]},
+            metric="eval/rewards/margins", parallel=2)
+
+    assert s["parallel"] == 2 and s["precomputes"] == 1
+    assert [v["status"] for v in s["variants"]] == ["completed", "completed"]
+    assert all(v["steps"] == 2 and v["eval/rewards/margins"] is not None for v in s["variants"])
+    assert len(list((dpo_home / "runs" / "par").glob("precompute.json"))) == 1
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(CONCURRENCY_LIMIT)
+    assert limit.limit == 2 and limit.active_slots == 0  # every slot released
+    _check_children(s, "loss.beta", [0.1, 0.5], "tiny-par")
+
+
+def test_sweep_user_errors_are_one_line(dpo_home, tmp_path):
+    from flows.sweep import run_sweep
+
+    overrides = _tiny_overrides(tmp_path, "err")
+    with pytest.raises(ConfigError, match="parallel must be a whole number"):
+        run_sweep(None, overrides, "e", {"loss.beta": [0.1]}, "eval/win_rate", parallel=0)
+    with pytest.raises(ConfigError, match="set train.eval_steps"):
+        run_sweep(None, overrides, "e", {"loss.beta": [0.1]}, "eval/win_rate", stop_margin=0.1)

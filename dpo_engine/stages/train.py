@@ -19,7 +19,8 @@ from dpo_engine.refcache import read_cache, training_reference
 from dpo_engine.stages.common import (Timer, crash_point, fingerprint, record, reused, source_fingerprint,
                                       write_json, write_text)
 from dpo_engine.evaluation import preference_metrics
-from dpo_engine.trainer import check_optim, total_steps, train
+from dpo_engine.trainer import check_optim, extra_stop_rule, total_steps, train
+from dpo_engine.sweep import stop_rule
 
 STAGE = "train"
 
@@ -69,7 +70,8 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
             model = apply_adapter(model, cfg.peft)
         steps = total_steps(len(pairs), cfg.train)
         evaluate_fn = eval_callback(cfg, validated, precomputed, model, tok.pad_token_id, device)
-        with tqdm(total=steps, desc="train", unit="step") as bar:
+        lagging = stop_rule(run_dir)  # a sweep variant's "behind the best variant" stop, else None
+        with tqdm(total=steps, desc="train", unit="step") as bar, extra_stop_rule(lagging):
             def on_step(step, m):
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}",
@@ -99,6 +101,11 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
                     f"accuracy {final.get('rewards/accuracies', float('nan')):.2f}, "
                     f"margin {final.get('rewards/margins', float('nan')):.3f}"),
     }
+    if lagging is not None and lagging.reason:  # decided by other variants: kept out of the reuse index
+        result["stop_reason"] = lagging.reason
+        result["summary"] += f"; {lagging.reason}"
+        write_json(Path(run_dir) / f"{STAGE}.json", result)
+        return result
     return record(STAGE, fp, result)
 
 
