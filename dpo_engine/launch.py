@@ -14,6 +14,8 @@ Every rank (``python -m dpo_engine.launch SPEC``) joins the process group throug
 - train: every rank trains on its share of each step's pairs (gradients summed over ranks, see
   ``dpo_engine.trainer``); rank 0 alone logs to MLflow, writes checkpoints, exports the model and
   records the stage result, which it writes to ``<run>/<stage>/launch/result.json`` for the launcher.
+  With an FSDP accelerate config (``distributed_type: FSDP``) the trainer shards the policy with
+  FSDP2's ``fully_shard`` (``dpo_engine.trainer.fsdp_settings``) instead of replicating it.
 
 A rank that fails writes ``error-rank<R>.json``; the launcher re-raises the first one (a user error
 stays a one-line user error) or reports the exit status.

@@ -285,6 +285,7 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
     back in train mode afterwards); its metrics join that step's and may drive early stopping.
     """
     device = torch.device(device)
+    fsdp = fsdp_settings()
     torch.manual_seed(cfg.seed)
     records = pairs.to_dict("records")
     reference = _reference(model, pairs, ref)
@@ -301,18 +302,23 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
     if n_ranks > 1:  # every rank starts from rank 0's weights (e.g. a freshly initialised adapter)
         for p in params:
             dist.broadcast(p.data, src=0)
+    policy = model
+    if fsdp is not None:  # shards in place; ``model`` becomes the root unit that runs the forward
+        _check_fsdp(cfg, sync, evaluate_fn)
+        model = _fsdp_wrap(model, fsdp)
+        params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg, device)
     sched = make_scheduler(opt, cfg, steps)
     use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
     if cfg.gradient_checkpointing:
-        _unwrap_ddp(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _unwrap_ddp(policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peak = peak_tflops(cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
 
     ckpt_dir = out_dir / "checkpoints"
     start, history = 0, []
     synced = ref if sync else None  # a reference that changes is checkpointed with the policy
-    last = _latest_checkpoint(ckpt_dir, with_reference=synced is not None)
+    last = None if fsdp else _latest_checkpoint(ckpt_dir, with_reference=synced is not None)
     if last is not None:
         start, history = load_checkpoint(last, _unwrap_ddp(model), opt, sched, synced)
     seen = int(history[-1]["num_tokens"]) if history else 0  # cumulative, as TRL logs num_tokens
@@ -328,17 +334,20 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
         for m0 in range(0, len(idx), bs):
             sel = idx[m0:m0 + bs]
             out, pc, pr, seq, n_tok = _micro_step(model, [records[i] for i in sel], sel, reference,
-                                                  n_pairs, pad_id, loss_cfg, cfg, device, use_bf16)
+                                                  n_pairs / (n_ranks if fsdp else 1), pad_id, loss_cfg, cfg,
+                                                  device, use_bf16)
             outs.append(_record(out, pc, pr, seq))
             tokens += n_tok
         loss_sum = torch.tensor([sum(o["losses"].sum().item() for o in outs), float(tokens)],
                                 dtype=torch.float64)
         if n_ranks > 1:
-            _all_reduce_grads(params)
+            if fsdp is None:  # FSDP has reduce-scattered (summed) the gradients in backward
+                _all_reduce_grads(params)
             dist.all_reduce(loss_sum)
             outs = _gather_records(outs, n_ranks)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor
         loss_val, tokens = loss_sum[0].item() / n_pairs, int(loss_sum[1].item())
         if not math.isfinite(loss_val) or not torch.isfinite(grad_norm):
             raise TrainingError(f"non-finite loss/gradient at step {step + 1} (loss={loss_val}, "
@@ -370,6 +379,8 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
         if cfg.save_steps and step % cfg.save_steps == 0 and step < steps and not stopped:
             _save_and_prune(ckpt_dir, step, model, opt, sched, history, keep_checkpoints, rank, n_ranks,
                             synced)
+    if fsdp is not None:
+        _unshard_in_place(model)
     return TrainResult(steps=step, history=history, resumed_from=start, stopped_early=step < steps)
 
 
@@ -399,16 +410,17 @@ def _reference(model, pairs: pd.DataFrame, ref):
             torch.tensor(ref_map.loc[pairs["example_id"], "ref_rejected_logps"].to_numpy()))
 
 
-def _micro_step(model, mb: list[dict], sel: list[int], reference, n_pairs: int, pad_id: int,
+def _micro_step(model, mb: list[dict], sel: list[int], reference, n_pairs: float, pad_id: int,
                 loss_cfg: LossConfig, cfg: TrainConfig, device: torch.device, use_bf16: bool):
     """Forward + backward of one micro-batch; the loss is normalised by the pairs of the whole step."""
     fwd = dict(loss_cfg=loss_cfg, chunk_size=cfg.logit_chunk_size, device=device,
                padding_free=cfg.padding_free)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        fw = pair_logps(model, mb, pad_id, with_stats=True, **fwd)
+        fw = _policy_logps(model, mb, pad_id, with_stats=True, **fwd)
         if reference is None or isinstance(reference, nn.Module):
-            with torch.no_grad(), (reference_mode(model) if reference is None else nullcontext()):
-                fr = pair_logps(model if reference is None else reference, mb, pad_id, **fwd)
+            with torch.no_grad(), (reference_mode(_inner(model)) if reference is None else nullcontext()):
+                fr = _policy_logps(model, mb, pad_id, **fwd) if reference is None else \
+                    pair_logps(reference, mb, pad_id, **fwd)
             rc, rr = fr["chosen"].double(), fr["rejected"].double()
         else:
             rc, rr = reference[0][sel].to(device), reference[1][sel].to(device)
@@ -433,6 +445,95 @@ def _save_and_prune(ckpt_dir: Path, step: int, model, opt, sched, history: list[
             shutil.rmtree(old, ignore_errors=True)
     if n_ranks > 1:
         dist.barrier()
+
+
+# ------------------------------------------------------------------------------ FSDP
+
+def fsdp_settings() -> dict | None:
+    """The FSDP settings that ``accelerate launch`` puts in every rank's environment for an accelerate
+    config with ``distributed_type: FSDP`` (None without one)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("1", "true"):
+        return None
+    return {"version": os.environ.get("FSDP_VERSION", "1"),
+            "layers": [c for c in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip()],
+            "reshard": os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in
+            ("false", "0", "shard_grad_op", "no_shard"),
+            "offload": os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"}
+
+
+def _check_fsdp(cfg: TrainConfig, sync, evaluate_fn) -> None:
+    for bad, why in ((cfg.save_steps > 0, "train.save_steps (sharded checkpoints); set it to 0"),
+                     (sync is not None, "reference.sync_ref_model (TR-DPO mixes full weights)"),
+                     (evaluate_fn is not None and cfg.eval_steps > 0, "train.eval_steps (periodic evaluation)")):
+        if bad:
+            raise TrainingError(f"FSDP (train.accelerate_config) does not support {why} yet")
+
+
+class _FSDPRoot(nn.Module):
+    """FSDP's root unit around the policy. The fused head calls the body and reads the LM head's
+    weight itself, not through the model's forward, so the whole log-prob computation runs inside this
+    module's forward, where FSDP has gathered the root-level parameters (embeddings, final norm, head)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.lm, *args, **kwargs)
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    return model.lm if isinstance(model, _FSDPRoot) else model
+
+
+def _policy_logps(model: nn.Module, *args, **kwargs) -> dict:
+    if isinstance(model, _FSDPRoot):
+        return model(pair_logps, *args, **kwargs)
+    return pair_logps(model, *args, **kwargs)
+
+
+def _fsdp_wrap(model: nn.Module, fsdp: dict) -> _FSDPRoot:
+    """FSDP2 (``fully_shard``): each transformer layer (the config's ``fsdp_transformer_layer_cls_to_wrap``,
+    else the model's ``_no_split_modules``) is a unit, the rest is the root unit. FSDP averages the
+    gradients over ranks (gloo has no pre-scaled sum), so each rank's loss is normalised by the step's
+    global pairs / world size: the same sum as the replicated path."""
+    import warnings
+
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    if fsdp["version"] != "2":
+        raise TrainingError("FSDP: set fsdp_config.fsdp_version: 2 in train.accelerate_config "
+                            "(this trainer shards with FSDP2's fully_shard)")
+    names = set(fsdp["layers"]) or set(getattr(unwrap_model(model), "_no_split_modules", None) or [])
+    kw = {"reshard_after_forward": fsdp["reshard"],
+          "offload_policy": CPUOffloadPolicy() if fsdp["offload"] else OffloadPolicy()}
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise TrainingError(f"FSDP: no module of class {', '.join(sorted(names)) or '?'} in the model; set "
+                            "fsdp_config.fsdp_transformer_layer_cls_to_wrap to its decoder layer class")
+    for layer in layers:
+        fully_shard(layer, **kw)
+    root = _FSDPRoot(model)
+    fully_shard(root, **kw)
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # chosen/rejected are slices
+    return root
+
+
+def _unshard_in_place(root: _FSDPRoot) -> None:
+    """After training: the full weights gathered (all ranks take part) and put back into the policy as
+    plain parameters on rank 0, which exports it; tied parameters stay tied."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not full:  # ranks > 0
+        return
+    done: dict[int, nn.Parameter] = {}
+    for name, p in list(root.lm.named_parameters(remove_duplicate=False)):
+        owner, _, leaf = name.rpartition(".")
+        module = root.lm.get_submodule(owner)
+        if id(p) not in done:
+            done[id(p)] = nn.Parameter(full[f"lm.{name}"].to(p.device), requires_grad=p.requires_grad)
+        module._parameters[leaf] = done[id(p)]
 
 
 def _agree(flag: bool, n_ranks: int) -> bool:
