@@ -21,7 +21,11 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from dpo_engine.logprobs import token_logps
+
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 # "auto": the Triton head on CUDA (verified on an H100, BENCHMARKS.md), the chunked torch path
 # elsewhere; DPO_HEAD_BACKEND=torch forces the torch path everywhere.
@@ -143,14 +147,17 @@ def sequence_logps(model: nn.Module, batch: SeqBatch, *, chunk_size: int = 8192,
     entropy and mean logit (metrics) and ``wpo_log_weight`` = mean over tokens of
     [log p(token) - log sum_v p(v)^2] (WPO), all without gradient."""
     body, head = lm_body_and_head(model)
-    if batch.packed:  # no mask and no cache: the boundaries come from the restarting position ids
-        hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                      use_cache=False).last_hidden_state
-    else:
-        # Right padding: under causal attention no real token sees a pad (pads come after it), so
-        # the mask is left out; the body then runs plain causal attention (sdpa's flash/efficient
-        # kernels) instead of a [S, 1, T, T] padding mask. Pad positions are never read.
-        hidden = body(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+    # sdpa without its cuDNN backend: cuDNN builds an execution graph for every new sequence length
+    # (every batch here), ~15 ms of CPU per layer call on an H100 (bench/profile_train_step.py)
+    with sdpa_kernel(SDPA_BACKENDS):
+        if batch.packed:  # no mask and no cache: the boundaries come from the restarting position ids
+            hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                          use_cache=False).last_hidden_state
+        else:
+            # Right padding: under causal attention no real token sees a pad (pads come after it),
+            # so the mask is left out; the body then runs plain causal attention (flash/efficient
+            # kernels) instead of a [S, 1, T, T] padding mask. Pad positions are never read.
+            hidden = body(input_ids=batch.input_ids, use_cache=False).last_hidden_state
     mask = batch.predict_mask
     s = batch.num_seqs
     seq_idx = batch.seq_ids[mask]
