@@ -203,3 +203,39 @@ def test_sweep_user_errors_are_one_line(dpo_home, tmp_path):
         run_sweep(None, overrides, "e", {"loss.beta": [0.1]}, "eval/win_rate", parallel=0)
     with pytest.raises(ConfigError, match="set train.eval_steps"):
         run_sweep(None, overrides, "e", {"loss.beta": [0.1]}, "eval/win_rate", stop_margin=0.1)
+
+
+def test_variant_tasks_never_exceed_the_concurrency_limit(dpo_home, monkeypatch):
+    """3 variant tasks submitted at once under a 2-slot limit: at most 2 run at the same time."""
+    import threading
+    import time
+
+    from prefect import flow
+
+    import flows.sweep as fs
+
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def fake(index, *args):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        deadline = time.monotonic() + 60  # hold the slot until two run at once (a loaded machine is slow)
+        while peak[0] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # the third one would start now if the limit let it
+        with lock:
+            running[0] -= 1
+        return index
+
+    monkeypatch.setattr(fs, "train_and_evaluate", fake)
+
+    @flow
+    def three():
+        fs.ensure_concurrency_limit("dpo-train-test", 2)
+        futures = [fs.variant_task.submit(i, None, {}, "", {}, "", {}, None, None, limit="dpo-train-test")
+                   for i in range(3)]
+        return [f.result() for f in futures]
+
+    assert three() == [0, 1, 2]
+    assert peak[0] == 2
