@@ -195,8 +195,17 @@ def test_parallel_sweep_under_a_concurrency_limit(dpo_home, tmp_path):
     _check_children(s, "loss.beta", [0.1, 0.5], "tiny-par")
 
 
-def test_sweep_user_errors_are_one_line(dpo_home, tmp_path):
+def test_sweep_user_errors_are_one_line(dpo_home, tmp_path, capsys):
+    from flows.cli import main
     from flows.sweep import run_sweep
+
+    for argv, msg in ((["--stop-margin", "0.1"], "needs periodic evaluation: set train.eval_steps"),
+                      (["--stop-margin", "0.1", "--set", "train.eval_steps=5", "--stop-metric", "eval/win_rate"],
+                       "'eval/win_rate' is not measured at checkpoints"),
+                      (["--parallel", "0"], "--parallel must be >= 1")):
+        assert main(["sweep", "--grid", "loss.beta=0.1,0.2", *argv]) == 1  # before Prefect starts
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
 
     overrides = _tiny_overrides(tmp_path, "err")
     with pytest.raises(ConfigError, match="parallel must be a whole number"):
