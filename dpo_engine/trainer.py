@@ -11,7 +11,8 @@ towards the policy every ``ref_model_sync_steps`` steps (checkpointed with the p
 torch.distributed (``accelerate launch``, see ``dpo_engine.launch``) each rank takes its share of every
 step's pairs and the gradients are summed over ranks, each rank's loss being normalised by the step's
 global pair count: the update equals the single-process one; the logged metrics are gathered over
-ranks, and only rank 0 logs and writes checkpoints.
+ranks, and only rank 0 logs and writes checkpoints. Launched with an FSDP accelerate config, the policy
+is sharded with FSDP2's ``fully_shard`` (``fsdp_settings``, ``_fsdp_wrap``) with the same update.
 
 Options (issue #5): gradient checkpointing, 8-bit AdamW (bitsandbytes, CUDA), per-step peak memory
 and MFU, periodic evaluation through an ``evaluate_fn(step)`` callback (logged with ``eval/`` names)
@@ -224,24 +225,50 @@ def _latest_checkpoint(ckpt_dir: Path, log: Callable[[str], None] = print,
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history: list[dict],
-                    ref_model: nn.Module | None = None) -> None:
+                    ref_model: nn.Module | None = None, full_state: tuple[dict, dict] | None = None) -> None:
+    """``full_state``: (model, optimizer) state dicts gathered from FSDP shards, written instead of
+    ``model``'s and ``opt``'s own (same files; the optimizer's keyed by parameter name)."""
     final = ckpt_dir / f"step-{step}"
     tmp = ckpt_dir / f".step-{step}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": full_state[0]} if full_state else {}))
     if ref_model is not None:  # TR-DPO changes the reference: a resumed run needs its weights too
         from safetensors.torch import save_model
         (tmp / REF_WEIGHTS).parent.mkdir()
         save_model(ref_model, str(tmp / REF_WEIGHTS))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "trainer.pt")
+    torch.save({"optimizer": full_state[1] if full_state else opt.state_dict(), "scheduler": sched.state_dict(),
+                "fsdp": full_state is not None}, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
 
-def load_checkpoint(path: Path, model, opt, sched, ref_model: nn.Module | None = None
-                    ) -> tuple[int, list[dict]]:
-    from safetensors.torch import load_file, load_model
+def load_checkpoint(path: Path, model, opt, sched, ref_model: nn.Module | None = None,
+                    fsdp_root: nn.Module | None = None) -> tuple[int, list[dict]]:
+    """Weights (``model``; None: already loaded), reference, optimizer, scheduler; returns (step,
+    history). ``fsdp_root``: the optimizer state is a gathered one, scattered to this rank's shards."""
+    from safetensors.torch import load_model
+
+    if model is not None:
+        _load_weights(path, model)
+    if ref_model is not None:
+        load_model(ref_model, str(path / REF_WEIGHTS))
+    blob = torch.load(path / "trainer.pt", weights_only=True)
+    if bool(blob.get("fsdp")) != (fsdp_root is not None):
+        raise TrainingError(f"checkpoint {path} was written {'with' if blob.get('fsdp') else 'without'} FSDP; "
+                            f"resume it the same way or delete {path.parent} to start over")
+    if fsdp_root is None:
+        opt.load_state_dict(blob["optimizer"])
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(fsdp_root, opt, blob["optimizer"], options=StateDictOptions(full_state_dict=True))
+    sched.load_state_dict(blob["scheduler"])
+    meta = json.loads((path / "state.json").read_text())
+    return meta["step"], meta["history"]
+
+
+def _load_weights(path: Path, model) -> None:
+    from safetensors.torch import load_file
 
     state = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -256,13 +283,6 @@ def load_checkpoint(path: Path, model, opt, sched, ref_model: nn.Module | None =
     if unexpected or set(missing) - tied:
         raise TrainingError(f"checkpoint {path} does not match the model "
                             f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
-    if ref_model is not None:
-        load_model(ref_model, str(path / REF_WEIGHTS))
-    blob = torch.load(path / "trainer.pt", weights_only=True)
-    opt.load_state_dict(blob["optimizer"])
-    sched.load_state_dict(blob["scheduler"])
-    meta = json.loads((path / "state.json").read_text())
-    return meta["step"], meta["history"]
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -303,8 +323,13 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
         for p in params:
             dist.broadcast(p.data, src=0)
     policy = model
+    ckpt_dir = out_dir / "checkpoints"
+    synced = ref if sync else None  # a reference that changes is checkpointed with the policy
+    last = _latest_checkpoint(ckpt_dir, with_reference=synced is not None)
     if fsdp is not None:  # shards in place; ``model`` becomes the root unit that runs the forward
         _check_fsdp(cfg, sync, evaluate_fn)
+        if last is not None:  # full weights into the plain policy, then sharded
+            _load_weights(last, policy)
         model = _fsdp_wrap(model, fsdp)
         params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg, device)
@@ -315,12 +340,10 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
     peak = peak_tflops(cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
 
-    ckpt_dir = out_dir / "checkpoints"
     start, history = 0, []
-    synced = ref if sync else None  # a reference that changes is checkpointed with the policy
-    last = None if fsdp else _latest_checkpoint(ckpt_dir, with_reference=synced is not None)
     if last is not None:
-        start, history = load_checkpoint(last, _unwrap_ddp(model), opt, sched, synced)
+        start, history = load_checkpoint(last, None if fsdp else _unwrap_ddp(model), opt, sched, synced,
+                                         fsdp_root=model if fsdp else None)
     seen = int(history[-1]["num_tokens"]) if history else 0  # cumulative, as TRL logs num_tokens
     stopped = _agree(should_stop(history, cfg), n_ranks)
     model.train()
@@ -439,8 +462,9 @@ def _evaluate(model: nn.Module, evaluate_fn: Callable[[int], dict], step: int) -
 
 def _save_and_prune(ckpt_dir: Path, step: int, model, opt, sched, history: list[dict], keep: int,
                     rank: int, n_ranks: int, ref_model: nn.Module | None = None) -> None:
+    full = _gather_fsdp_state(model, opt) if isinstance(model, _FSDPRoot) else None  # every rank takes part
     if rank == 0:
-        save_checkpoint(ckpt_dir, step, _unwrap_ddp(model), opt, sched, history, ref_model)
+        save_checkpoint(ckpt_dir, step, _inner(_unwrap_ddp(model)), opt, sched, history, ref_model, full)
         for old in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if n_ranks > 1:
@@ -462,8 +486,7 @@ def fsdp_settings() -> dict | None:
 
 
 def _check_fsdp(cfg: TrainConfig, sync, evaluate_fn) -> None:
-    for bad, why in ((cfg.save_steps > 0, "train.save_steps (sharded checkpoints); set it to 0"),
-                     (sync is not None, "reference.sync_ref_model (TR-DPO mixes full weights)"),
+    for bad, why in ((sync is not None, "reference.sync_ref_model (TR-DPO mixes full weights)"),
                      (evaluate_fn is not None and cfg.eval_steps > 0, "train.eval_steps (periodic evaluation)")):
         if bad:
             raise TrainingError(f"FSDP (train.accelerate_config) does not support {why} yet")
@@ -517,6 +540,16 @@ def _fsdp_wrap(model: nn.Module, fsdp: dict) -> _FSDPRoot:
     fully_shard(root, **kw)
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # chosen/rejected are slices
     return root
+
+
+def _gather_fsdp_state(root: _FSDPRoot, opt) -> tuple[dict, dict]:
+    """Full (model, optimizer) state dicts on rank 0 (empty elsewhere), keyed like the policy's own."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = {k.removeprefix("lm."): v for k, v in get_model_state_dict(root, options=options).items()}
+    return weights, get_optimizer_state_dict(root, opt, options=options)
 
 
 def _unshard_in_place(root: _FSDPRoot) -> None:
