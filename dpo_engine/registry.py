@@ -196,7 +196,7 @@ def connect(tracking_uri: str, timeout: float = 3.0, retry: RetryPolicy | None =
     environment (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``)."""
     global _policy
     _policy = retry or RetryPolicy()
-    scheme = urlparse(tracking_uri).scheme
+    scheme, db = urlparse(tracking_uri).scheme, None
     if scheme in ("http", "https"):
         for k, v in HTTP_DEFAULTS.items():
             os.environ.setdefault(k, v)
@@ -214,6 +214,34 @@ def connect(tracking_uri: str, timeout: float = 3.0, retry: RetryPolicy | None =
                                f"{e.strerror or e}") from None
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
+    if db is not None and tracking_uri not in _opened:
+        _open_sqlite_store(db)
+        _opened.add(tracking_uri)
+
+
+_opened: set[str] = set()
+
+
+def _open_sqlite_store(db: Path) -> None:
+    """Create (or migrate) a SQLite store under a file lock: two processes creating the same new
+    store at once would both run its migrations and one would fail ("table ... already exists")."""
+    import fcntl
+    import logging
+
+    quiet = [logging.getLogger(n) for n in ("mlflow.store.db.utils", "alembic.runtime.migration")]
+    levels = [q.level for q in quiet]
+    with open(db.with_name(f".{db.name}.lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            for q in quiet:  # "Creating initial MLflow database tables...": not for the console
+                q.setLevel(logging.WARNING)
+            client = _client()
+            call("open store", client.search_experiments, max_results=1)
+            call("open store", client.search_registered_models, max_results=1)
+        finally:
+            for q, level in zip(quiet, levels):
+                q.setLevel(level)
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _check_health(tracking_uri: str, timeout: float) -> None:

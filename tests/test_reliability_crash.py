@@ -207,3 +207,21 @@ def test_sigkill_in_stage_then_rerun_registers_the_uninterrupted_model(stage, ti
     assert got["tags"] == want["tags"]
     assert got["aliases"] == want["aliases"] == ["challenger", "champion"]
     assert set(got["loss_steps"]) == set(range(1, STEPS + 1))  # no step metric lost
+
+
+def test_rerun_under_another_run_name_continues_the_training(tiny_model, uninterrupted, prefect_api,
+                                                             tmp_path):
+    """A scheduler re-runs with a fresh (time-stamped) run name: the unfinished training of the
+    killed run is taken over from its checkpoints, not started again."""
+    home = tmp_path / "home"
+    config = write_config(tmp_path / "run.yaml", tiny_model)
+    p = run_flow(home, config, kill_at="train:step-4", run_name="first", api_url=prefect_api)
+    assert p.returncode == -signal.SIGKILL, _tail(p)
+    p = run_flow(home, config, run_name="second", api_url=prefect_api)
+    assert p.returncode == 0, _tail(p)
+    trained = json.loads((home / "runs" / "second" / "train.json").read_text())
+    assert trained["resumed_from"] == 3  # step 4 was being logged: the last checkpoint is step 3
+    reg = registered(home)
+    assert len(reg["versions"]) == 1
+    assert reg["versions"][0]["weights"] == uninterrupted["versions"][0]["weights"]
+    assert set(reg["versions"][0]["loss_steps"]) == set(range(1, STEPS + 1))

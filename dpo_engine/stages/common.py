@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -121,7 +123,58 @@ def record(stage: str, fp: str, result: dict) -> dict:
     """Index a fresh result for reuse and save it as <run_dir>/<stage>.json."""
     write_json(_index_path(stage, fp), result)
     write_json(Path(result["run_dir"]) / f"{stage}.json", result)
+    _partial_path(stage, fp).unlink(missing_ok=True)
     return result
+
+
+def _partial_path(stage: str, fp: str) -> Path:
+    return state_home() / "cache" / "stage_index" / f"{stage}-{fp}.partial.json"
+
+
+def _alive(pid, host) -> bool:
+    if host != socket.gethostname():
+        return True  # another machine's process: cannot tell, so do not take its work over
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, TypeError, ValueError):
+        return True
+    return True
+
+
+def claim_partial(stage: str, fp: str, out: Path, keep: tuple[str, ...] = ("checkpoints", "mlflow_run_id"),
+                  log=print) -> str | None:
+    """Continue a stage that an earlier run (another run folder, same fingerprint) left unfinished:
+    copy its resumable state (``keep``: e.g. training checkpoints and MLflow run id) into ``out``,
+    unless ``out`` has state of its own or that run's process is still alive (a concurrent run is
+    never taken over). Then record ``out`` as this fingerprint's unfinished work until ``record``.
+    Returns the run folder taken over, or None."""
+    marker, taken = _partial_path(stage, fp), None
+    try:
+        prev = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        prev = None
+    src = Path(prev["out"]) if prev else None
+    if src and src != Path(out) and not any((Path(out) / k).exists() for k in keep) \
+            and not _alive(prev.get("pid"), prev.get("host")) and src.is_dir():
+        try:
+            for name in keep:
+                if not (src / name).exists():
+                    continue
+                tmp = atomic_path(Path(out) / name)
+                if (src / name).is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    shutil.copytree(src / name, tmp)
+                else:
+                    shutil.copy2(src / name, tmp)
+                os.replace(tmp, Path(out) / name)
+            taken = str(src.parent)
+            log(f"{stage}: continuing the unfinished {stage} of run {src.parent.name}")
+        except OSError as e:
+            log(f"{stage}: could not take over the unfinished {stage} in {src} ({e}); starting afresh")
+    write_json(marker, {"out": str(out), "pid": os.getpid(), "host": socket.gethostname()})
+    return taken
 
 
 def reused(stage: str, fp: str, run_dir: Path) -> dict | None:

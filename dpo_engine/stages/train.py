@@ -16,8 +16,8 @@ from dpo_engine import launch, registry
 from dpo_engine.adapters import apply_adapter, check_config, export_model
 from dpo_engine.models import load_model, load_tokenizer, model_fingerprint, pick_device
 from dpo_engine.refcache import read_cache, training_reference
-from dpo_engine.stages.common import (Timer, crash_point, fingerprint, record, reused, source_fingerprint,
-                                      write_json, write_text)
+from dpo_engine.stages.common import (Timer, claim_partial, crash_point, fingerprint, record, reused,
+                                      source_fingerprint, write_json, write_text)
 from dpo_engine.evaluation import preference_metrics
 from dpo_engine.trainer import check_optim, extra_stop_rule, total_steps, train
 from dpo_engine.sweep import stop_rule
@@ -47,6 +47,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
     ref = training_reference(cfg, validated, precomputed, pairs, device)
     tok = load_tokenizer(cfg.model, validated["model_path"])
 
+    claim_partial(STAGE, fp, out)  # a crashed earlier run of this training: go on from its checkpoints
     registry.connect(mlflow_uri(cfg), retry=registry.RetryPolicy.from_config(cfg.registry))
     id_file = out / "mlflow_run_id"  # a retried/resumed training logs into the same MLflow run
     run_id = registry.start_run(cfg.registry.experiment, Path(run_dir).name,
@@ -56,7 +57,8 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
     out.mkdir(parents=True, exist_ok=True)
     write_text(id_file, run_id)
     crash_point(STAGE, "mlflow-run")
-    registry.log_params(run_id, cfg.model_dump(mode="json"))
+    # run_name is the MLflow run's name; not a param, so a re-run under a new name can continue it
+    registry.log_params(run_id, cfg.model_dump(mode="json", exclude={"run_name"}))
     outbox = registry.Outbox(run_id)  # metrics kept on disk while MLflow is away, sent when it is back
     outbox.log_metrics(validated.get("metrics", {}))
 
