@@ -119,10 +119,23 @@ def worker_ours(args, tok) -> dict:
     from dpo_engine.trainer import train
 
     t0 = time.perf_counter()
-    rows = text_rows(args.steps * args.pairs_per_step, tok, args.max_length)
-    pairs = pd.DataFrame([{"example_id": f"ex{i}", **tokenize_like_trl(r, tok, args.max_length)}
-                          for i, r in enumerate(rows)])
+    if args.fixed_length:  # random ids: prompt of a quarter, two completions of the rest
+        g = __import__("torch").Generator().manual_seed(0)
+        p_len = args.fixed_length // 4
+        ids = lambda n: __import__("torch").randint(0, len(tok), (n,), generator=g).tolist()  # noqa: E731
+        pairs = pd.DataFrame([{"example_id": f"ex{i}", "prompt_input_ids": ids(p_len),
+                               "chosen_input_ids": ids(args.fixed_length - p_len),
+                               "rejected_input_ids": ids(args.fixed_length - p_len)}
+                              for i in range(args.steps * args.pairs_per_step)])
+    else:
+        rows = text_rows(args.steps * args.pairs_per_step, tok, args.max_length)
+        pairs = pd.DataFrame([{"example_id": f"ex{i}", **tokenize_like_trl(r, tok, args.max_length)}
+                              for i, r in enumerate(rows)])
     model = make_model(len(tok), args.gpu)
+    if args.worker == "ours_compiled":
+        from dpo_engine.forward import compile_layers
+
+        compile_layers(model)
     device = "cuda" if args.gpu else "cpu"
     t1 = time.perf_counter()
     ref = compute_reference_logps(model, pairs, pad_id=tok.pad_token_id, batch_size=args.pairs_per_step,
@@ -200,7 +213,7 @@ def run_worker(which: str, args) -> dict:
                "TOKENIZERS_PARALLELISM": "false"}
         cmd = [sys.executable, __file__, "--worker", which, "--steps", str(args.steps),
                "--pairs-per-step", str(args.pairs_per_step), "--max-length", str(args.max_length)]
-        cmd += ["--gpu"] if args.gpu else []
+        cmd += (["--gpu"] if args.gpu else []) + [f"--fixed-length={args.fixed_length}"]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if res.returncode:
         sys.exit(f"{which} failed:\n{res.stderr[-3000:]}")
@@ -214,7 +227,11 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--gpu", action="store_true", help="Qwen3-0.6B shape on CUDA, bf16 autocast")
     ap.add_argument("--packed", action="store_true", help="also run ours with padding_free packing")
-    ap.add_argument("--worker", choices=["ours", "ours_packed", "trl"])
+    ap.add_argument("--compile", action="store_true", help="also run ours with compiled decoder layers")
+    ap.add_argument("--fixed-length", type=int, default=0,
+                    help="ours only: random pairs of exactly this many tokens (MFU at a fixed shape)")
+    ap.add_argument("--workers", default="", help="comma-separated subset to run, e.g. ours,ours_compiled")
+    ap.add_argument("--worker", choices=["ours", "ours_packed", "ours_compiled", "trl"])
     args = ap.parse_args()
     if args.gpu and args.max_length == 256:
         args.max_length = 1024
@@ -239,7 +256,10 @@ def main() -> None:
         "Llama d=128 L=2 V=50,277 fp32"
     print(f"{dev}, torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
           f"{model_desc}; {args.steps} steps x {args.pairs_per_step} pairs, max_length {args.max_length}")
-    workers = ["ours"] + (["ours_packed"] if args.packed else []) + ["trl"]
+    workers = ["ours"] + (["ours_packed"] if args.packed else []) + (["ours_compiled"] if args.compile else []) \
+        + ([] if args.fixed_length else ["trl"])
+    if args.workers:
+        workers = args.workers.split(",")
     res = {w: run_worker(w, args) for w in workers}
     mem = "peak_gpu_mb" if args.gpu else "peak_rss_mb"
     print(f"{'':11} {'setup s':>8} {'ref pass s':>10} {'train s':>8} {'total s':>8} {'train tok/s':>11} "
@@ -250,16 +270,17 @@ def main() -> None:
         mfu = 6 * r["params"] * r["tok_s"] / (H100_BF16_TFLOPS * 1e12)
         print(f"{w:11} {r['setup_s']:8.1f} {r['precompute_s']:10.1f} {r['train_s']:8.2f} {r['total_s']:8.1f} "
               f"{r['tok_s']:11.0f} {r[mem]:9.0f}" + (f" {mfu:6.1%}" if args.gpu else ""))
-    t = res["trl"]
-    for w in workers[:-1]:
+    for w in workers:
         if "step_mfu" in res[w]:
             print(f"{w} per-step MFU (trainer's own estimate): {res[w]['step_mfu']}")
-    print(f"real tokens per run: " + ", ".join(f"{r['tokens']:,} ({w})" for w, r in res.items()))
-    for w in workers[:-1]:
+    print("real tokens per run: " + ", ".join(f"{r['tokens']:,} ({w})" for w, r in res.items()))
+    if "trl" not in res:
+        return
+    t = res["trl"]
+    for w in [w for w in workers if w != "trl"]:
         o = res[w]
         print(f"{w}/TRL: train time {o['train_s'] / t['train_s']:.2f}x, total {o['total_s'] / t['total_s']:.2f}x, "
               f"tokens/s {o['tok_s'] / t['tok_s']:.2f}x, peak memory {o[mem] / t[mem]:.2f}x")
-
 
 if __name__ == "__main__":
     main()

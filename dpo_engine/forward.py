@@ -112,6 +112,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
+    """torch.compile each decoder layer of the body (regional compilation: one graph, reused by every
+    layer; ``dynamic=True`` so new sequence lengths do not recompile). Fuses the elementwise work of
+    the layers (norms, rotary, activations), which dominates small models' steps on a GPU. The
+    embedding and the fused head stay eager. Returns the number of layers compiled."""
+    body, _ = lm_body_and_head(model)
+    layers = next((m for m in body.children() if isinstance(m, nn.ModuleList) and len(m)), None)
+    if layers is None:
+        raise TypeError(f"{type(body).__name__} has no list of decoder layers to compile")
+    for layer in layers:
+        layer.compile(backend=backend, dynamic=True)
+    return len(layers)
+
+
 def lm_body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The transformer body (returns last_hidden_state) and the LM head of a causal LM, also through
     DDP and PEFT wrappers."""
