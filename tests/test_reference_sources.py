@@ -77,19 +77,19 @@ def test_online_reference_model_equals_its_precomputed_log_probs(dirs, tmp_path)
     other = _load(other_dir)
     before = _params(other)
     online = _load(policy_dir)
-    train(online, pairs, other, loss_cfg=LossConfig(), cfg=_cfg(), pad_id=0, out_dir=tmp_path / "online")
+    train(online, pairs, other, loss_cfg=LossConfig(), cfg=_cfg(max_steps=2), pad_id=0, out_dir=tmp_path / "online")
     assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))  # frozen
     assert all(p.grad is None for p in other.parameters())
 
     cached = _load(policy_dir)
     train(cached, pairs, compute_reference_logps(_load(other_dir), pairs, pad_id=0, batch_size=5),
-          loss_cfg=LossConfig(), cfg=_cfg(), pad_id=0, out_dir=tmp_path / "cached")
+          loss_cfg=LossConfig(), cfg=_cfg(max_steps=2), pad_id=0, out_dir=tmp_path / "cached")
     for a, b in zip(online.parameters(), cached.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
 
     own = _load(policy_dir)  # the policy's own base as reference gives other weights: the model is used
     train(own, pairs, compute_reference_logps(_load(policy_dir), pairs, pad_id=0, batch_size=5),
-          loss_cfg=LossConfig(), cfg=_cfg(), pad_id=0, out_dir=tmp_path / "own")
+          loss_cfg=LossConfig(), cfg=_cfg(max_steps=2), pad_id=0, out_dir=tmp_path / "own")
     assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(online.parameters(), own.parameters()))
 
 
