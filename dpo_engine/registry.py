@@ -200,6 +200,7 @@ def connect(tracking_uri: str, timeout: float = 3.0, retry: RetryPolicy | None =
     if scheme in ("http", "https"):
         for k, v in HTTP_DEFAULTS.items():
             os.environ.setdefault(k, v)
+        mlflow.set_tracking_uri(tracking_uri)  # named by call()'s message while waiting
         if not check:
             pass
         elif wait:

@@ -41,7 +41,8 @@ def test_two_flows_at_once_share_cache_and_store(tmp_path):
     # validated example ids; computed once or twice in all, never more
     folders = sorted(p.parent for p in (home / "cache" / "reference").glob(f"*/{COMPLETE}"))
     assert len(folders) == 2
-    valid = {s: pd.read_parquet(run_dirs[0] / "validate" / s / "valid.parquet") for s in ("train", "eval")}
+    validated = json.loads((run_dirs[0] / "validate.json").read_text())  # maybe the other run's folder
+    valid = {s: pd.read_parquet(validated[s]["valid"]) for s in ("train", "eval")}
     for folder in folders:
         meta = json.loads((folder / COMPLETE).read_text())
         df = read_cache(folder, expect_ids=valid[meta["split"]]["example_id"].tolist(), expect_key=folder.name)
