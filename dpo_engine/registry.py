@@ -464,10 +464,14 @@ class Outbox:
                     m = entries[done + n]
                     batch += [Metric(k, v, m["ts"], m["step"]) for k, v in m["metrics"].items()]
                     n += 1
-                client.log_batch(self.run_id, metrics=batch)
+                for i in range(0, len(batch), 1000):  # MLflow's limit per request
+                    client.log_batch(self.run_id, metrics=batch[i:i + 1000])
             else:
                 n = 1
-                if "artifact" in e:
+                src = e.get("artifact") or e.get("table")
+                if not Path(src).exists():  # said, not silently dropped
+                    self.log(f"outbox {self.path}: {src} no longer exists; not sent to MLflow")
+                elif "artifact" in e:
                     if Path(e["artifact"]).is_dir():
                         client.log_artifacts(self.run_id, e["artifact"], e.get("artifact_path"))
                     else:

@@ -197,3 +197,49 @@ def test_server_never_back_fails_in_one_line_then_dpo_register(dpo_home, tiny, s
     assert main(["register", "--run-dir", str(run_dir)]) == 0  # again: still one version
     from dpo_engine.stages.common import load_result
     _check_store(server.uri, load_result(run_dir, "train")["mlflow_run_id"])
+
+
+def test_outbox_keeps_entries_while_the_store_fails_and_sends_them_once(dpo_home, tmp_path, monkeypatch):
+    """The outbox on its own (SQLite store, failures injected): nothing lost, nothing doubled, a line
+    cut short by a crash and a vanished file are reported, not silently dropped."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from dpo_engine import registry
+
+    registry.connect(f"sqlite:///{dpo_home / 'mlflow' / 'mlflow.db'}",
+                     retry=registry.RetryPolicy(timeout_s=5, backoff_s=0.05, max_backoff_s=0.1))
+    run_id = registry.start_run("outbox", "r")
+    said = []
+    box = registry.Outbox(run_id, log=said.append)
+    real = registry._client
+
+    class Down:
+        def __getattr__(self, name):
+            def fail(*a, **k):
+                raise MlflowException("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/log-batch "
+                                      "failed with exception Connection refused")
+            return fail
+
+    monkeypatch.setattr(registry, "_client", lambda: Down())
+    for step in range(1, 6):
+        assert box.log_metrics({"loss": 1.0 / step}, step=step) is False
+    art = tmp_path / "a.json"
+    art.write_text("{}")
+    box.log_artifact(art, "evaluation")
+    box.log_artifact(tmp_path / "gone.json", "evaluation")
+    with open(box.path, "ab") as fh:  # a crash in the middle of an append
+        fh.write(b'{"metrics": {"loss": 0.')
+    box.log_metrics({"loss": 0.1}, step=6)
+    assert len(box.pending()) == 8 and any("cut short" in s for s in said)
+    assert any("MLflow unavailable" in s for s in said)
+    with pytest.raises(registry.TrackingUnavailable, match="unavailable: send buffered"):
+        box.send(wait=True, policy=registry.RetryPolicy(timeout_s=0.2, backoff_s=0.05))
+
+    monkeypatch.setattr(registry, "_client", real)
+    assert box.send(wait=True) and box.pending() == [] and not box.path.exists()
+    assert box.send(wait=True)  # nothing left: a second send adds nothing
+    client = MlflowClient()
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4, 5, 6]
+    assert [a.path for a in client.list_artifacts(run_id, "evaluation")] == ["evaluation/a.json"]
+    assert any("gone.json no longer exists" in s for s in said)
