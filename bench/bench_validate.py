@@ -1,12 +1,14 @@
 """Throughput and memory of data_contracts.validate_split on a large standard (string) JSONL file.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_validate.py [--rows 200000] [--limit N]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_validate.py [--rows 200000] [--num-proc 1 2 ...]
 
 Generates ROWS explicit rows ``{"prompt", "chosen", "rejected"}`` (short English-like strings, about
 1% duplicates and 1% bad rows) into a temporary folder, validates them with a real fast tokenizer
 (``../shared/models/gpt-neox-20b-tokenizer/tokenizer.json``, or a small BPE trained here when that
-file is absent), and prints rows/s (validation only, file generation excluded) and the peak RSS of
-the process. No chat template: this measures the string path.
+file is absent), and prints, for each ``data.num_proc`` setting (default: 1 and min(CPUs, 8)), each
+run in a fresh process: rows/s (validation only, file generation excluded), CPU seconds of all
+processes, the peak RSS of the main process and of the largest worker, and the load average.
+No chat template: this measures the string path.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import random
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -72,42 +75,76 @@ def load_tokenizer():
                                    unk_token="<unk>"), "BPE trained in the script (vocab 2000)"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--batch-rows", type=int, default=None)
-    args = ap.parse_args()
-
+def run_one(src: Path, out: Path, num_proc: int, limit, batch_rows) -> dict:
+    """Validate ``src`` once in this process; timings, report and peak RSS (this process and the
+    largest worker)."""
     from data_contracts.config import DataConfig
     from data_contracts.sources import BATCH_ROWS
     from data_contracts.validate import validate_split
 
     tok, tok_name = load_tokenizer()
+    rss_before = peak_rss_mb()
+    cfg = DataConfig(max_length=1024, max_invalid_fraction=1.0, num_proc=num_proc)
+    t0, c0 = time.perf_counter(), time.process_time()
+    rep = validate_split(src, out, tok, cfg, limit=limit, batch_rows=batch_rows or BATCH_ROWS)
+    secs = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"tokenizer": tok_name, "secs": secs, "cpu": cpu + kids.ru_utime + kids.ru_stime,
+            "rss": peak_rss_mb(), "rss_before": rss_before, "rss_worker": kids.ru_maxrss / 1024,
+            "load": os.getloadavg()[0], "report": {k: rep[k] for k in (
+                "valid", "rejected", "reject_counts", "duplicates", "limited_out", "fingerprint")},
+            "valid_mb": (out / "valid.parquet").stat().st_size / 2**20}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--batch-rows", type=int, default=None)
+    ap.add_argument("--num-proc", type=int, nargs="*", default=None,
+                    help="settings to compare (default: 1 and min(CPUs, 8))")
+    ap.add_argument("--one", nargs=3, metavar=("SRC", "OUT", "NUM_PROC"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        src, out, n = args.one
+        print(json.dumps(run_one(Path(src), Path(out), int(n), args.limit, args.batch_rows)))
+        return
+
+    settings = args.num_proc or [1, min(os.cpu_count() or 1, 8)]
     with tempfile.TemporaryDirectory(prefix="bench-validate-") as d:
         src = Path(d) / "rows.jsonl"
         t0 = time.perf_counter()
         write_rows(src, args.rows)
         gen_s = time.perf_counter() - t0
-        rss_before = peak_rss_mb()
-        cfg = DataConfig(max_length=1024, max_invalid_fraction=1.0)
-        t0, c0 = time.perf_counter(), time.process_time()
-        rep = validate_split(src, Path(d) / "out", tok, cfg, limit=args.limit,
-                             batch_rows=args.batch_rows or BATCH_ROWS)
-        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
         size_mb = src.stat().st_size / 2**20
-        valid_mb = (Path(d) / "out" / "valid.parquet").stat().st_size / 2**20
-    print(f"tokenizer: {tok_name}")
+        results = []
+        for n in settings:  # each setting in a fresh process: its own peak RSS
+            cmd = [sys.executable, __file__, "--one", str(src), str(Path(d) / f"out{n}"), str(n)]
+            cmd += ["--limit", str(args.limit)] if args.limit else []
+            cmd += ["--batch-rows", str(args.batch_rows)] if args.batch_rows else []
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results.append((n, json.loads(out.strip().splitlines()[-1])))
+    first = results[0][1]
+    print(f"tokenizer: {first['tokenizer']}")
     print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
           f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}")
     print(f"input: {args.rows} rows, {size_mb:.1f} MiB JSONL (generated in {gen_s:.1f}s)")
+    rep = first["report"]
     print(f"report: valid {rep['valid']}, rejected {rep['rejected']} {rep['reject_counts']}, "
           f"duplicates {rep['duplicates']}, limited out {rep['limited_out']}; valid.parquet "
-          f"{valid_mb:.1f} MiB")
-    print(f"validate_split: {secs:.2f}s -> {args.rows / secs:,.0f} rows/s "
-          f"(CPU {cpu:.2f}s all threads, {args.rows / cpu:,.0f} rows per CPU-second; "
-          f"load average {os.getloadavg()[0]:.1f})")
-    print(f"peak RSS: {peak_rss_mb():.0f} MiB (before validation: {rss_before:.0f} MiB)")
+          f"{first['valid_mb']:.1f} MiB")
+    same = all(r["report"] == rep for _, r in results)
+    print(f"reports identical across settings: {same}")
+    print()
+    print("| num_proc | seconds | rows/s | CPU s (all processes) | peak RSS main | peak RSS worker | load avg |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for n, r in results:
+        worker = f"{r['rss_worker']:.0f} MiB" if n > 1 else "-"
+        print(f"| {n} | {r['secs']:.2f} | {args.rows / r['secs']:,.0f} | {r['cpu']:.1f} | "
+              f"{r['rss']:.0f} MiB ({r['rss_before']:.0f} before) | {worker} | {r['load']:.1f} |")
+    if not same:
+        sys.exit("error: the settings produced different reports")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,11 @@ class DataConfig(_Section):
     invalid_policy: Literal["fail", "quarantine"] = "quarantine"
     max_invalid_fraction: float = Field(0.05, ge=0.0, le=1.0)
     shuffle_seed: int = 0
+    num_proc: int | None = Field(None, ge=1, exclude=True, description="Worker processes that parse and "
+                                 "tokenize batches (fork). null (auto): min(CPUs, 8) when the input is "
+                                 "large (>= 50,000 rows or 16 MiB of files), else 1. The output is "
+                                 "identical for any value, so it is not part of the config hash or the "
+                                 "saved config.")
 
     @field_validator("columns")
     @classmethod

@@ -44,6 +44,9 @@ class RowError(Exception):
         super().__init__(message)
         self.code, self.field, self.message = code, field, message
 
+    def __reduce__(self):  # picklable (worker processes send RowErrors back)
+        return (RowError, (self.code, self.field, self.message))
+
 
 @dataclass
 class Layout:

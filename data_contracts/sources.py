@@ -210,6 +210,28 @@ def iter_batches(source: Any, batch_rows: int = BATCH_ROWS, split: str | None = 
     yield from iter_batches(_load_hub(s, split), batch_rows)
 
 
+def input_size(source: Any) -> tuple[int | None, int | None]:
+    """(rows, bytes) of a source when cheap to know, else None for either: the length of an
+    in-memory source, the total size of a local file or folder of data files."""
+    if isinstance(source, (str, Path)):
+        s = str(source)
+        if s.startswith(BUILTIN_PREFIX):
+            return None, None
+        path = Path(s).expanduser()
+        try:
+            if path.is_file():
+                return None, path.stat().st_size
+            if path.is_dir():
+                return None, sum(f.stat().st_size for f in _folder_files(path))
+        except (OSError, DataError):
+            pass
+        return None, None
+    try:
+        return len(source), None
+    except TypeError:
+        return None, None
+
+
 def load_rows(source: Any, split: str | None = None) -> list:
     """All rows of a source, in order, in one list (see the module docstring for what a source
     can be). For large files use :func:`iter_batches`, which keeps memory bounded.

@@ -26,9 +26,11 @@ import hashlib
 import heapq
 import json
 import math
+import multiprocessing as mp
 import os
 from array import array
-from collections import Counter
+from collections import Counter, deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ from data_contracts.config import BUILTIN_DATASET, DataConfig
 from data_contracts.encode import Encoded, encode_batch
 from data_contracts.errors import DataError, DataPolicyError
 from data_contracts.formats import Example, RowError, detect_layout, map_columns, to_example
-from data_contracts.sources import BATCH_ROWS, describe, iter_batches, load_rows
+from data_contracts.sources import BATCH_ROWS, describe, input_size, iter_batches, load_rows
 
 _ids = pa.list_(pa.int32())
 VALID_SCHEMA = pa.schema([
@@ -59,6 +61,9 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
 _ID_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str, sort_keys=True, separators=(",", ":"))
 
 
+_str_json = json.encoder.encode_basestring  # what both encoders write for a str (ensure_ascii=False)
+
+
 def _json(x: Any, **kw) -> str:
     if not kw:
         return _ENCODER.encode(x)  # a prebuilt encoder: json.dumps(x, **kw) builds one per call
@@ -67,6 +72,11 @@ def _json(x: Any, **kw) -> str:
 
 def example_id(ex: Example) -> str:
     """16 hex chars of sha256 over the canonical prompt/chosen/rejected JSON (+ tools when set)."""
+    if not ex.tools and ex.prompt.__class__ is ex.chosen.__class__ is ex.rejected.__class__ is str:
+        # the same text as the encoder's, without building and walking a dict
+        text = (f'{{"chosen":{_str_json(ex.chosen)},"prompt":{_str_json(ex.prompt)},'
+                f'"rejected":{_str_json(ex.rejected)}}}')
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
     key = {"chosen": ex.chosen, "prompt": ex.prompt, "rejected": ex.rejected}
     if ex.tools:
         key["tools"] = ex.tools
@@ -86,7 +96,7 @@ def _check_utf8(ex: Example) -> None:
     """Reject texts Parquet cannot store (lone surrogates from JSON escapes like \\ud800)."""
     for name in ("prompt", "chosen", "rejected", "tools", "meta"):
         value = getattr(ex, name)
-        if value:
+        if value and not (value.__class__ is str and value.isascii()):  # ASCII: always encodable
             try:
                 _json(value).encode("utf-8")
             except UnicodeEncodeError as e:
@@ -226,23 +236,162 @@ class _Writer:
 
 
 def _valid_table(recs: list[tuple[int, Example, str, Encoded]]) -> pa.Table:
-    cols: dict[str, list] = {name: [] for name in VALID_SCHEMA.names}
-    for i, ex, eid, enc in recs:
-        cols["example_id"].append(eid)
-        cols["source_index"].append(i)
-        cols["prompt"].append(_json(ex.prompt))
-        cols["chosen"].append(_json(ex.chosen))
-        cols["rejected"].append(_json(ex.rejected))
-        cols["is_conversational"].append(ex.is_conversational)
-        cols["tools"].append(_json(ex.tools) if ex.tools else None)
-        cols["meta"].append(_json(ex.meta) if ex.meta else "{}")
-        cols["prompt_input_ids"].append(enc.prompt)
-        cols["chosen_input_ids"].append(enc.chosen)
-        cols["rejected_input_ids"].append(enc.rejected)
-        cols["prompt_len"].append(len(enc.prompt))
-        cols["chosen_len"].append(len(enc.chosen))
-        cols["rejected_len"].append(len(enc.rejected))
+    js = lambda x: _str_json(x) if x.__class__ is str else _json(x)  # noqa: E731
+    encs = [enc for *_, enc in recs]
+    exs = [ex for _, ex, _, _ in recs]
+    cols = {
+        "example_id": [eid for _, _, eid, _ in recs], "source_index": [i for i, *_ in recs],
+        "prompt": [js(ex.prompt) for ex in exs], "chosen": [js(ex.chosen) for ex in exs],
+        "rejected": [js(ex.rejected) for ex in exs],
+        "is_conversational": [ex.is_conversational for ex in exs],
+        "tools": [_json(ex.tools) if ex.tools else None for ex in exs],
+        "meta": [_json(ex.meta) if ex.meta else "{}" for ex in exs],
+        "prompt_input_ids": [e.prompt for e in encs], "chosen_input_ids": [e.chosen for e in encs],
+        "rejected_input_ids": [e.rejected for e in encs],
+        "prompt_len": [len(e.prompt) for e in encs], "chosen_len": [len(e.chosen) for e in encs],
+        "rejected_len": [len(e.rejected) for e in encs],
+    }
     return pa.Table.from_pydict(cols, schema=VALID_SCHEMA)
+
+
+def _parse(rows: list, idx, layout, columns: dict) -> tuple[list, list]:
+    """(bad, parsed): bad = [(index, RowError, raw)], parsed = [(offset, index, example id, raw,
+    Example)] in source order (raw after column mapping)."""
+    bad: list[tuple[int, RowError, Any]] = []
+    parsed: list[tuple[int, int, str, Any, Example]] = []
+    for off, raw in enumerate(rows):
+        if columns:
+            raw = map_columns(raw, columns)
+        try:
+            ex = to_example(raw, layout)
+            _check_utf8(ex)
+            parsed.append((off, idx[off], example_id(ex), raw, ex))
+        except Exception as e:  # a malformed row never stops the run under quarantine
+            bad.append((idx[off], _as_row_error(e), raw))
+    return bad, parsed
+
+
+def _encode(examples: list[Example], tok, cfg: DataConfig) -> list:
+    try:
+        return encode_batch(examples, tok, cfg.max_length, cfg.truncation_mode)
+    except Exception:  # one bad row broke the batch call: isolate it
+        out = []
+        for ex in examples:
+            try:
+                out += encode_batch([ex], tok, cfg.max_length, cfg.truncation_mode)
+            except Exception as e:
+                out.append(_as_row_error(e))
+        return out
+
+
+def _encode_table(todo: list, tok, cfg: DataConfig) -> tuple[list, pa.Table | None, list[int]]:
+    """Tokenize parsed rows (see :func:`_parse`): (status, table, truncated). ``status[k]`` is the
+    row's position in ``table`` (VALID_SCHEMA) or its RowError; ``truncated[p]``: tokens cut from
+    table row p."""
+    encs = _encode([ex for *_, ex in todo], tok, cfg)
+    status: list = []
+    recs: list[tuple[int, Example, str, Encoded]] = []
+    for (_, i, eid, _, ex), enc in zip(todo, encs):
+        if isinstance(enc, RowError):
+            status.append(enc)
+        else:
+            status.append(len(recs))
+            recs.append((i, ex, eid, enc))
+    return status, (_valid_table(recs) if recs else None), [enc.truncated for *_, enc in recs]
+
+
+# ------------------------------------------------------------------------------------- workers
+
+@dataclass
+class _Prepared:
+    """One batch parsed and tokenized by a worker: what :meth:`_Run.batch` needs from it."""
+    bad: list  # [(index, RowError, raw)]
+    parsed: list  # [(offset, index, example id, None, None)]: the parent holds the raw rows
+    status: dict  # index -> table position or RowError, for each first occurrence in the batch
+    table: pa.Table | None
+    truncated: list
+
+
+_WORKER: tuple | None = None  # (layout, cfg, tokenizer), set before the fork
+
+
+def _work(rows: list, idx) -> _Prepared:
+    """Parse and tokenize one batch in a worker process (each example id once per batch)."""
+    layout, cfg, tok = _WORKER
+    bad, parsed = _parse(rows, idx, layout, cfg.columns)
+    first: set[str] = set()
+    todo = []
+    for p in parsed:
+        if p[2] not in first:
+            first.add(p[2])
+            todo.append(p)
+    status, table, truncated = _encode_table(todo, tok, cfg)
+    return _Prepared(bad, [(off, i, eid, None, None) for off, i, eid, _, _ in parsed],
+                     {p[1]: st for p, st in zip(todo, status)}, table, truncated)
+
+
+LARGE_INPUT_ROWS = 50_000
+LARGE_INPUT_BYTES = 16 * 2**20
+
+
+def resolve_num_proc(cfg: DataConfig, source: Any) -> int:
+    """``data.num_proc``, or for auto: min(CPUs, 8) for a large input (LARGE_INPUT_ROWS rows or
+    LARGE_INPUT_BYTES of files), else 1."""
+    if cfg.num_proc is not None:
+        return cfg.num_proc
+    rows, size = input_size(source)
+    large = (rows or 0) >= LARGE_INPUT_ROWS or (size or 0) >= LARGE_INPUT_BYTES
+    return min(os.cpu_count() or 1, 8) if large else 1
+
+
+def _fork_pool(n: int, run: "_Run"):
+    """A pool of ``n`` forked workers that see the run's layout, config and tokenizer."""
+    global _WORKER
+    _WORKER = (run.layout, run.cfg, run.tok)
+    env = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker, no fork warning
+    try:
+        return mp.get_context("fork").Pool(n)
+    finally:
+        if env is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = env
+
+
+def _finish_batch(run: "_Run", rows: list, idx, res) -> None:
+    try:
+        prepared = res.get()
+    except Exception:  # e.g. a row too deeply nested to pickle: do this batch here instead
+        prepared = None
+    run.batch(rows, idx, prepared)
+
+
+def _run_parallel(run: "_Run", batches, n: int) -> None:
+    """Batches to ``n`` workers, results consumed in source order; at most 2n batches in flight."""
+    global _WORKER
+    pool, window, sent = None, deque(), 0
+    try:
+        for rows, idx in batches:
+            run.detect(rows)
+            if pool is None:
+                pool = _fork_pool(n, run)
+            if idx is None:
+                idx = range(sent, sent + len(rows))
+            sent += len(rows)
+            window.append((rows, idx, pool.apply_async(_work, (rows, idx))))
+            if len(window) >= 2 * n:
+                _finish_batch(run, *window.popleft())
+        while window:
+            _finish_batch(run, *window.popleft())
+        if pool is not None:
+            pool.close()
+            pool.join()
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        _WORKER = None
 
 
 def _limit_priority(eid: str, seed: int) -> int:
@@ -270,72 +419,78 @@ class _Run:
                         f"'{err.field}': {err.message} (data.invalid_policy=fail; use "
                         f"quarantine to skip bad rows)")
 
-    def batch(self, rows: list, indices: list[int] | None = None) -> None:
-        """Validate one batch; ``indices`` are the rows' positions in the source (default: running)."""
+    def detect(self, rows: list) -> None:
+        """Decide the layout from the first batch (its first 200 rows, columns mapped)."""
+        if self.layout is None:
+            cols = self.cfg.columns
+            self.layout = detect_layout([map_columns(r, cols) for r in rows[:200]] if cols else rows,
+                                        self.cfg.format)
+
+    def batch(self, rows: list, indices=None, prepared: "_Prepared | None" = None) -> None:
+        """Validate one batch; ``indices`` are the rows' positions in the source (default: running).
+
+        ``prepared``: the batch already parsed and tokenized by a worker (:func:`_work`); only the
+        stateful part (duplicates across batches, counts, writing) runs here, in source order.
+        """
         cfg, base = self.cfg, self.rows_in
         idx = indices if indices is not None else range(base, base + len(rows))
-        if cfg.columns:
-            rows = [map_columns(r, cfg.columns) for r in rows]
-        if self.layout is None:
-            self.layout = detect_layout(rows, cfg.format)
+        self.detect(rows)
         self.rows_in += len(rows)
-        bad: list[tuple[int, RowError, Any]] = []
-        parsed: list[tuple[int, Any, Example, str]] = []
-        for off, raw in enumerate(rows):
-            try:
-                ex = to_example(raw, self.layout)
-                _check_utf8(ex)
-                parsed.append((idx[off], raw, ex, example_id(ex)))
-            except Exception as e:  # a malformed row never stops the run under quarantine
-                bad.append((idx[off], _as_row_error(e), raw))
+        if prepared is None:
+            bad, parsed = _parse(rows, idx, self.layout, cfg.columns)
+        else:
+            bad, parsed = prepared.bad, prepared.parsed
 
-        keys = np.array([int(eid, 16) for *_, eid in parsed], dtype=np.uint64)
+        def raw_of(k: int) -> Any:  # the (column-mapped) raw row of parsed[k]
+            off, _, _, raw, _ = parsed[k]
+            if raw is None and prepared is not None:
+                raw = map_columns(rows[off], cfg.columns) if cfg.columns else rows[off]
+            return raw
+
+        keys = np.array([int(eid, 16) for _, _, eid, _, _ in parsed], dtype=np.uint64)
         earlier = self.seen.lookup(keys)
-        todo: list[tuple[int, Any, Example, str]] = []
+        todo: list[int] = []  # positions in parsed of the rows to keep (if they encode)
         pending: dict[str, int] = {}
-        dups: list[tuple[int, Any, int | None, int | None]] = []  # (row, raw, kept row, todo slot)
-        for (i, raw, ex, eid), prev in zip(parsed, earlier.tolist()):
+        dups: list[tuple[int, int | None, int | None]] = []  # (parsed position, kept row, todo slot)
+        for k, ((_, _, eid, _, _), prev) in enumerate(zip(parsed, earlier.tolist())):
             if prev >= 0:
-                dups.append((i, raw, prev, None))
+                dups.append((k, prev, None))
             elif eid in pending:
-                dups.append((i, raw, None, pending[eid]))
+                dups.append((k, None, pending[eid]))
             else:
                 pending[eid] = len(todo)
-                todo.append((i, raw, ex, eid))
+                todo.append(k)
 
-        encs = self._encode([ex for _, _, ex, _ in todo])
-        kept: list[tuple[int, Example, str, Encoded]] = []
-        for (i, raw, ex, eid), enc in zip(todo, encs):
-            if isinstance(enc, RowError):
-                bad.append((i, enc, raw))
+        if prepared is None:
+            status, table, truncs = _encode_table([parsed[k] for k in todo], self.tok, cfg)
+        else:  # the worker encoded every first occurrence in the batch: a superset of todo
+            status = [prepared.status[parsed[k][1]] for k in todo]
+            table, truncs = prepared.table, prepared.truncated
+        positions: list[int] = []
+        kept: list[tuple[int, str, int]] = []  # (source index, example id, tokens truncated)
+        for k, st in zip(todo, status):
+            _, i, eid, _, _ = parsed[k]
+            if isinstance(st, RowError):
+                bad.append((i, st, raw_of(k)))
             else:
-                kept.append((i, ex, eid, enc))
+                positions.append(st)
+                kept.append((i, eid, truncs[st]))
         dup_rejects = []
-        for i, raw, prev, slot in dups:
-            if slot is not None and isinstance(encs[slot], RowError):
-                bad.append((i, encs[slot], raw))  # same pair as a rejected row: same reason
+        for k, prev, slot in dups:
+            i = parsed[k][1]
+            if slot is not None and isinstance(status[slot], RowError):
+                bad.append((i, status[slot], raw_of(k)))  # same pair as a rejected row: same reason
                 continue
-            first = prev if slot is None else todo[slot][0]
-            dup_rejects.append((i, RowError("DUPLICATE_ROW", "<row>", f"same pair as row {first}"), raw))
+            first = prev if slot is None else parsed[todo[slot]][1]
+            dup_rejects.append((i, RowError("DUPLICATE_ROW", "<row>", f"same pair as row {first}"),
+                                raw_of(k)))
 
         if bad and cfg.invalid_policy == "fail":
             i, err, _ = min(bad, key=lambda b: b[0])
             self._fail(i, err)
         self._record_rejects(bad, dup_rejects)
-        self._record_valid(kept)
-
-    def _encode(self, examples: list[Example]) -> list:
-        cfg = self.cfg
-        try:
-            return encode_batch(examples, self.tok, cfg.max_length, cfg.truncation_mode)
-        except Exception:  # one bad row broke the batch call: isolate it
-            out = []
-            for ex in examples:
-                try:
-                    out += encode_batch([ex], self.tok, cfg.max_length, cfg.truncation_mode)
-                except Exception as e:
-                    out.append(_as_row_error(e))
-            return out
+        if kept:
+            self._record_valid(table.take(pa.array(positions, type=pa.int64())), kept)
 
     def _record_rejects(self, bad: list, dups: list) -> None:
         for i, err, _ in bad:
@@ -348,22 +503,19 @@ class _Run:
         if recs:
             self.rejects.write(pa.Table.from_pylist(recs, schema=REJECT_SCHEMA))
 
-    def _record_valid(self, kept: list) -> None:
-        if not kept:
-            return
-        kept.sort(key=lambda k: k[0])
+    def _record_valid(self, table: pa.Table, kept: list[tuple[int, str, int]]) -> None:
+        """Append the valid rows ``table`` (source order); ``kept``: (index, example id, truncated)."""
         self.n_valid += len(kept)
-        self.seen.add(np.array([int(eid, 16) for _, _, eid, _ in kept], dtype=np.uint64),
-                      np.array([i for i, *_ in kept], dtype=np.int64))
-        self.valid.write(_valid_table(kept))
-        encs = [enc for *_, enc in kept]
-        self.stats.add([eid for _, _, eid, _ in kept], [len(e.prompt) for e in encs],
-                       [len(e.chosen) for e in encs], [len(e.rejected) for e in encs],
-                       [e.truncated for e in encs])
+        self.seen.add(np.array([int(eid, 16) for _, eid, _ in kept], dtype=np.uint64),
+                      np.array([i for i, _, _ in kept], dtype=np.int64))
+        self.valid.write(table)
+        self.stats.add([eid for _, eid, _ in kept], table["prompt_len"].to_pylist(),
+                       table["chosen_len"].to_pylist(), table["rejected_len"].to_pylist(),
+                       [t for _, _, t in kept])
         if self.limit is not None:
             seed = self.cfg.shuffle_seed
-            for (i, _, eid, enc) in kept:
-                item = (-_limit_priority(eid, seed), i, enc.truncated)
+            for i, eid, truncated in kept:
+                item = (-_limit_priority(eid, seed), i, truncated)
                 if len(self.heap) < self.limit:
                     heapq.heappush(self.heap, item)
                 elif item > self.heap[0]:
@@ -403,10 +555,26 @@ class _Run:
         self.rejects.abort()
 
 
+def _batches(source: Any, batch_rows: int, holdout: tuple[float, int, str] | None):
+    """(rows, source indices or None for "running") per non-empty batch of the source."""
+    seen = 0
+    for rows in iter_batches(source, batch_rows):
+        if holdout is None:
+            yield rows, None
+        else:
+            fraction, seed, side = holdout
+            picked = [(seen + k, r) for k, r in enumerate(rows)
+                      if in_holdout(r, fraction, seed) == (side == "eval")]
+            if picked:
+                yield [r for _, r in picked], [k for k, _ in picked]
+        seen += len(rows)
+
+
 def validate_split(source: Any, out_dir: Path, tokenizer, cfg: DataConfig, *, split: str = "train",
                    limit: int | None = None, name: str | None = None,
                    batch_rows: int = BATCH_ROWS,
-                   holdout: tuple[float, int, str] | None = None) -> dict:
+                   holdout: tuple[float, int, str] | None = None,
+                   num_proc: int | None = None) -> dict:
     """Check, tokenize and write one split, streaming; return the report dict.
 
     ``limit`` (default: cfg.train_limit for split "train", else cfg.eval_limit) keeps N valid rows
@@ -417,6 +585,10 @@ def validate_split(source: Any, out_dir: Path, tokenizer, cfg: DataConfig, *, sp
 
     ``holdout=(fraction, seed, side)`` streams only this side ("train" or "eval") of a seeded hash
     split of ``source`` (see :func:`split_rows`), keeping source row indices.
+
+    ``num_proc`` (default: :func:`resolve_num_proc` of ``cfg.num_proc``): with more than 1, forked
+    workers parse and tokenize the batches while this process deduplicates and writes them in
+    source order; the files are byte-identical to a serial run.
     """
     out_dir = Path(out_dir)
     label = name or describe(source)
@@ -426,18 +598,14 @@ def validate_split(source: Any, out_dir: Path, tokenizer, cfg: DataConfig, *, sp
         raise DataError("data error: the tokenizer has no eos_token; set one before validating data")
     out_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(out_dir, tokenizer, cfg, split, label, limit)
+    num_proc = resolve_num_proc(cfg, source) if num_proc is None else num_proc
     try:
-        seen = 0
-        for rows in iter_batches(source, batch_rows):
-            if holdout is None:
-                run.batch(rows)
-            else:
-                fraction, seed, side = holdout
-                picked = [(seen + k, r) for k, r in enumerate(rows)
-                          if in_holdout(r, fraction, seed) == (side == "eval")]
-                if picked:
-                    run.batch([r for _, r in picked], [k for k, _ in picked])
-            seen += len(rows)
+        batches = _batches(source, batch_rows, holdout)
+        if num_proc > 1:
+            _run_parallel(run, batches, num_proc)
+        else:
+            for rows, idx in batches:
+                run.batch(rows, idx)
         if run.rows_in == 0:
             raise DataError(f"data error: {label}: no rows; check data.source")
         n_written, stats = run.finish_valid()
