@@ -39,6 +39,7 @@ from torch import nn
 
 from data_contracts.config import LossConfig, ReferenceConfig, TrainConfig
 from dpo_engine.adapters import is_peft, reference_mode
+from dpo_engine import forward
 from dpo_engine.forward import pair_logps, unwrap_model
 from dpo_engine.losses import loss_from_config, pair_metrics
 
@@ -337,6 +338,10 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
     use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
     if cfg.gradient_checkpointing:
         _unwrap_ddp(policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        if fsdp is not None:
+            raise TrainingError("train.compile is not supported with FSDP yet; set train.compile=false")
+        forward.compile_layers(_unwrap_ddp(policy))
     peak = peak_tflops(cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
 

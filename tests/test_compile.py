@@ -48,3 +48,32 @@ def test_compile_refuses_a_model_without_decoder_layers():
     model.model.layers = torch.nn.ModuleList()
     with pytest.raises(TypeError, match="no list of decoder layers"):
         forward.compile_layers(model, backend="eager")
+
+
+def test_train_compile_option_trains_the_compiled_layers_to_the_eager_weights(tmp_path, monkeypatch):
+    """`train.compile=true` compiles the policy's layers before the first step (here with the eager
+    backend) and training ends with the eager run's weights."""
+    import pandas as pd
+
+    from data_contracts.config import LossConfig, TrainConfig
+    from dpo_engine.refcache import compute_reference_logps
+    from dpo_engine.trainer import train
+
+    torch._dynamo.reset()
+    calls = []
+    real = forward.compile_layers
+    monkeypatch.setattr(forward, "compile_layers",
+                        lambda m, backend="inductor": calls.append(backend) or real(m, backend="eager"))
+    prompts, comps = _batches()[1]
+    pairs = pd.DataFrame([{"example_id": f"ex{i}", "prompt_input_ids": p, "chosen_input_ids": c,
+                           "rejected_input_ids": c[::-1] + [7]} for i, (p, c) in enumerate(zip(prompts, comps))])
+    ref = compute_reference_logps(_model(), pairs, pad_id=0, batch_size=3)
+    weights = []
+    for compiled in (False, True):
+        model = _model()
+        cfg = TrainConfig(learning_rate=1e-3, max_steps=2, seed=1, per_device_train_batch_size=3,
+                          compile=compiled)
+        train(model, pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp_path / str(compiled))
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert calls == ["inductor"]
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
