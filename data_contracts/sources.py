@@ -52,21 +52,32 @@ def _bad_line(n: int, line: bytes, e: Exception) -> dict:
             "__raw__": line.decode("utf-8", "replace").rstrip("\r\n")}
 
 
-def _iter_jsonl(path: Path, batch_rows: int) -> Iterator[list]:
+def decode_line(n: int, line: bytes) -> Any:
+    """The row of JSON line number ``n`` (a BAD_JSON marker row when it does not parse)."""
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        return _bad_line(n, line, e)
+
+
+def _iter_jsonl_lines(path: Path, batch_rows: int) -> Iterator[list[tuple[int, bytes]]]:
+    """Batches of (line number, line) of the non-blank lines of a JSON lines file."""
     batch: list = []
     with _open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                batch.append(json.loads(line))
-            except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
-                batch.append(_bad_line(n, line, e))
+            batch.append((n, line))
             if len(batch) >= batch_rows:
                 yield batch
                 batch = []
     if batch:
         yield batch
+
+
+def _iter_jsonl(path: Path, batch_rows: int) -> Iterator[list]:
+    for lines in _iter_jsonl_lines(path, batch_rows):
+        yield [decode_line(n, line) for n, line in lines]
 
 
 def _json_document(path: Path) -> list:
@@ -127,8 +138,37 @@ def _iter_file(path: Path, batch_rows: int) -> Iterator[list]:
     except DataError:
         raise
     except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"data error: {path}: cannot be read ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); check the file") from None
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, e: Exception) -> DataError:
+    return DataError(f"data error: {path}: cannot be read ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}); check the file")
+
+
+def iter_line_batches(source: Any, batch_rows: int = BATCH_ROWS) -> Iterator[list] | None:
+    """For a local JSON lines file (or a folder of them only): its batches as undecoded
+    ``(line number, line)`` pairs, exactly the batches :func:`iter_batches` yields once each pair
+    goes through :func:`decode_line` (so that worker processes can decode them). Else None."""
+    if not isinstance(source, (str, Path)) or str(source).startswith(BUILTIN_PREFIX):
+        return None
+    path = Path(str(source)).expanduser()
+    try:
+        files = _folder_files(path) if path.is_dir() else [path] if path.is_file() else []
+        if not files or not all((_ext(f) or "").startswith(".jsonl")
+                                or (_ext(f) in (".json", ".json.gz") and _is_json_lines(f))
+                                for f in files):
+            return None
+    except (DataError, OSError, EOFError, ValueError):
+        return None  # iter_batches reports it
+
+    def lines():
+        for f in files:
+            try:
+                yield from _iter_jsonl_lines(f, batch_rows)
+            except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:
+                raise _unreadable(f, e) from None
+    return lines()
 
 
 def _folder_files(folder: Path) -> list[Path]:

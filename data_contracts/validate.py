@@ -43,7 +43,8 @@ from data_contracts.config import BUILTIN_DATASET, DataConfig
 from data_contracts.encode import Encoded, encode_batch
 from data_contracts.errors import DataError, DataPolicyError
 from data_contracts.formats import Example, RowError, detect_layout, map_columns, to_example
-from data_contracts.sources import BATCH_ROWS, describe, input_size, iter_batches, load_rows
+from data_contracts.sources import (BATCH_ROWS, decode_line, describe, input_size, iter_batches,
+                                   iter_line_batches, load_rows)
 
 _ids = pa.list_(pa.int32())
 VALID_SCHEMA = pa.schema([
@@ -315,9 +316,12 @@ class _Prepared:
 _WORKER: tuple | None = None  # (layout, cfg, tokenizer), set before the fork
 
 
-def _work(rows: list, idx) -> _Prepared:
-    """Parse and tokenize one batch in a worker process (each example id once per batch)."""
+def _work(rows: list, idx, lines: bool) -> _Prepared:
+    """Parse and tokenize one batch in a worker process (each example id once per batch);
+    ``lines``: the rows are undecoded JSON lines."""
     layout, cfg, tok = _WORKER
+    if lines:
+        rows = [decode_line(n, line) for n, line in rows]
     bad, parsed = _parse(rows, idx, layout, cfg.columns)
     first: set[str] = set()
     todo = []
@@ -359,31 +363,36 @@ def _fork_pool(n: int, run: "_Run"):
             os.environ["TOKENIZERS_PARALLELISM"] = env
 
 
-def _finish_batch(run: "_Run", rows: list, idx, res) -> None:
+def _finish_batch(run: "_Run", lines: bool, rows: list, idx, res) -> None:
     try:
         prepared = res.get()
     except Exception:  # e.g. a row too deeply nested to pickle: do this batch here instead
-        prepared = None
-    run.batch(rows, idx, prepared)
+        if lines:
+            rows = [decode_line(n, line) for n, line in rows]
+        run.batch(rows, idx)
+        return
+    run.batch(rows, idx, prepared, lines)
 
 
-def _run_parallel(run: "_Run", batches, n: int) -> None:
-    """Batches to ``n`` workers, results consumed in source order; at most 2n batches in flight."""
+def _run_parallel(run: "_Run", batches, n: int, lines: bool = False) -> None:
+    """Batches to ``n`` workers, results consumed in source order; at most 2n batches in flight.
+    ``lines``: the batches are undecoded JSON lines (:func:`sources.iter_line_batches`)."""
     global _WORKER
     pool, window, sent = None, deque(), 0
     try:
         for rows, idx in batches:
-            run.detect(rows)
+            if run.layout is None:
+                run.detect([decode_line(*r) for r in rows[:200]] if lines else rows)
             if pool is None:
                 pool = _fork_pool(n, run)
             if idx is None:
                 idx = range(sent, sent + len(rows))
             sent += len(rows)
-            window.append((rows, idx, pool.apply_async(_work, (rows, idx))))
+            window.append((rows, idx, pool.apply_async(_work, (rows, idx, lines))))
             if len(window) >= 2 * n:
-                _finish_batch(run, *window.popleft())
+                _finish_batch(run, lines, *window.popleft())
         while window:
-            _finish_batch(run, *window.popleft())
+            _finish_batch(run, lines, *window.popleft())
         if pool is not None:
             pool.close()
             pool.join()
@@ -426,11 +435,13 @@ class _Run:
             self.layout = detect_layout([map_columns(r, cols) for r in rows[:200]] if cols else rows,
                                         self.cfg.format)
 
-    def batch(self, rows: list, indices=None, prepared: "_Prepared | None" = None) -> None:
+    def batch(self, rows: list, indices=None, prepared: "_Prepared | None" = None,
+              lines: bool = False) -> None:
         """Validate one batch; ``indices`` are the rows' positions in the source (default: running).
 
         ``prepared``: the batch already parsed and tokenized by a worker (:func:`_work`); only the
         stateful part (duplicates across batches, counts, writing) runs here, in source order.
+        ``lines``: ``rows`` are undecoded JSON lines (``(number, line)``), with ``prepared`` only.
         """
         cfg, base = self.cfg, self.rows_in
         idx = indices if indices is not None else range(base, base + len(rows))
@@ -444,7 +455,8 @@ class _Run:
         def raw_of(k: int) -> Any:  # the (column-mapped) raw row of parsed[k]
             off, _, _, raw, _ = parsed[k]
             if raw is None and prepared is not None:
-                raw = map_columns(rows[off], cfg.columns) if cfg.columns else rows[off]
+                raw = decode_line(*rows[off]) if lines else rows[off]
+                raw = map_columns(raw, cfg.columns) if cfg.columns else raw
             return raw
 
         keys = np.array([int(eid, 16) for _, _, eid, _, _ in parsed], dtype=np.uint64)
@@ -600,11 +612,13 @@ def validate_split(source: Any, out_dir: Path, tokenizer, cfg: DataConfig, *, sp
     run = _Run(out_dir, tokenizer, cfg, split, label, limit)
     num_proc = resolve_num_proc(cfg, source) if num_proc is None else num_proc
     try:
-        batches = _batches(source, batch_rows, holdout)
-        if num_proc > 1:
-            _run_parallel(run, batches, num_proc)
+        lines = iter_line_batches(source, batch_rows) if num_proc > 1 and holdout is None else None
+        if lines is not None:  # JSON lines: the workers decode them too
+            _run_parallel(run, ((b, None) for b in lines), num_proc, lines=True)
+        elif num_proc > 1:
+            _run_parallel(run, _batches(source, batch_rows, holdout), num_proc)
         else:
-            for rows, idx in batches:
+            for rows, idx in _batches(source, batch_rows, holdout):
                 run.batch(rows, idx)
         if run.rows_in == 0:
             raise DataError(f"data error: {label}: no rows; check data.source")

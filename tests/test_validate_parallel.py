@@ -1,5 +1,6 @@
 """validate_split with worker processes (data.num_proc): the files are byte-identical to a serial run."""
 
+import gzip
 import json
 import os
 import random
@@ -81,6 +82,21 @@ def test_parallel_files_are_byte_identical_to_serial(tok, tmp_path):  # noqa: F8
     idx = [r["source_index"] for r in rejects]
     assert idx == sorted(idx) and len(set(idx)) == len(idx)
     assert {r["code"] for r in rejects} == codes | {"DUPLICATE_ROW"}
+
+
+def test_parallel_folder_of_shards_is_byte_identical(tok, tmp_path):  # noqa: F811
+    lines = _standard_lines(1500, seed=1)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("\n".join(lines[:700]) + "\n\n", encoding="utf-8")
+    with gzip.open(folder / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines[700:1200]) + "\n")
+    (folder / "c.json").write_text("\n".join(lines[1200:]) + "\n", encoding="utf-8")  # JSON lines
+    cfg = DataConfig(max_length=64, max_invalid_fraction=1.0)
+    a = _run(str(folder), tok, tmp_path / "s", cfg, batch_rows=200, num_proc=1)
+    b = _run(str(folder), tok, tmp_path / "p", cfg, batch_rows=200, num_proc=2)
+    assert a == b and a["rows_in"] == 1500 and "BAD_JSON" in a["reject_counts"]
+    _assert_identical(tmp_path / "s", tmp_path / "p")
 
 
 def test_parallel_conversational_columns_limit_and_holdout(chat_tok, tmp_path):  # noqa: F811
