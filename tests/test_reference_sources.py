@@ -171,8 +171,9 @@ def test_trainer_refuses_tr_dpo_without_an_online_model(dirs, tmp_path):
 
 # ------------------------------------------------------------------------------ the stages
 
-def test_stages_with_a_reference_model_path(dpo_home, dirs):
-    """precompute from a model other than the policy's base; train against it online, with TR-DPO."""
+def test_stages_with_a_reference_model_path(dpo_home, dirs, monkeypatch):
+    """precompute from a model other than the policy's base; train against it online, with TR-DPO;
+    evaluate generates with that same reference model."""
     from dpo_engine.refcache import read_cache
     from dpo_engine.stages import precompute, train as train_stage, validate
     from dpo_engine.stages.common import read_valid
@@ -205,3 +206,13 @@ def test_stages_with_a_reference_model_path(dpo_home, dirs):
     assert train_stage.key(online, pre2) != train_stage.key(
         online.model_copy(update={"reference": online.reference.model_copy(update={"ref_model_mixup_alpha": 0.5})}),
         pre2)
+
+    from dpo_engine.stages import evaluate
+    seen = []
+    real = evaluate.load_reference_model
+    monkeypatch.setattr(evaluate, "load_reference_model",
+                        lambda c, path, policy, dev: seen.append(path) or real(c, path, policy, dev))
+    short = online.model_copy(update={"eval": online.eval.model_copy(
+        update={"num_prompts": 1, "max_new_tokens": 2, "judge": None})})
+    evaluate.run(short, run_dir, v, pre2, res)
+    assert seen == [str(other_dir)]

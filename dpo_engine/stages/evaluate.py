@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from data_contracts.config import RunConfig, mlflow_uri
 from dpo_engine import plots, registry
 from dpo_engine.evaluation import generate, judge_table, load_judge, preference_metrics, sample_kl
-from dpo_engine.models import load_model, load_tokenizer, pick_device
+from dpo_engine.models import load_model, load_reference_model, load_tokenizer, pick_device
 from dpo_engine.refcache import read_cache
 from dpo_engine.stages.common import (Timer, atomic_path, crash_point, fingerprint, read_valid, record,
                                       reused, write_json)
@@ -22,7 +22,7 @@ STAGE = "evaluate"
 
 
 def key(cfg: RunConfig, trained: dict) -> str:
-    return fingerprint(STAGE, trained["fingerprint"], cfg.section_hash("eval"))
+    return fingerprint(STAGE, trained["fingerprint"], cfg.section_hash("eval"), cfg.reference.model_path or "")
 
 
 def _plots(out: Path, trained: dict, table: pd.DataFrame, metrics: dict) -> list[Path]:
@@ -59,7 +59,9 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, train
         table = pd.DataFrame()
         rows = pairs.head(cfg.eval.num_prompts).to_dict("records")
         if rows:
-            reference = load_model(cfg.model, validated["model_path"], device)
+            # the model the policy was compared with in training: reference.model_path when set
+            reference = load_reference_model(cfg.model, cfg.reference.model_path, validated["model_path"],
+                                             device)
             prompts = [list(r["prompt_input_ids"]) for r in rows]
             texts = {}
             for name, model in (("policy", policy), ("reference", reference)):
