@@ -10,9 +10,12 @@ limited_out``. Files written into out_dir (each via a temporary file and ``os.re
 
 Streaming: rows come from :func:`sources.iter_batches` one batch (``batch_rows``) at a time, are
 checked, deduplicated, tokenized with one tokenizer call per batch and appended to the parquet files
-with ``pq.ParquetWriter``, so memory does not grow with the raw data. What does grow with the row
-count is small and fixed per row: the example ids seen (8-byte key + 8-byte row index, in sorted
-numpy arrays) and three int32 lengths for the report's statistics.
+with ``pq.ParquetWriter``, so memory does not grow with the raw data. With ``num_proc`` > 1
+(``data.num_proc``; auto: only for large inputs) forked workers parse, check and tokenize the
+batches (JSON lines files: decode them too) while this process deduplicates and writes them in
+source order, at most 2 x num_proc batches in flight; the output is byte-identical to a serial
+run. What does grow with the row count is small and fixed per row: the example ids seen (8-byte
+key + 8-byte row index, in sorted numpy arrays) and three int32 lengths for the report's statistics.
 
 ``limit``: the N valid rows whose seeded hash ``blake2b(example_id, key=shuffle_seed)`` is smallest
 (a heap of N entries while streaming); they are then copied, in source order, from the temporary
