@@ -33,6 +33,7 @@ import multiprocessing as mp
 import os
 from array import array
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -351,58 +352,53 @@ def resolve_num_proc(cfg: DataConfig, source: Any) -> int:
     return min(os.cpu_count() or 1, 8) if large else 1
 
 
-def _fork_pool(n: int, run: "_Run"):
-    """A pool of ``n`` forked workers that see the run's layout, config and tokenizer."""
-    global _WORKER
-    _WORKER = (run.layout, run.cfg, run.tok)
-    env = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker, no fork warning
+def _finish_batch(run: "_Run", lines: bool, rows: list, idx, fut) -> None:
     try:
-        return mp.get_context("fork").Pool(n)
-    finally:
-        if env is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = env
-
-
-def _finish_batch(run: "_Run", lines: bool, rows: list, idx, res) -> None:
-    try:
-        prepared = res.get()
-    except Exception:  # e.g. a row too deeply nested to pickle: do this batch here instead
-        if lines:
-            rows = [decode_line(n, line) for n, line in rows]
-        run.batch(rows, idx)
-        return
-    run.batch(rows, idx, prepared, lines)
+        prepared = fut.result() if fut is not None else None
+    except Exception:  # a row too deeply nested to pickle, a worker that died: do it here
+        prepared = None
+    if prepared is None:
+        run.batch([decode_line(n, line) for n, line in rows] if lines else rows, idx)
+    else:
+        run.batch(rows, idx, prepared, lines)
 
 
 def _run_parallel(run: "_Run", batches, n: int, lines: bool = False) -> None:
-    """Batches to ``n`` workers, results consumed in source order; at most 2n batches in flight.
-    ``lines``: the batches are undecoded JSON lines (:func:`sources.iter_line_batches`)."""
+    """Batches to ``n`` forked workers (they see the run's layout, config and tokenizer), results
+    consumed in source order, at most 2n batches in flight. A batch whose worker fails for any
+    reason (a pool broken by a killed worker included) is done in this process instead: same
+    output, never a hang. ``lines``: the batches are undecoded JSON lines
+    (:func:`sources.iter_line_batches`)."""
     global _WORKER
     pool, window, sent = None, deque(), 0
+    env = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # forked workers: one thread each, no warning
     try:
         for rows, idx in batches:
             if run.layout is None:
                 run.detect([decode_line(*r) for r in rows[:200]] if lines else rows)
             if pool is None:
-                pool = _fork_pool(n, run)
+                _WORKER = (run.layout, run.cfg, run.tok)
+                pool = ProcessPoolExecutor(n, mp_context=mp.get_context("fork"))
             if idx is None:
                 idx = range(sent, sent + len(rows))
             sent += len(rows)
-            window.append((rows, idx, pool.apply_async(_work, (rows, idx, lines))))
+            try:
+                fut = pool.submit(_work, rows, idx, lines)
+            except Exception:  # BrokenProcessPool: a worker died
+                fut = None
+            window.append((rows, idx, fut))
             if len(window) >= 2 * n:
                 _finish_batch(run, lines, *window.popleft())
         while window:
             _finish_batch(run, lines, *window.popleft())
-        if pool is not None:
-            pool.close()
-            pool.join()
     finally:
+        if env is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = env
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
         _WORKER = None
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from data_contracts.config import DataConfig
 from data_contracts.errors import DataError
+from data_contracts import validate as validate_mod
 from data_contracts.validate import LARGE_INPUT_ROWS, resolve_num_proc, validate_split
 from test_data_contracts import chat_tok, tok  # noqa: F401 (fixtures)
 
@@ -143,3 +144,25 @@ def test_num_proc_auto_only_for_large_inputs(tmp_path):
     assert resolve_num_proc(auto, "builtin:answer-format") == 1
     assert resolve_num_proc(DataConfig(num_proc=3), [{}]) == 3
     assert "num_proc" not in DataConfig(num_proc=3).model_dump()  # not in the config hash
+
+
+_WORK = validate_mod._work
+
+
+def _dying_work(rows, idx, lines):
+    if idx[0] == 512:
+        os._exit(1)  # a worker killed mid-run (OOM killer)
+    return _WORK(rows, idx, lines)
+
+
+def test_a_killed_worker_neither_hangs_nor_changes_the_files(tok, tmp_path, monkeypatch):  # noqa: F811
+    src = tmp_path / "rows.jsonl"
+    src.write_text("\n".join(_standard_lines(1500, seed=2)) + "\n", encoding="utf-8")
+    cfg = DataConfig(max_length=64, max_invalid_fraction=1.0)
+    a = _run(str(src), tok, tmp_path / "s", cfg, batch_rows=256, num_proc=1)
+    monkeypatch.setattr(validate_mod, "_work", _dying_work)
+    env = os.environ.get("TOKENIZERS_PARALLELISM")
+    b = _run(str(src), tok, tmp_path / "p", cfg, batch_rows=256, num_proc=2)
+    assert a == b
+    _assert_identical(tmp_path / "s", tmp_path / "p")
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == env  # restored
