@@ -10,6 +10,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Prefect's temporary API server gets 20 s to start by default; on 2 busy cores it can need more.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# `mlflow server` started by the drills: no job runner (7 huey worker processes for GenAI jobs)
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 # A session-wide state home: Prefect reads its settings once, at import, from here.
 os.environ["DPO_HOME"] = tempfile.mkdtemp(prefix="dpo-test-home-")
 for var in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI"):
