@@ -23,6 +23,7 @@ pending, waiting for the server under the policy, before it registers.
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 import json
 import math
 import os
@@ -575,11 +576,28 @@ def _log_hf_model(run_id: str, model_dir: Path) -> tuple[str, str]:
 
 
 def _version_of_run(model_name: str, run_id: str):
+    """The first (lowest) version of ``model_name`` registered from ``run_id``, or None."""
     client = _client()
-    for mv in client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'"):
-        if mv.tags.get("run_id") == run_id:
-            return mv
-    return None
+    found = [mv for mv in client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+             if mv.tags.get("run_id") == run_id]
+    return min(found, key=lambda mv: int(mv.version)) if found else None
+
+
+@contextmanager
+def _registration_lock(model_name: str, run_id: str):
+    """Serialise registrations of one (model, run) among processes sharing this state home."""
+    import fcntl
+    import hashlib
+
+    locks = state_home() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(f"{model_name}\0{run_id}".encode()).hexdigest()[:24]
+    with open(locks / f"register-{name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _gate(metrics: dict[str, float], thresholds: dict[str, float]) -> list[str]:
@@ -662,6 +680,26 @@ def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
     reasons = _gate(metrics, gate_thresholds)
     if beat_champion_metric:
         reasons += _champion_gate(model_name, run_id, metrics, beat_champion_metric, min_improvement)
+    with _registration_lock(model_name, run_id):
+        mv, newest = _create_version_once(client, model_name, run_id, model_dir, metrics, reasons, tags,
+                                          on_step)
+    if newest:
+        client.set_registered_model_alias(model_name, CHALLENGER, mv.version)
+        if not reasons:
+            client.set_registered_model_alias(model_name, CHAMPION, mv.version)
+        on_step("aliases-set")
+    aliases = sorted(client.get_model_version(model_name, mv.version).aliases)
+    champ = champion(model_name)
+    return {"model_name": model_name, "version": int(mv.version),
+            "model_uri": f"models:/{model_name}/{mv.version}", "aliases": aliases,
+            "gate_passed": not reasons, "gate_reasons": reasons, "run_id": run_id,
+            "champion_version": int(champ.version) if champ else None}
+
+
+def _create_version_once(client, model_name, run_id, model_dir, metrics, reasons, tags, on_step):
+    """(version, newest): the run's version, created unless it exists. Two registrations of one run
+    that race past the lock (processes on other machines) both create; each then keeps the lowest
+    version of the run and deletes its own if it is not that one, so exactly one remains."""
     mv = _version_of_run(model_name, run_id)
     if mv is None:
         model_dir = Path(model_dir)
@@ -679,21 +717,13 @@ def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
                                          tags=_version_tags(run_id, metrics, reasons, tags),
                                          model_id=model_id)
         on_step("version-created")
-        newest = True
-    else:  # already registered: only finish aliases if this is still the newest version
-        latest = max(int(v.version) for v in client.search_model_versions(f"name = '{model_name}'"))
-        newest = int(mv.version) == latest
-    if newest:
-        client.set_registered_model_alias(model_name, CHALLENGER, mv.version)
-        if not reasons:
-            client.set_registered_model_alias(model_name, CHAMPION, mv.version)
-        on_step("aliases-set")
-    aliases = sorted(client.get_model_version(model_name, mv.version).aliases)
-    champ = champion(model_name)
-    return {"model_name": model_name, "version": int(mv.version),
-            "model_uri": f"models:/{model_name}/{mv.version}", "aliases": aliases,
-            "gate_passed": not reasons, "gate_reasons": reasons, "run_id": run_id,
-            "champion_version": int(champ.version) if champ else None}
+        first = _version_of_run(model_name, run_id)
+        if first is not None and int(first.version) < int(mv.version):
+            client.delete_model_version(model_name, mv.version)
+            mv = first
+    # only set aliases if this is still the newest version
+    latest = max(int(v.version) for v in client.search_model_versions(f"name = '{model_name}'"))
+    return mv, int(mv.version) == latest
 
 
 def download_hf_folder(model_uri: str, dst: str | Path) -> Path:

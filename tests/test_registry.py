@@ -146,3 +146,34 @@ def test_sqlite_folder_not_creatable(tmp_path):
     blocker.write_text("")
     with pytest.raises(registry.TrackingUnavailable, match="tracking.mlflow_tracking_uri"):
         registry.connect(f"sqlite:///{blocker}/sub/mlflow.db")
+
+
+def test_two_registrations_of_one_run_leave_one_version(store, monkeypatch):
+    """Concurrent registrations of one run: threads in one state home are serialised by its lock;
+    a registration that races past the lock (another machine: simulated by an existence check that
+    misses the other's version) deletes its own duplicate and reports the first version."""
+    import threading
+
+    model_dir = _tiny_model_dir(store / "policy")
+    rid = _run("run-1", {"loss": {"beta": 0.1}}, {"eval/win_rate": 0.7})
+    kw = dict(metrics={"eval/win_rate": 0.7}, gate_thresholds={})
+    outs = []
+    threads = [threading.Thread(target=lambda: outs.append(registry.register_model(rid, model_dir, "tiny", **kw)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [o["version"] for o in outs] == [1, 1]
+
+    real, calls = registry._version_of_run, []
+
+    def first_check_misses(*a):  # as if version 1 were created just after this check
+        calls.append(a)
+        return None if len(calls) == 1 else real(*a)
+
+    monkeypatch.setattr(registry, "_version_of_run", first_check_misses)
+    out = registry.register_model(rid, model_dir, "tiny", **kw)
+    assert out["version"] == 1 and len(calls) == 2  # version 2 was created, then deleted
+    versions = registry.MlflowClient().search_model_versions("name = 'tiny'")
+    assert sorted(int(v.version) for v in versions) == [1]
