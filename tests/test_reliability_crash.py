@@ -3,10 +3,10 @@
 Each `dpo run` is a subprocess in its own session; ``DPO_TEST_KILL_AT=<stage>:<point>`` makes
 ``dpo_engine.stages.common.crash_point`` SIGKILL its whole process group (a preempted machine) at
 that named point. The runs report to one Prefect server started for the module (127.0.0.1), which
-saves each run the start of a temporary one. The same run (same ``--run-name``, same
-state home) is then started again, killed at the next point, and so on; a last run without a kill
-must complete, reuse what finished, resume training from its checkpoint, and register the model an
-uninterrupted run registers (same weights, same version tags), exactly once.
+saves each run the start of a temporary one. One run (same ``--run-name``, same state home) is
+killed at every point of every stage in pipeline order, each re-run going further; a last run
+without a kill must complete, reuse what finished, resume training from its checkpoint, and
+register the model an uninterrupted run registers (same weights, same version tags), exactly once.
 """
 
 from __future__ import annotations
@@ -176,26 +176,33 @@ def _mtimes(home: Path, stages: list[str]) -> dict[str, int]:
     return {str(f): f.stat().st_mtime_ns for s in stages for f in files[s]}
 
 
-@pytest.mark.parametrize("stage", list(POINTS))
-def test_sigkill_in_stage_then_rerun_registers_the_uninterrupted_model(stage, tiny_model, uninterrupted,
-                                                                        prefect_api, tmp_path):
+def test_sigkill_in_every_stage_then_rerun_registers_the_uninterrupted_model(tiny_model, uninterrupted,
+                                                                           prefect_api, tmp_path):
+    """One run (``--run-name crash``) killed at every point of every stage in pipeline order, each
+    re-run going further; after the first kill inside a stage the stages before it have finished,
+    and the later kills and the final run must reuse them (same files), never redo them."""
     home = tmp_path / "home"
     config = write_config(tmp_path / "run.yaml", tiny_model)
-    for point in POINTS[stage]:
-        p = run_flow(home, config, kill_at=f"{stage}:{point}", api_url=prefect_api)
-        assert p.returncode == -signal.SIGKILL, f"{stage}:{point} did not kill the run\n" + _tail(p)
-    before = _mtimes(home, DONE_BEFORE[stage])
-    assert before or stage == "validate"
+    run = home / "runs" / "crash"
+    for stage, points in POINTS.items():
+        before = None
+        for point in points:
+            p = run_flow(home, config, kill_at=f"{stage}:{point}", api_url=prefect_api)
+            assert p.returncode == -signal.SIGKILL, f"{stage}:{point} did not kill the run\n" + _tail(p)
+            if before is None:  # the earlier stages finished in this run
+                before = _mtimes(home, DONE_BEFORE[stage])
+                assert before or stage == "validate"
+        # finished stages were reused by the later kill runs, not redone: the very same files
+        assert _mtimes(home, DONE_BEFORE[stage]) == before, stage
+        if stage == "evaluate":  # training finished in the first evaluate run, resumed from its
+            # last checkpoint (it was killed after export, at step STEPS - 1)
+            assert json.loads((run / "train.json").read_text())["resumed_from"] == STEPS - 1
 
     p = run_flow(home, config, api_url=prefect_api)
     assert p.returncode == 0, _tail(p)
-    run = home / "runs" / "crash"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed"
-    # finished stages were reused, not redone: their outputs are the very same files
-    assert _mtimes(home, DONE_BEFORE[stage]) == before
-    if stage == "train":  # resumed from the last checkpoint (killed after export: step STEPS - 1)
-        assert json.loads((run / "train.json").read_text())["resumed_from"] == STEPS - 1
+    assert _mtimes(home, DONE_BEFORE["register"]) == before
     # no half-written output or temporary file left behind by the kills is visible as an output
     leftovers = [p for p in run.rglob("*") if p.is_file() and ".tmp" in p.name and p.suffix != ".lock"]
     assert all(p.name.startswith(".") for p in leftovers), leftovers
