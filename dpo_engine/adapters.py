@@ -13,6 +13,7 @@ from torch import nn
 
 from data_contracts.config import ConfigError, PeftConfig, RunConfig
 from dpo_engine.forward import unwrap_model
+from dpo_engine.models import LOAD_LOCK
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -57,7 +58,9 @@ def apply_adapter(model: nn.Module, cfg: PeftConfig) -> nn.Module:
     from peft import PeftModel, get_peft_model
 
     if cfg.adapter_path:
-        return PeftModel.from_pretrained(model, str(Path(cfg.adapter_path).expanduser()), is_trainable=True)
+        with LOAD_LOCK:
+            return PeftModel.from_pretrained(model, str(Path(cfg.adapter_path).expanduser()),
+                                             is_trainable=True)
     return get_peft_model(model, peft_config(cfg))
 
 

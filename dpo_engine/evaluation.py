@@ -15,6 +15,7 @@ from torch import nn
 from data_contracts.config import EvalConfig, LossConfig
 from dpo_engine.forward import collate, pair_logps, sequence_logps
 from dpo_engine.losses import loss_from_config, pair_metrics
+from dpo_engine.models import LOAD_LOCK
 
 Judge = Callable[[object, str, dict], float]
 
@@ -41,8 +42,9 @@ class RewardModelJudge:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         try:
             self._tok = AutoTokenizer.from_pretrained(self.name_or_path)
-            self._model = AutoModelForSequenceClassification.from_pretrained(
-                self.name_or_path, use_safetensors=True, trust_remote_code=False).eval()
+            with LOAD_LOCK:
+                self._model = AutoModelForSequenceClassification.from_pretrained(
+                    self.name_or_path, use_safetensors=True, trust_remote_code=False).eval()
         except (OSError, ValueError) as e:
             raise EvaluationError(f"eval.judge reward model {self.name_or_path!r} cannot be loaded: "
                                   f"{str(e).splitlines()[0]}") from None

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -19,6 +20,13 @@ from data_contracts.config import BUILTIN_MODEL, ModelConfig, state_home
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTER_VERSION = "2"
+
+
+# transformers' from_pretrained swaps process-wide globals while it runs (PreTrainedModel.tie_weights,
+# the torch.nn.init functions). Two loads in parallel threads (variants of a parallel sweep) can
+# interleave those swaps and leave them in place for good: a tied lm_head then stays on the meta
+# device. Every model load in the project holds this lock.
+LOAD_LOCK = threading.RLock()
 
 
 class ModelError(ValueError):
@@ -43,7 +51,8 @@ def builtin_smollm2(dest: Path | None = None) -> Path:
 
     folder = Path(spec.origin).parent
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    with LOAD_LOCK:
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     config = gguf_model.config
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
@@ -130,7 +139,8 @@ def load_model(cfg: ModelConfig, model_path: str, device: torch.device | str = "
               "trust_remote_code": cfg.trust_remote_code, "use_safetensors": True,
               **init_kwargs(cfg)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        with LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {model_path!r}: {_first_line(e)}") from None
     except Exception as e:  # safetensors' SafetensorError: a damaged weights file

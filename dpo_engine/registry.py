@@ -43,6 +43,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from data_contracts.config import state_home
+from dpo_engine.models import LOAD_LOCK
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -560,8 +561,9 @@ def _log_hf_model(run_id: str, model_dir: Path) -> tuple[str, str]:
     # Create the LoggedModel in the run's experiment ourselves: left to MLflow it would land in the
     # default experiment (./mlruns) since there is no active run.
     logged = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True,
-                                                 trust_remote_code=False)
+    with LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True,
+                                                     trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     example = "Hello"
     signature = infer_signature(example, ["text"],
@@ -745,8 +747,9 @@ def load_registered(model_uri: str):
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = download_hf_folder(model_uri, Path(tmp) / "hf")
-        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True,
-                                                     trust_remote_code=False)
+        with LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True,
+                                                         trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     return model, tokenizer
 
