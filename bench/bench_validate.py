@@ -6,14 +6,17 @@ Generates ROWS explicit rows ``{"prompt", "chosen", "rejected"}`` (short English
 1% duplicates and 1% bad rows) into a temporary folder, validates them with a real fast tokenizer
 (``../shared/models/gpt-neox-20b-tokenizer/tokenizer.json``, or a small BPE trained here when that
 file is absent), and prints, for each ``data.num_proc`` setting (default: 1 and min(CPUs, 8)), each
-run in a fresh process: rows/s (validation only, file generation excluded), CPU seconds of all
-processes, the peak RSS of the main process and of the largest worker, and the load average.
-No chat template: this measures the string path.
+run in a fresh process and with each tokenizer path (``--paths``: ``fast`` = the exact pre-token
+cache of data_contracts/fast_bpe.py, ``rust`` = the tokenizers pipeline alone, DPO_FAST_BPE=0):
+rows/s (validation only, file generation excluded), CPU seconds of all processes, the peak RSS of
+the main process and of the largest worker, and the load average; then checks that every run wrote
+the same report and a byte-identical valid.parquet. No chat template: this measures the string path.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -104,6 +107,9 @@ def main() -> None:
     ap.add_argument("--batch-rows", type=int, default=None)
     ap.add_argument("--num-proc", type=int, nargs="*", default=None,
                     help="settings to compare (default: 1 and min(CPUs, 8))")
+    ap.add_argument("--paths", nargs="*", default=["fast", "rust"], choices=["fast", "rust"],
+                    help="tokenizer paths to compare: fast = data_contracts.fast_bpe's pre-token cache, "
+                         "rust = the tokenizers pipeline alone (DPO_FAST_BPE=0)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each setting, interleaved (the table shows the fastest, and the median)")
     ap.add_argument("--one", nargs=3, metavar=("SRC", "OUT", "NUM_PROC"), help=argparse.SUPPRESS)
@@ -120,16 +126,19 @@ def main() -> None:
         write_rows(src, args.rows)
         gen_s = time.perf_counter() - t0
         size_mb = src.stat().st_size / 2**20
-        runs: dict[int, list] = {n: [] for n in settings}
+        runs: dict[tuple, list] = {(n, p): [] for n in settings for p in args.paths}
         for _ in range(args.repeat):
-            for n in settings:  # each run in a fresh process: its own peak RSS
-                cmd = [sys.executable, __file__, "--one", str(src), str(Path(d) / f"out{n}"), str(n)]
+            for n, path in runs:  # each run in a fresh process: its own peak RSS
+                cmd = [sys.executable, __file__, "--one", str(src), str(Path(d) / f"out{n}{path}"), str(n)]
                 cmd += ["--limit", str(args.limit)] if args.limit else []
                 cmd += ["--batch-rows", str(args.batch_rows)] if args.batch_rows else []
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                runs[n].append(json.loads(out.strip().splitlines()[-1]))
+                env = {**os.environ, "DPO_FAST_BPE": "1" if path == "fast" else "0"}
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+                runs[n, path].append(json.loads(out.strip().splitlines()[-1]))
         results = [(n, min(rs, key=lambda r: r["secs"])) for n, rs in runs.items()]
         medians = {n: sorted(r["secs"] for r in rs)[len(rs) // 2] for n, rs in runs.items()}
+        outputs = {hashlib.sha256((Path(d) / f"out{n}{p}" / "valid.parquet").read_bytes()).hexdigest()
+                   for n, p in runs}
     first = results[0][1]
     print(f"tokenizer: {first['tokenizer']}")
     print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
@@ -140,20 +149,25 @@ def main() -> None:
           f"duplicates {rep['duplicates']}, limited out {rep['limited_out']}; valid.parquet "
           f"{first['valid_mb']:.1f} MiB")
     same = all(r["report"] == rep for rs in runs.values() for r in rs)
-    print(f"reports identical across settings: {same}")
+    print(f"reports identical across settings: {same}; valid.parquet byte-identical: {len(outputs) == 1}")
     print()
     print(f"fastest of {args.repeat} run(s) per setting, interleaved; load avg: 1-minute average at "
           f"the end of that run")
     print()
-    print("| num_proc | seconds | rows/s | median rows/s | CPU s (all processes) | peak RSS main | "
-          "peak RSS worker | load avg |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for n, r in results:
+    print("| num_proc | tokenizer path | seconds | rows/s | median rows/s | CPU s (all processes) | "
+          "peak RSS main | peak RSS worker | load avg |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (n, path), r in results:
         worker = f"{r['rss_worker']:.0f} MiB" if n > 1 else "-"
-        print(f"| {n} | {r['secs']:.2f} | {args.rows / r['secs']:,.0f} | "
-              f"{args.rows / medians[n]:,.0f} | {r['cpu']:.1f} | "
+        print(f"| {n} | {path} | {r['secs']:.2f} | {args.rows / r['secs']:,.0f} | "
+              f"{args.rows / medians[n, path]:,.0f} | {r['cpu']:.1f} | "
               f"{r['rss']:.0f} MiB ({r['rss_before']:.0f} before) | {worker} | {r['load']:.1f} |")
-    if not same:
+    best = dict(results)
+    for n in settings:
+        if (n, "fast") in best and (n, "rust") in best:
+            print(f"num_proc {n}: fast path {best[n, 'rust']['secs'] / best[n, 'fast']['secs']:.2f}x "
+                  f"the rows/s of the Rust pipeline alone")
+    if not same or len(outputs) != 1:
         sys.exit("error: the settings produced different reports")
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from data_contracts import fast_bpe
 from data_contracts.formats import Example, RowError
 
 
@@ -42,12 +43,16 @@ def _ids(tok, text: str, special: bool) -> list[int]:
 def batch_ids(tok, texts: list[str], special: bool) -> list[list[int]]:
     """Token ids of many texts in one tokenizer call.
 
-    A fast tokenizer is called through its Rust backend (``encode_batch_fast``: no offsets, no
+    A byte-level BPE tokenizer goes through :mod:`data_contracts.fast_bpe` (a pre-token cache, same
+    ids, about 4x less CPU per text). Another fast tokenizer is called through its Rust backend (``encode_batch_fast``: no offsets, no
     BatchEncoding), which is what ``tok(texts)`` runs underneath, unless the backend carries its
     own truncation or padding settings; anything else goes through ``tok(texts)``.
     """
     if not texts:
         return []
+    fast = fast_bpe.for_tokenizer(tok)
+    if fast is not None:
+        return fast.encode_batch(texts, special)
     backend = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
     if backend is not None and backend.truncation is None and backend.padding is None:
         run = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
