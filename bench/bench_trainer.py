@@ -14,7 +14,8 @@ weights), fp32 master weights with bf16 autocast on CUDA for both, max_length 10
 Each side first trains 2 throw-away steps (kernel compilation, cuBLAS/allocator warm-up), then the
 timed run; peak memory is torch.cuda.max_memory_allocated of the timed run; MFU = 6 x parameters x
 real tokens / time / 989 TFLOP/s (H100 SXM dense bf16). ``ours`` runs padded and packed
-(``padding_free``) when --packed is given.
+(``padding_free``) when --packed is given, with compiled layers with --compile, and with bf16 weights
+(fp32 master copies in the optimizer, bf16 activations) with --bf16-weights.
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ def worker_ours(args, tok) -> dict:
         pairs = pd.DataFrame([{"example_id": f"ex{i}", **tokenize_like_trl(r, tok, args.max_length)}
                               for i, r in enumerate(rows)])
     model = make_model(len(tok), args.gpu)
+    if args.worker == "ours_bf16":  # 16-bit weights and activations, fp32 master copies in the optimizer
+        model = model.to(__import__("torch").bfloat16)
     if args.worker == "ours_compiled":
         from dpo_engine.forward import compile_layers
 
@@ -228,10 +231,12 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="Qwen3-0.6B shape on CUDA, bf16 autocast")
     ap.add_argument("--packed", action="store_true", help="also run ours with padding_free packing")
     ap.add_argument("--compile", action="store_true", help="also run ours with compiled decoder layers")
+    ap.add_argument("--bf16-weights", action="store_true",
+                    help="also run ours with bf16 weights (fp32 master copies: train.master_weights)")
     ap.add_argument("--fixed-length", type=int, default=0,
                     help="ours only: random pairs of exactly this many tokens (MFU at a fixed shape)")
     ap.add_argument("--workers", default="", help="comma-separated subset to run, e.g. ours,ours_compiled")
-    ap.add_argument("--worker", choices=["ours", "ours_packed", "ours_compiled", "trl"])
+    ap.add_argument("--worker", choices=["ours", "ours_packed", "ours_compiled", "ours_bf16", "trl"])
     args = ap.parse_args()
     if args.gpu and args.max_length == 256:
         args.max_length = 1024
@@ -257,7 +262,7 @@ def main() -> None:
     print(f"{dev}, torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
           f"{model_desc}; {args.steps} steps x {args.pairs_per_step} pairs, max_length {args.max_length}")
     workers = ["ours"] + (["ours_packed"] if args.packed else []) + (["ours_compiled"] if args.compile else []) \
-        + ([] if args.fixed_length else ["trl"])
+        + (["ours_bf16"] if args.bf16_weights else []) + ([] if args.fixed_length else ["trl"])
     if args.workers:
         workers = args.workers.split(",")
     res = {w: run_worker(w, args) for w in workers}

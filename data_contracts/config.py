@@ -265,6 +265,10 @@ class TrainConfig(_Section):
                                          "checkpointing): less memory, about one more forward of compute. "
                                          "Off by default (TRL: on), since the fused head already keeps the "
                                          "logits out of memory and small CPU runs only pay the extra time.")
+    master_weights: bool = Field(True, description="With 16-bit model weights (model.dtype bfloat16/float16): "
+                                 "the optimizer steps fp32 copies and the model gets them rounded after each "
+                                 "step (false: the 16-bit weights are stepped directly and every update below "
+                                 "1/256 of a weight is lost, as at usual DPO learning rates).")
     optim: Literal["adamw_torch", "adamw_8bit"] = Field("adamw_torch", description="adamw_8bit: bitsandbytes "
                                                         "8-bit AdamW (CUDA only, bitsandbytes installed).")
     peak_tflops: float | None = Field(None, gt=0.0, description="Peak FLOP/s of one device (TFLOP/s) for the "

@@ -42,6 +42,7 @@ from dpo_engine.adapters import is_peft, reference_mode
 from dpo_engine import forward
 from dpo_engine.forward import pair_logps, unwrap_model
 from dpo_engine.losses import loss_from_config, pair_metrics
+from dpo_engine.master_weights import MasterWeights
 
 
 class TrainingError(RuntimeError):
@@ -226,9 +227,11 @@ def _latest_checkpoint(ckpt_dir: Path, log: Callable[[str], None] = print,
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history: list[dict],
-                    ref_model: nn.Module | None = None, full_state: tuple[dict, dict] | None = None) -> None:
+                    ref_model: nn.Module | None = None, full_state: tuple[dict, dict] | None = None,
+                    master: MasterWeights | None = None) -> None:
     """``full_state``: (model, optimizer) state dicts gathered from FSDP shards, written instead of
-    ``model``'s and ``opt``'s own (same files; the optimizer's keyed by parameter name)."""
+    ``model``'s and ``opt``'s own (same files; the optimizer's keyed by parameter name). ``master``:
+    fp32 master copies of 16-bit weights, kept in trainer.pt."""
     final = ckpt_dir / f"step-{step}"
     tmp = ckpt_dir / f".step-{step}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -238,14 +241,16 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history: list[
         (tmp / REF_WEIGHTS).parent.mkdir()
         save_model(ref_model, str(tmp / REF_WEIGHTS))
     torch.save({"optimizer": full_state[1] if full_state else opt.state_dict(), "scheduler": sched.state_dict(),
-                "fsdp": full_state is not None}, tmp / "trainer.pt")
+                "fsdp": full_state is not None, "master": master.state() if master else []},
+               tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
 
 def load_checkpoint(path: Path, model, opt, sched, ref_model: nn.Module | None = None,
-                    fsdp_root: nn.Module | None = None) -> tuple[int, list[dict]]:
+                    fsdp_root: nn.Module | None = None, master: MasterWeights | None = None
+                    ) -> tuple[int, list[dict]]:
     """Weights (``model``; None: already loaded), reference, optimizer, scheduler; returns (step,
     history). ``fsdp_root``: the optimizer state is a gathered one, scattered to this rank's shards."""
     from safetensors.torch import load_model
@@ -264,6 +269,8 @@ def load_checkpoint(path: Path, model, opt, sched, ref_model: nn.Module | None =
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(fsdp_root, opt, blob["optimizer"], options=StateDictOptions(full_state_dict=True))
     sched.load_state_dict(blob["scheduler"])
+    if master is not None and master.active:  # a checkpoint without them: start from its weights
+        master.load_state(blob["master"]) if blob.get("master") else master.from_model()
     meta = json.loads((path / "state.json").read_text())
     return meta["step"], meta["history"]
 
@@ -333,6 +340,11 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
             _load_weights(last, policy)
         model = _fsdp_wrap(model, fsdp)
         params = [p for p in model.parameters() if p.requires_grad]
+    master = MasterWeights(params, cfg.master_weights)  # fp32 copies of 16-bit weights
+    if master.active and fsdp is not None:
+        raise TrainingError("16-bit model weights with FSDP: load the model in float32 (model.dtype) and "
+                            "let FSDP's mixed precision compute in bf16, or set train.master_weights=false")
+    params = master.optimizer_params()  # from here on: the tensors whose gradients are stepped
     opt = make_optimizer(params, cfg, device)
     sched = make_scheduler(opt, cfg, steps)
     use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
@@ -348,7 +360,7 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
     start, history = 0, []
     if last is not None:
         start, history = load_checkpoint(last, None if fsdp else _unwrap_ddp(model), opt, sched, synced,
-                                         fsdp_root=model if fsdp else None)
+                                         fsdp_root=model if fsdp else None, master=master)
     seen = int(history[-1]["num_tokens"]) if history else 0  # cumulative, as TRL logs num_tokens
     stopped = _agree(should_stop(history, cfg), n_ranks)
     model.train()
@@ -364,6 +376,7 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
             out, pc, pr, seq, n_tok = _micro_step(model, [records[i] for i in sel], sel, reference,
                                                   n_pairs / (n_ranks if fsdp else 1), pad_id, loss_cfg, cfg,
                                                   device, use_bf16)
+            master.grads_in()
             outs.append(_record(out, pc, pr, seq))
             tokens += n_tok
         loss_sum = torch.tensor([sum(o["losses"].sum().item() for o in outs), float(tokens)],
@@ -382,6 +395,7 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
                                 f"grad_norm={grad_norm.item()}); last good checkpoint kept in {ckpt_dir}")
         lr = sched.get_last_lr()[0]
         opt.step()
+        master.weights_out()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -406,7 +420,7 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
             progress(step, metrics)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < steps and not stopped:
             _save_and_prune(ckpt_dir, step, model, opt, sched, history, keep_checkpoints, rank, n_ranks,
-                            synced)
+                            synced, master)
     if fsdp is not None:
         _unshard_in_place(model)
     return TrainResult(steps=step, history=history, resumed_from=start, stopped_early=step < steps)
@@ -466,10 +480,12 @@ def _evaluate(model: nn.Module, evaluate_fn: Callable[[int], dict], step: int) -
 
 
 def _save_and_prune(ckpt_dir: Path, step: int, model, opt, sched, history: list[dict], keep: int,
-                    rank: int, n_ranks: int, ref_model: nn.Module | None = None) -> None:
+                    rank: int, n_ranks: int, ref_model: nn.Module | None = None,
+                    master: MasterWeights | None = None) -> None:
     full = _gather_fsdp_state(model, opt) if isinstance(model, _FSDPRoot) else None  # every rank takes part
     if rank == 0:
-        save_checkpoint(ckpt_dir, step, _inner(_unwrap_ddp(model)), opt, sched, history, ref_model, full)
+        save_checkpoint(ckpt_dir, step, _inner(_unwrap_ddp(model)), opt, sched, history, ref_model, full,
+                        master)
         for old in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if n_ranks > 1:
