@@ -13,7 +13,7 @@ from torch import nn
 
 from data_contracts.config import ConfigError, PeftConfig, RunConfig
 from dpo_engine.forward import unwrap_model
-from dpo_engine.models import LOAD_LOCK
+from dpo_engine.models import LOAD_LOCK, seeded
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -52,16 +52,18 @@ def peft_config(cfg: PeftConfig):
         raise ConfigError(f"config error: peft: {e}") from None
 
 
-def apply_adapter(model: nn.Module, cfg: PeftConfig) -> nn.Module:
+def apply_adapter(model: nn.Module, cfg: PeftConfig, seed: int = 0) -> nn.Module:
     """Wrap ``model`` in a trainable PeftModel: the saved adapter at ``cfg.adapter_path`` (continued),
-    or a fresh one built from ``cfg``. Only adapter parameters require grad afterwards."""
+    or a fresh one built from ``cfg``, initialised from ``seed`` (the run's train.seed). Only adapter
+    parameters require grad afterwards."""
     from peft import PeftModel, get_peft_model
 
     if cfg.adapter_path:
         with LOAD_LOCK:
             return PeftModel.from_pretrained(model, str(Path(cfg.adapter_path).expanduser()),
                                              is_trainable=True)
-    return get_peft_model(model, peft_config(cfg))
+    with seeded(seed):
+        return get_peft_model(model, peft_config(cfg))
 
 
 def reference_mode(model: nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +16,7 @@ from torch import nn
 from data_contracts.config import EvalConfig, LossConfig
 from dpo_engine.forward import collate, pair_logps, sequence_logps
 from dpo_engine.losses import loss_from_config, pair_metrics
-from dpo_engine.models import LOAD_LOCK
+from dpo_engine.models import LOAD_LOCK, seeded
 
 Judge = Callable[[object, str, dict], float]
 
@@ -133,11 +134,11 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], cfg: EvalCon
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk], device=device)
         att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        torch.manual_seed(cfg.seed + b0)
-        gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=cfg.max_new_tokens,
-                             do_sample=cfg.do_sample, temperature=cfg.temperature if cfg.do_sample else None,
-                             top_p=cfg.top_p if cfg.do_sample else None, top_k=None,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        with seeded(cfg.seed + b0) if cfg.do_sample else nullcontext():  # greedy draws nothing
+            gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=cfg.max_new_tokens,
+                                 do_sample=cfg.do_sample, temperature=cfg.temperature if cfg.do_sample else None,
+                                 top_p=cfg.top_p if cfg.do_sample else None, top_k=None,
+                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         for row in gen[:, width:].tolist():
             if tokenizer.eos_token_id in row:
                 row = row[:row.index(tokenizer.eos_token_id)]

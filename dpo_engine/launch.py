@@ -161,7 +161,7 @@ def _follow_train(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: d
     ref = training_reference(cfg, validated, precomputed, pairs, device)
     pad_id = load_tokenizer(cfg.model, validated["model_path"]).pad_token_id
     model = load_model(cfg.model, validated["model_path"], device)
-    model = apply_adapter(model, cfg.peft) if cfg.peft.enabled else model
+    model = apply_adapter(model, cfg.peft, seed=cfg.train.seed) if cfg.peft.enabled else model
     train(model, pairs, ref, loss_cfg=cfg.loss, cfg=cfg.train, pad_id=pad_id, out_dir=Path(run_dir) / stage.STAGE,
           device=device, ref_cfg=cfg.reference,
           evaluate_fn=stage.eval_callback(cfg, validated, precomputed, model, pad_id, device))

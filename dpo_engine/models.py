@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,8 +26,25 @@ CONVERTER_VERSION = "2"
 # transformers' from_pretrained swaps process-wide globals while it runs (PreTrainedModel.tie_weights,
 # the torch.nn.init functions). Two loads in parallel threads (variants of a parallel sweep) can
 # interleave those swaps and leave them in place for good: a tied lm_head then stays on the meta
-# device. Every model load in the project holds this lock.
+# device. Every model load in the project holds this lock, and so does every seeded draw from
+# torch's global RNG (see ``seeded``).
 LOAD_LOCK = threading.RLock()
+
+
+def set_seed(seed: int) -> None:
+    """``torch.manual_seed`` that waits for any other thread's ``seeded`` block to end."""
+    with LOAD_LOCK:
+        torch.manual_seed(seed)
+
+
+@contextmanager
+def seeded(seed: int):
+    """Seed torch's global RNG and keep it to this thread for the block: parallel sweep variants
+    take turns, so what is drawn inside (a LoRA initialisation, sampled generations) depends on
+    the seed alone, not on what other threads or earlier stages drew."""
+    with LOAD_LOCK:
+        torch.manual_seed(seed)
+        yield
 
 
 class ModelError(ValueError):

@@ -43,6 +43,7 @@ from dpo_engine import forward
 from dpo_engine.forward import pair_logps, unwrap_model
 from dpo_engine.losses import loss_from_config, pair_metrics
 from dpo_engine.master_weights import MasterWeights
+from dpo_engine.models import set_seed
 
 
 class TrainingError(RuntimeError):
@@ -314,7 +315,7 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
     """
     device = torch.device(device)
     fsdp = fsdp_settings()
-    torch.manual_seed(cfg.seed)
+    set_seed(cfg.seed)
     records = pairs.to_dict("records")
     reference = _reference(model, pairs, ref)
     sync = _tr_dpo(model, ref, ref_cfg)

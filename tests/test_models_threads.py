@@ -38,3 +38,48 @@ def test_concurrent_loads_give_complete_tied_models(tmp_path):
     for m in models:
         assert all(p.device.type == "cpu" for p in m.parameters())
         assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+
+
+def test_adapter_initialisation_depends_on_the_seed_only(tmp_path):
+    import torch
+    from data_contracts.config import PeftConfig
+    from dpo_engine.adapters import apply_adapter
+
+    folder = str(tiny_model_dir(tmp_path / "m"))
+    cfg = PeftConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj"])
+
+    def lora(global_seed, seed):
+        torch.manual_seed(global_seed)  # whatever earlier stages or other threads drew
+        model = apply_adapter(load_model(ModelConfig(), folder, "cpu"), cfg, seed=seed)
+        return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_A" in n])
+
+    assert torch.equal(lora(1, 5), lora(2, 5))
+    assert not torch.equal(lora(1, 5), lora(1, 6))
+
+
+def test_sampled_generations_do_not_depend_on_other_threads(tmp_path):
+    import torch
+    from data_contracts.config import EvalConfig
+    from dpo_engine.evaluation import generate
+    from dpo_engine.models import set_seed
+    from tiny import tiny_tokenizer
+
+    model = load_model(ModelConfig(), str(tiny_model_dir(tmp_path / "m")), "cpu")
+    tok = tiny_tokenizer()
+    prompts = [tok("Once upon")["input_ids"], tok("a time")["input_ids"]] * 4
+    cfg = EvalConfig(do_sample=True, temperature=1.0, max_new_tokens=24, batch_size=2, seed=3)
+    alone = generate(model, tok, prompts, cfg)
+    done = threading.Event()
+
+    def reseed():  # another variant's trainer seeding the global RNG (training itself draws nothing)
+        while not done.is_set():
+            set_seed(0)
+
+    other = threading.Thread(target=reseed)
+    other.start()
+    try:
+        together = [generate(model, tok, prompts, cfg) for _ in range(3)]
+    finally:
+        done.set()
+        other.join()
+    assert all(t == alone for t in together)

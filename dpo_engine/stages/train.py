@@ -69,7 +69,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
     with Timer() as t:
         model = load_model(cfg.model, validated["model_path"], device)
         if cfg.peft.enabled:
-            model = apply_adapter(model, cfg.peft)
+            model = apply_adapter(model, cfg.peft, seed=cfg.train.seed)
         steps = total_steps(len(pairs), cfg.train)
         evaluate_fn = eval_callback(cfg, validated, precomputed, model, tok.pad_token_id, device)
         lagging = stop_rule(run_dir)  # a sweep variant's "behind the best variant" stop, else None
