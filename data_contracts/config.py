@@ -51,6 +51,11 @@ class DataConfig(_Section):
                                     "(after a seeded shuffle).")
     eval_limit: int | None = Field(None, ge=1, description="Use only the first N valid eval pairs.")
     max_length: int = Field(1024, ge=8, description="Max tokens of prompt + completion (TRL default).")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra variables for "
+                                                 "the chat template of conversational rows, as TRL's "
+                                                 "chat_template_kwargs (e.g. {enable_thinking: false} for "
+                                                 "Qwen3); a row's own chat_template_kwargs column "
+                                                 "overrides them key by key.")
     truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
     invalid_policy: Literal["fail", "quarantine"] = "quarantine"
     max_invalid_fraction: float = Field(0.05, ge=0.0, le=1.0)
@@ -61,11 +66,21 @@ class DataConfig(_Section):
                                  "identical for any value, so it is not part of the config hash or the "
                                  "saved config.")
 
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from data_contracts.formats import RESERVED_TEMPLATE_KWARGS
+
+        bad = sorted(k for k in v if k in RESERVED_TEMPLATE_KWARGS)
+        if bad:
+            raise ValueError(f"may not set {', '.join(bad)} (the chat template call sets them)")
+        return v
+
     @field_validator("columns")
     @classmethod
     def _columns(cls, v: dict[str, str]) -> dict[str, str]:
-        known = ("prompt", "chosen", "rejected", "tools", "system", "conversations", "input",
-                 "preferred_output", "non_preferred_output")
+        known = ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs", "system", "conversations",
+                 "input", "preferred_output", "non_preferred_output")
         for target, src in v.items():
             if target not in known:
                 raise ValueError(f"unknown target column {target!r}; use one of {', '.join(known)}")

@@ -80,8 +80,11 @@ def _cut_after_last_eos(ids: list[int], eos: int) -> list[int]:
     return ids[:len(ids) - ids[::-1].index(eos)] if eos in ids else ids
 
 
-def _render(tok, messages: list[dict], ex: Example, field: str, generation_prompt: bool) -> str:
-    kwargs = {"tools": ex.tools} if ex.tools else {}
+def _render(tok, messages: list[dict], ex: Example, field: str, generation_prompt: bool,
+            template_kwargs: dict | None = None) -> str:
+    kwargs = {**(template_kwargs or {}), **(ex.template_kwargs or {})}
+    if ex.tools:
+        kwargs["tools"] = ex.tools
     try:
         text = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt,
                                        tokenize=False, **kwargs)
@@ -92,14 +95,15 @@ def _render(tok, messages: list[dict], ex: Example, field: str, generation_promp
     return text
 
 
-def _render_example(tok, ex: Example) -> list[str]:
-    """[prompt with generation prompt, prompt + chosen, prompt + rejected] as text (RowError)."""
+def _render_example(tok, ex: Example, template_kwargs: dict | None = None) -> list[str]:
+    """[prompt with generation prompt, prompt + chosen, prompt + rejected] as text (RowError).
+    ``template_kwargs``: data.chat_template_kwargs (the row's own override them)."""
     if not getattr(tok, "chat_template", None):
         raise RowError("NO_CHAT_TEMPLATE", "prompt", "conversational data needs a tokenizer with a "
                        "chat template; set model.chat_template_path")
-    return [_render(tok, ex.prompt, ex, "prompt", True),
-            _render(tok, ex.prompt + ex.chosen, ex, "chosen", False),
-            _render(tok, ex.prompt + ex.rejected, ex, "rejected", False)]
+    return [_render(tok, ex.prompt, ex, "prompt", True, template_kwargs),
+            _render(tok, ex.prompt + ex.chosen, ex, "chosen", False, template_kwargs),
+            _render(tok, ex.prompt + ex.rejected, ex, "rejected", False, template_kwargs)]
 
 
 def _from_rendered(ids: list[list[int]], bos: int | None, eos: int) -> Encoded:
@@ -118,8 +122,9 @@ def _from_rendered(ids: list[list[int]], bos: int | None, eos: int) -> Encoded:
 
 
 def encode_batch(examples: list[Example], tok, max_length: int | None = None,
-                 mode: str = "keep_start") -> list[Encoded | RowError]:
-    """Tokenize (and, given max_length, truncate) many examples: an Encoded or a RowError each."""
+                 mode: str = "keep_start", template_kwargs: dict | None = None) -> list[Encoded | RowError]:
+    """Tokenize (and, given max_length, truncate) many examples: an Encoded or a RowError each.
+    ``template_kwargs``: extra chat template variables for conversational rows."""
     bos, eos = tok.bos_token_id, tok.eos_token_id
     out: list[Encoded | RowError | None] = [None] * len(examples)
     std = [i for i, ex in enumerate(examples) if not ex.is_conversational]
@@ -135,7 +140,7 @@ def encode_batch(examples: list[Example], tok, max_length: int | None = None,
     for i, ex in enumerate(examples):
         if ex.is_conversational:
             try:
-                texts += _render_example(tok, ex)
+                texts += _render_example(tok, ex, template_kwargs)
                 owners.append(i)
             except RowError as e:
                 out[i] = e

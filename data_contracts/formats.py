@@ -18,7 +18,8 @@ Any other layout: ``DataConfig.columns`` renames source columns first (:func:`ma
 
 Tools: a ``tools`` column (JSON string or list of JSON schemas, bare ``{name, parameters}`` or OpenAI
 ``{type: function, function: {...}}``) is normalised to the OpenAI form and forwarded to the chat
-template. Assistant ``tool_calls`` are normalised to ``{type: function, function: {name, arguments:
+template. A ``chat_template_kwargs`` column (a JSON object, e.g. ``{"enable_thinking": false}``) adds
+variables to that row's template call, over ``data.chat_template_kwargs``. Assistant ``tool_calls`` are normalised to ``{type: function, function: {name, arguments:
 dict}}`` (JSON-string arguments parsed), the form Hugging Face chat templates expect.
 
 A bad row raises :class:`RowError` (code, field, message); the caller records it and goes on.
@@ -63,6 +64,7 @@ class Example:
     is_conversational: bool
     tools: list | None = None
     meta: dict = field(default_factory=dict)
+    template_kwargs: dict | None = None  # the row's chat_template_kwargs (extra template variables)
 
 
 # ------------------------------------------------------------------------------------- columns
@@ -206,6 +208,27 @@ def parse_tools(tools: Any, key: str = "tools") -> list[dict] | None:
     return out or None
 
 
+# Names apply_chat_template itself passes to the template: a chat_template_kwargs key may not set them.
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "conversation", "tools", "documents", "add_generation_prompt",
+                                      "continue_final_message", "tokenize", "chat_template", "return_dict"})
+
+
+def parse_template_kwargs(v: Any, key: str = "chat_template_kwargs") -> dict | None:
+    """A row's ``chat_template_kwargs`` (a JSON object or a string of one; e.g. ``{"enable_thinking":
+    false}``) -> dict or None (INVALID_TEMPLATE_KWARGS)."""
+    v = _json_object(v, "INVALID_TEMPLATE_KWARGS", key, f"'{key}'")
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise RowError("INVALID_TEMPLATE_KWARGS", key, f"'{key}' must be a JSON object of template "
+                       f"variables, got {type(v).__name__}")
+    bad = sorted(k for k in v if not isinstance(k, str) or k in RESERVED_TEMPLATE_KWARGS)
+    if bad:
+        raise RowError("INVALID_TEMPLATE_KWARGS", key, f"'{key}' may not set {', '.join(map(str, bad))} "
+                       "(the chat template call sets them)")
+    return v or None
+
+
 def _message_list(v: Any, key: str) -> list[dict]:
     if v is None:
         raise RowError("MISSING_FIELD", key, f"'{key}' is missing or null")
@@ -288,7 +311,7 @@ def split_implicit(chosen, rejected) -> tuple[Any, Any, Any]:
     return chosen[:i], chosen[i:], rejected[i:]
 
 
-_CANONICAL = {"prompt", "chosen", "rejected", "tools"}
+_CANONICAL = {"prompt", "chosen", "rejected", "tools", "chat_template_kwargs"}
 
 
 def _finish(prompt, chosen, rejected, conversational: bool, row: dict, skip: set,
@@ -304,10 +327,11 @@ def _finish(prompt, chosen, rejected, conversational: bool, row: dict, skip: set
         _check_roles(prompt, chosen, "chosen")
         _check_roles(prompt, rejected, "rejected")
     tools = parse_tools(row.get("tools") if tools is _MISSING else tools)
+    template_kwargs = parse_template_kwargs(row.get("chat_template_kwargs"))
     meta = {k: v for k, v in row.items() if k not in skip and k not in _CANONICAL}
     if extra_meta:
         meta.update(extra_meta)
-    return Example(prompt, chosen, rejected, conversational, tools, meta)
+    return Example(prompt, chosen, rejected, conversational, tools, meta, template_kwargs)
 
 
 # ------------------------------------------------------------------------------------- adapters

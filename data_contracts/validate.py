@@ -54,7 +54,8 @@ _ids = pa.list_(pa.int32())
 VALID_SCHEMA = pa.schema([
     ("example_id", pa.string()), ("source_index", pa.int64()),
     ("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
-    ("is_conversational", pa.bool_()), ("tools", pa.string()), ("meta", pa.string()),
+    ("is_conversational", pa.bool_()), ("tools", pa.string()), ("chat_template_kwargs", pa.string()),
+    ("meta", pa.string()),
     ("prompt_input_ids", _ids), ("chosen_input_ids", _ids), ("rejected_input_ids", _ids),
     ("prompt_len", pa.int32()), ("chosen_len", pa.int32()), ("rejected_len", pa.int32()),
 ])
@@ -76,8 +77,9 @@ def _json(x: Any, **kw) -> str:
 
 
 def example_id(ex: Example) -> str:
-    """16 hex chars of sha256 over the canonical prompt/chosen/rejected JSON (+ tools when set)."""
-    if not ex.tools and ex.prompt.__class__ is ex.chosen.__class__ is ex.rejected.__class__ is str:
+    """16 hex chars of sha256 over the canonical prompt/chosen/rejected JSON (+ tools and the row's
+    chat_template_kwargs when set)."""
+    if not ex.tools and not ex.template_kwargs and ex.prompt.__class__ is ex.chosen.__class__ is ex.rejected.__class__ is str:
         # the same text as the encoder's, without building and walking a dict
         text = (f'{{"chosen":{_str_json(ex.chosen)},"prompt":{_str_json(ex.prompt)},'
                 f'"rejected":{_str_json(ex.rejected)}}}')
@@ -85,6 +87,8 @@ def example_id(ex: Example) -> str:
     key = {"chosen": ex.chosen, "prompt": ex.prompt, "rejected": ex.rejected}
     if ex.tools:
         key["tools"] = ex.tools
+    if ex.template_kwargs:
+        key["chat_template_kwargs"] = ex.template_kwargs
     return hashlib.sha256(_ID_ENCODER.encode(key).encode()).hexdigest()[:16]
 
 
@@ -99,7 +103,7 @@ def _utf8_safe(s: str) -> str:
 
 def _check_utf8(ex: Example) -> None:
     """Reject texts Parquet cannot store (lone surrogates from JSON escapes like \\ud800)."""
-    for name in ("prompt", "chosen", "rejected", "tools", "meta"):
+    for name in ("prompt", "chosen", "rejected", "tools", "template_kwargs", "meta"):
         value = getattr(ex, name)
         if value and not (value.__class__ is str and value.isascii()):  # ASCII: always encodable
             try:
@@ -250,6 +254,7 @@ def _valid_table(recs: list[tuple[int, Example, str, Encoded]]) -> pa.Table:
         "rejected": [js(ex.rejected) for ex in exs],
         "is_conversational": [ex.is_conversational for ex in exs],
         "tools": [_json(ex.tools) if ex.tools else None for ex in exs],
+        "chat_template_kwargs": [_json(ex.template_kwargs) if ex.template_kwargs else None for ex in exs],
         "meta": [_json(ex.meta) if ex.meta else "{}" for ex in exs],
         "prompt_input_ids": [e.prompt for e in encs], "chosen_input_ids": [e.chosen for e in encs],
         "rejected_input_ids": [e.rejected for e in encs],
@@ -278,12 +283,12 @@ def _parse(rows: list, idx, layout, columns: dict) -> tuple[list, list]:
 
 def _encode(examples: list[Example], tok, cfg: DataConfig) -> list:
     try:
-        return encode_batch(examples, tok, cfg.max_length, cfg.truncation_mode)
+        return encode_batch(examples, tok, cfg.max_length, cfg.truncation_mode, cfg.chat_template_kwargs)
     except Exception:  # one bad row broke the batch call: isolate it
         out = []
         for ex in examples:
             try:
-                out += encode_batch([ex], tok, cfg.max_length, cfg.truncation_mode)
+                out += encode_batch([ex], tok, cfg.max_length, cfg.truncation_mode, cfg.chat_template_kwargs)
             except Exception as e:
                 out.append(_as_row_error(e))
         return out

@@ -280,7 +280,7 @@ def test_files_and_columns(tok, tmp_path):
                                                     "valid.parquet"]
     schema = pq.read_schema(out / "valid.parquet")
     assert schema.names == ["example_id", "source_index", "prompt", "chosen", "rejected",
-                            "is_conversational", "tools", "meta", "prompt_input_ids",
+                            "is_conversational", "tools", "chat_template_kwargs", "meta", "prompt_input_ids",
                             "chosen_input_ids", "rejected_input_ids", "prompt_len", "chosen_len",
                             "rejected_len"]
     assert str(schema.field("prompt_input_ids").type) == "list<element: int32>"
@@ -296,3 +296,55 @@ def test_files_and_columns(tok, tmp_path):
     assert set(rep["lengths"]["prompt"]) == {"min", "mean", "max", "p95"}
     again = validate_split(rows, tmp_path / "o2", tok, CFG, split="eval", name="mem")
     assert again["fingerprint"] == rep["fingerprint"]
+
+
+# --------------------------------------------------------------------------- chat_template_kwargs
+
+# Like Qwen3's template: the final assistant turn always carries an (empty) think block, the
+# generation prompt only when enable_thinking is false: the kwarg moves the block from the
+# completion the model learns into the prompt.
+THINKING = ("{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}"
+            "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + m['content'] + eos_token + '\n' }}"
+            "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + eos_token + '\n' }}{% endif %}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+            "{% if enable_thinking is defined and not enable_thinking %}{{ '<think>\n\n</think>\n\n' }}"
+            "{% endif %}{% endif %}")
+
+
+def test_chat_template_kwargs_from_config_and_row(tmp_path):
+    from data_contracts.config import ConfigError, load_config
+
+    tok = _load_tokenizer(THINKING)
+    pair = {"prompt": [msg("user", "Hi")], "chosen": [msg("assistant", "A")], "rejected": [msg("assistant", "B")]}
+    rows = [pair, {**pair, "chat_template_kwargs": '{"enable_thinking": true}'},
+            {**pair, "chat_template_kwargs": {"enable_thinking": False}}]
+    eos = tok.eos_token
+    plain = ids(tok, f"<|im_start|>user\nHi{eos}\n<|im_start|>assistant\n")
+    no_think = ids(tok, f"<|im_start|>user\nHi{eos}\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+    _, valid, _ = run(rows, tok, tmp_path / "default")
+    assert [v["prompt_input_ids"] for v in valid] == [plain, plain, no_think]
+    completions = [tok.decode(v["chosen_input_ids"], skip_special_tokens=True).strip() for v in valid]
+    assert completions == ["<think>\n\n</think>\n\nA"] * 2 + ["A"]
+    assert [v["chat_template_kwargs"] for v in valid] == [None, '{"enable_thinking": true}',
+                                                          '{"enable_thinking": false}']
+    assert len({v["example_id"] for v in valid}) == 3  # a row's kwargs are part of its content
+
+    cfg = DataConfig(max_length=512, max_invalid_fraction=1.0, chat_template_kwargs={"enable_thinking": False})
+    _, valid, _ = run(rows, tok, tmp_path / "config", cfg=cfg)  # the config's default; a row overrides it
+    assert [v["prompt_input_ids"] for v in valid] == [no_think, plain, no_think]
+    for v in valid:  # one EOS, at the end of each completion
+        assert v["chosen_input_ids"][-1] == tok.eos_token_id and v["chosen_input_ids"].count(tok.eos_token_id) == 1
+
+    with pytest.raises(ConfigError, match="chat_template_kwargs.*add_generation_prompt"):
+        load_config(overrides={"data.chat_template_kwargs": {"add_generation_prompt": False}})
+
+
+def test_bad_chat_template_kwargs_are_rejected_with_a_code(tmp_path):
+    tok = _load_tokenizer(THINKING)
+    pair = {"prompt": [msg("user", "Hi")], "chosen": [msg("assistant", "A")], "rejected": [msg("assistant", "B")]}
+    rows = [{**pair, "chat_template_kwargs": "{not json"}, {**pair, "chat_template_kwargs": [1, 2]},
+            {**pair, "chat_template_kwargs": {"tools": []}}, pair]
+    rep, valid, rejects = run(rows, tok, tmp_path)
+    assert len(valid) == 1 and [r["code"] for r in rejects] == ["INVALID_TEMPLATE_KWARGS"] * 3
+    assert [r["source_index"] for r in rejects] == [0, 1, 2] and "tools" in rejects[2]["message"]
