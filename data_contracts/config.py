@@ -273,6 +273,10 @@ class TrainConfig(_Section):
     logit_chunk_size: int = Field(8192, ge=128, description="Vocabulary tile of the fused log-prob head.")
     padding_free: bool = Field(False, description="Pack each micro-batch's sequences into one row without "
                                "padding (per-sequence position ids; attention confined to each sequence).")
+    pad_to_multiple_of: int | None = Field(None, ge=1, description="Round each padded micro-batch's length "
+                                           "up to a multiple of this (as TRL's pad_to_multiple_of): "
+                                           "tensor-core friendly shapes and fewer distinct shapes for "
+                                           "train.compile; ignored with padding_free.")
     compile: bool = Field(False, description="torch.compile each decoder layer (inductor, dynamic shapes): fuses "
                           "the layers' elementwise work; on an H100 steady-state steps ran 2-2.5x faster, but each "
                           "new shape class recompiles (seconds), so it pays off on long runs (BENCHMARKS.md).")

@@ -61,11 +61,15 @@ def _check(prompts, completions):
             raise ValueError(f"sequence {i}: prompt and completion must be non-empty")
 
 
-def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> SeqBatch:
-    """Concatenate each prompt with its completion, right-pad, and mark completion predictions."""
+def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+            pad_to_multiple_of: int | None = None) -> SeqBatch:
+    """Concatenate each prompt with its completion, right-pad (the row length rounded up to a
+    multiple of ``pad_to_multiple_of`` when given), and mark completion predictions."""
     _check(prompts, completions)
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     s, t = len(lengths), max(lengths)
+    if pad_to_multiple_of:
+        t = -(-t // pad_to_multiple_of) * pad_to_multiple_of
     ids = torch.full((s, t), pad_id, dtype=torch.long)
     att = torch.zeros((s, t), dtype=torch.long)
     pred = torch.zeros((s, t), dtype=torch.bool)
@@ -195,11 +199,12 @@ def sequence_logps(model: nn.Module, batch: SeqBatch, *, chunk_size: int = 8192,
 
 def pair_logps(model: nn.Module, rows: list[dict], pad_id: int, *, loss_cfg=None, chunk_size: int = 8192,
                with_stats: bool = False, device: torch.device | str = "cpu",
-               padding_free: bool = False) -> dict:
+               padding_free: bool = False, pad_to_multiple_of: int | None = None) -> dict:
     """Forward a micro-batch of pairs; returns the policy sums split into chosen/rejected and the
     extra loss inputs (token counts; WPO weights; LD-DPO weighting) that ``loss_from_config`` takes.
-    ``padding_free`` packs the 2B sequences into one row (same results as the padded layout)."""
-    batch = pair_batch(rows, pad_id, packed=padding_free).to(device)
+    ``padding_free`` packs the 2B sequences into one row (same results as the padded layout);
+    ``pad_to_multiple_of`` rounds the padded rows' length up (the padded layout only)."""
+    batch = pair_batch(rows, pad_id, packed=padding_free, pad_to_multiple_of=pad_to_multiple_of).to(device)
     b = len(rows)
     weights = None
     ld_alpha = getattr(loss_cfg, "ld_alpha", None)
@@ -221,8 +226,11 @@ def pair_logps(model: nn.Module, rows: list[dict], pad_id: int, *, loss_cfg=None
             "loss_inputs": inputs, "ld_weighted": weights is not None}
 
 
-def pair_batch(rows: list[dict], pad_id: int, packed: bool = False) -> SeqBatch:
+def pair_batch(rows: list[dict], pad_id: int, packed: bool = False,
+               pad_to_multiple_of: int | None = None) -> SeqBatch:
     """2B sequences for B pairs: the B chosen first, then the B rejected (padded rows or packed)."""
     prompts = [r["prompt_input_ids"] for r in rows] * 2
     comps = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
-    return (pack if packed else collate)(prompts, comps, pad_id)
+    if packed:
+        return pack(prompts, comps, pad_id)
+    return collate(prompts, comps, pad_id, pad_to_multiple_of)

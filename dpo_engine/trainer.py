@@ -457,7 +457,7 @@ def _micro_step(model, mb: list[dict], sel: list[int], reference, n_pairs: float
                 loss_cfg: LossConfig, cfg: TrainConfig, device: torch.device, use_bf16: bool):
     """Forward + backward of one micro-batch; the loss is normalised by the pairs of the whole step."""
     fwd = dict(loss_cfg=loss_cfg, chunk_size=cfg.logit_chunk_size, device=device,
-               padding_free=cfg.padding_free)
+               padding_free=cfg.padding_free, pad_to_multiple_of=cfg.pad_to_multiple_of)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
         fw = _policy_logps(model, mb, pad_id, with_stats=True, **fwd)
         if reference is None or isinstance(reference, nn.Module):

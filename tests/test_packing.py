@@ -94,3 +94,21 @@ def test_pair_batch_orders_chosen_then_rejected_when_packed():
     lens = [len(r["prompt_input_ids"]) + len(r["chosen_input_ids"]) for r in rows] + \
            [len(r["prompt_input_ids"]) + len(r["rejected_input_ids"]) for r in rows]
     assert torch.bincount(b.seq_ids[0]).tolist() == lens
+
+
+def test_pad_to_multiple_of_changes_shapes_not_results(tiny_dir, tmp_path):
+    b = collate([[5, 6], [7]], [[8, 9, 10], [11]], pad_id=0, pad_to_multiple_of=8)
+    assert b.input_ids.shape == (2, 8) and b.num_tokens == 7
+    assert collate([[5] * 8], [[6] * 8], 0, pad_to_multiple_of=8).input_ids.shape == (1, 16)
+    pairs = _pairs()
+    ref = compute_reference_logps(_load(tiny_dir), pairs, pad_id=0, batch_size=5)
+    weights, losses = {}, {}
+    for multiple in (None, 64):
+        model = _load(tiny_dir)
+        cfg = TrainConfig(learning_rate=1e-3, max_steps=3, seed=1, per_device_train_batch_size=4,
+                          pad_to_multiple_of=multiple)
+        res = train(model, pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp_path / str(multiple))
+        weights[multiple] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        losses[multiple] = [h["loss"] for h in res.history]
+    assert losses[None] == pytest.approx(losses[64], abs=1e-6)
+    assert torch.allclose(weights[None], weights[64], atol=1e-6)
