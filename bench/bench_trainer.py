@@ -132,10 +132,11 @@ def worker_ours(args, tok) -> dict:
         rows = text_rows(args.steps * args.pairs_per_step, tok, args.max_length)
         pairs = pd.DataFrame([{"example_id": f"ex{i}", **tokenize_like_trl(r, tok, args.max_length)}
                               for i, r in enumerate(rows)])
+    opts = ours_options(args.worker)
     model = make_model(len(tok), args.gpu)
-    if args.worker == "ours_bf16":  # 16-bit weights and activations, fp32 master copies in the optimizer
+    if "bf16" in opts:  # 16-bit weights and activations, fp32 master copies in the optimizer
         model = model.to(__import__("torch").bfloat16)
-    if args.worker == "ours_compiled":
+    if "compile" in opts:
         from dpo_engine.forward import compile_layers
 
         compile_layers(model)
@@ -149,8 +150,8 @@ def worker_ours(args, tok) -> dict:
 
     def run(steps: int) -> None:
         cfg = TrainConfig(per_device_train_batch_size=args.pairs_per_step, max_steps=steps,
-                          learning_rate=1e-6, logging_steps=1, seed=0, padding_free=args.worker == "ours_packed",
-                          save_steps=10**6)
+                          learning_rate=1e-6, logging_steps=1, seed=0, padding_free="packed" in opts,
+                          pad_to_multiple_of=64 if "pad64" in opts else None, save_steps=10**6)
         with tempfile.TemporaryDirectory() as out:
             train(model, pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=tok.pad_token_id, out_dir=Path(out),
                   device=device, log_fn=lambda m, step: stamps.append((time.perf_counter(), m)))
@@ -210,6 +211,19 @@ def worker_trl(args, tok) -> dict:
             "params": sum(p.numel() for p in model.parameters())}
 
 
+# "ours" variants: "ours" plus any of these joined with "+", e.g. ours+bf16+compile
+OURS_OPTIONS = {"packed": "padding_free packing", "compile": "compiled decoder layers",
+                "bf16": "bf16 weights, fp32 master copies", "pad64": "pad_to_multiple_of 64"}
+ALIASES = {"ours_packed": "ours+packed", "ours_compiled": "ours+compile", "ours_bf16": "ours+bf16"}
+
+
+def ours_options(name: str) -> set[str]:
+    base, *mods = ALIASES.get(name, name).split("+")
+    if base != "ours" or not set(mods) <= set(OURS_OPTIONS):
+        sys.exit(f"unknown worker {name!r}: trl, or ours[+{'|+'.join(OURS_OPTIONS)}]")
+    return set(mods)
+
+
 def run_worker(which: str, args) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "HF_DATASETS_CACHE": cache, "HF_HUB_OFFLINE": "1",
@@ -235,8 +249,10 @@ def main() -> None:
                     help="also run ours with bf16 weights (fp32 master copies: train.master_weights)")
     ap.add_argument("--fixed-length", type=int, default=0,
                     help="ours only: random pairs of exactly this many tokens (MFU at a fixed shape)")
-    ap.add_argument("--workers", default="", help="comma-separated subset to run, e.g. ours,ours_compiled")
-    ap.add_argument("--worker", choices=["ours", "ours_packed", "ours_compiled", "ours_bf16", "trl"])
+    ap.add_argument("--workers", default="", help="comma-separated list to run instead, e.g. "
+                    "ours,ours+bf16,ours+bf16+compile+pad64,trl (options: " + ", ".join(
+                        f"{k}: {v}" for k, v in OURS_OPTIONS.items()) + ")")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.gpu and args.max_length == 256:
         args.max_length = 1024
@@ -265,15 +281,19 @@ def main() -> None:
         + (["ours_bf16"] if args.bf16_weights else []) + ([] if args.fixed_length else ["trl"])
     if args.workers:
         workers = args.workers.split(",")
+    for w in workers:
+        if w != "trl":
+            ours_options(w)
     res = {w: run_worker(w, args) for w in workers}
     mem = "peak_gpu_mb" if args.gpu else "peak_rss_mb"
-    print(f"{'':11} {'setup s':>8} {'ref pass s':>10} {'train s':>8} {'total s':>8} {'train tok/s':>11} "
+    width = max(11, *(len(w) for w in workers))
+    print(f"{'':{width}} {'setup s':>8} {'ref pass s':>10} {'train s':>8} {'total s':>8} {'train tok/s':>11} "
           f"{'peak MB':>9}" + (f" {'MFU':>6}" if args.gpu else ""))
     for w, r in res.items():
         r["total_s"] = r["setup_s"] + r["precompute_s"] + r["train_s"]
         r["tok_s"] = r["tokens"] / r["train_s"]
         mfu = 6 * r["params"] * r["tok_s"] / (H100_BF16_TFLOPS * 1e12)
-        print(f"{w:11} {r['setup_s']:8.1f} {r['precompute_s']:10.1f} {r['train_s']:8.2f} {r['total_s']:8.1f} "
+        print(f"{w:{width}} {r['setup_s']:8.1f} {r['precompute_s']:10.1f} {r['train_s']:8.2f} {r['total_s']:8.1f} "
               f"{r['tok_s']:11.0f} {r[mem]:9.0f}" + (f" {mfu:6.1%}" if args.gpu else ""))
     for w in workers:
         if "step_mfu" in res[w]:

@@ -3,7 +3,7 @@
 Same model and data as ``bench_trainer.py --gpu``; prints wall time per step and the top operators
 by CUDA time and by CPU time, so launch overhead and slow kernels show up.
 
-    python bench/profile_train_step.py [--steps 3] [--packed]
+    python bench/profile_train_step.py [--steps 3] [--packed] [--bf16-weights]
 """
 
 from __future__ import annotations
@@ -32,11 +32,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--pairs-per-step", type=int, default=8)
     ap.add_argument("--packed", action="store_true")
+    ap.add_argument("--bf16-weights", action="store_true", help="bf16 weights, fp32 master copies")
     args = ap.parse_args()
     tok = bt.load_tokenizer()
     rows = bt.text_rows((args.steps + 2) * args.pairs_per_step, tok, 1024)
     pairs = pd.DataFrame([{"example_id": f"ex{i}", **bt.tokenize_like_trl(r, tok, 1024)} for i, r in enumerate(rows)])
     model = bt.make_model(len(tok), gpu=True)
+    if args.bf16_weights:
+        model = model.to(torch.bfloat16)
     ref = compute_reference_logps(model, pairs, pad_id=tok.pad_token_id, batch_size=args.pairs_per_step, device="cuda")
     stamps = []
 
