@@ -4,8 +4,8 @@ Each `dpo run` is a subprocess in its own session; ``DPO_TEST_KILL_AT=<stage>:<p
 ``dpo_engine.stages.common.crash_point`` SIGKILL its whole process group (a preempted machine) at
 that named point. The runs report to one Prefect server started for the module (127.0.0.1), which
 saves each run the start of a temporary one. One run (same ``--run-name``, same state home) is
-killed at every point of every stage in pipeline order, each re-run going further; a last run
-without a kill must complete, reuse what finished, resume training from its checkpoint, and
+killed at every point of its stages in pipeline order, each re-run going further (two such chains
+side by side, see CHAINS); a last run without a kill must complete, reuse what finished, resume training from its checkpoint, and
 register the model an uninterrupted run registers (same weights, same version tags), exactly once.
 """
 
@@ -176,33 +176,35 @@ def _mtimes(home: Path, stages: list[str]) -> dict[str, int]:
     return {str(f): f.stat().st_mtime_ns for s in stages for f in files[s]}
 
 
-def test_sigkill_in_every_stage_then_rerun_registers_the_uninterrupted_model(tiny_model, uninterrupted,
-                                                                           prefect_api, tmp_path):
-    """One run (``--run-name crash``) killed at every point of every stage in pipeline order, each
+# The kill points in two chains run side by side (each in its own state home; one chain per CPU):
+# the first kills validate, precompute and train, the second (whose first run completes the first
+# three stages) evaluate and register. Each chain ends with a clean re-run.
+CHAINS = (("validate", "precompute", "train"), ("evaluate", "register"))
+
+
+def _kill_chain(stages: tuple[str, ...], home: Path, config: Path, api_url: str, uninterrupted: dict) -> None:
+    """One run (``--run-name crash``) killed at every point of ``stages`` in pipeline order, each
     re-run going further; after the first kill inside a stage the stages before it have finished,
     and the later kills and the final run must reuse them (same files), never redo them."""
-    home = tmp_path / "home"
-    config = write_config(tmp_path / "run.yaml", tiny_model)
     run = home / "runs" / "crash"
-    for stage, points in POINTS.items():
+    for stage in stages:
         before = None
-        for point in points:
-            p = run_flow(home, config, kill_at=f"{stage}:{point}", api_url=prefect_api)
+        for point in POINTS[stage]:
+            p = run_flow(home, config, kill_at=f"{stage}:{point}", api_url=api_url)
             assert p.returncode == -signal.SIGKILL, f"{stage}:{point} did not kill the run\n" + _tail(p)
             if before is None:  # the earlier stages finished in this run
                 before = _mtimes(home, DONE_BEFORE[stage])
                 assert before or stage == "validate"
         # finished stages were reused by the later kill runs, not redone: the very same files
         assert _mtimes(home, DONE_BEFORE[stage]) == before, stage
-        if stage == "evaluate":  # training finished in the first evaluate run, resumed from its
-            # last checkpoint (it was killed after export, at step STEPS - 1)
-            assert json.loads((run / "train.json").read_text())["resumed_from"] == STEPS - 1
 
-    p = run_flow(home, config, api_url=prefect_api)
+    p = run_flow(home, config, api_url=api_url)
     assert p.returncode == 0, _tail(p)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed"
-    assert _mtimes(home, DONE_BEFORE["register"]) == before
+    assert _mtimes(home, DONE_BEFORE[stages[-1]]) == before
+    if stages[-1] == "train":  # killed after export (at the last step): resumed from its last checkpoint
+        assert json.loads((run / "train.json").read_text())["resumed_from"] == STEPS - 1
     # no half-written output or temporary file left behind by the kills is visible as an output
     leftovers = [p for p in run.rglob("*") if p.is_file() and ".tmp" in p.name and p.suffix != ".lock"]
     assert all(p.name.startswith(".") for p in leftovers), leftovers
@@ -214,6 +216,19 @@ def test_sigkill_in_every_stage_then_rerun_registers_the_uninterrupted_model(tin
     assert got["tags"] == want["tags"]
     assert got["aliases"] == want["aliases"] == ["challenger", "champion"]
     assert set(got["loss_steps"]) == set(range(1, STEPS + 1))  # no step metric lost
+
+
+def test_sigkill_in_every_stage_then_rerun_registers_the_uninterrupted_model(tiny_model, uninterrupted,
+                                                                           prefect_api, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = write_config(tmp_path / "run.yaml", tiny_model)
+    assert sorted(s for chain in CHAINS for s in chain) == sorted(POINTS)  # every stage is killed
+    with ThreadPoolExecutor(len(CHAINS)) as pool:
+        chains = [pool.submit(_kill_chain, stages, tmp_path / f"home{i}", config, prefect_api, uninterrupted)
+                  for i, stages in enumerate(CHAINS)]
+        for c in chains:
+            c.result()  # re-raises a chain's failed assertion
 
 
 def test_rerun_under_another_run_name_continues_the_training(tiny_model, uninterrupted, prefect_api,
