@@ -266,7 +266,10 @@ class TrainConfig(_Section):
     num_train_epochs: float = Field(1.0, gt=0.0)
     max_steps: int = Field(-1, description="Optimizer steps; -1 derives them from num_train_epochs.")
     seed: int = 42
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: fp32 on CPU, bf16 "
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="fp16: float16 autocast "
+                                                               "with dynamic loss scaling (GPUs without bf16, "
+                                                               "e.g. T4/V100; a step whose gradients overflow "
+                                                               "is skipped and the scale halved). auto: fp32 on CPU, bf16 "
                                                        "autocast on GPU.")
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")

@@ -16,7 +16,7 @@ from torch import nn
 from data_contracts.config import EvalConfig, LossConfig
 from dpo_engine.forward import collate, pair_logps, sequence_logps
 from dpo_engine.losses import loss_from_config, pair_metrics
-from dpo_engine.models import LOAD_LOCK, seeded
+from dpo_engine.models import LOAD_LOCK, autocast_dtype, seeded
 
 Judge = Callable[[object, str, dict], float]
 
@@ -99,15 +99,19 @@ def load_judge(spec: str) -> Judge:
 @torch.inference_mode()
 def preference_metrics(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame, *,
                        loss_cfg: LossConfig, pad_id: int, batch_size: int, chunk_size: int = 8192,
-                       device: torch.device | str = "cpu") -> dict[str, float]:
-    """Loss, rewards, margins and accuracy of the policy on held-out pairs, TRL names, ``eval/``."""
+                       device: torch.device | str = "cpu", precision: str = "auto") -> dict[str, float]:
+    """Loss, rewards, margins and accuracy of the policy on held-out pairs, TRL names, ``eval/``
+    (under the autocast of train.precision, as training and the reference precompute)."""
     model.eval()
+    amp = autocast_dtype(precision, device)
     ref_map = ref.set_index("example_id")
     records = pairs.to_dict("records")
     pcs, prs, inputs, ld = [], [], {}, False
     for b0 in range(0, len(records), batch_size):
-        fw = pair_logps(model, records[b0:b0 + batch_size], pad_id, loss_cfg=loss_cfg,
-                        chunk_size=chunk_size, device=device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=amp or torch.bfloat16,
+                            enabled=amp is not None):
+            fw = pair_logps(model, records[b0:b0 + batch_size], pad_id, loss_cfg=loss_cfg,
+                            chunk_size=chunk_size, device=device)
         pcs.append(fw["chosen"].double().cpu())
         prs.append(fw["rejected"].double().cpu())
         for k, v in fw["loss_inputs"].items():

@@ -142,6 +142,16 @@ def load_tokenizer(cfg: ModelConfig, model_path: str):
     return tok
 
 
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device`` (None: no autocast), shared by
+    training, the reference precompute and evaluation so that all three compute alike."""
+    if precision == "fp16":
+        return torch.float16
+    if precision in ("auto", "bf16") and torch.device(device).type == "cuda":
+        return torch.bfloat16
+    return None
+
+
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float32  # weights in fp32; bf16 enters through autocast on GPU

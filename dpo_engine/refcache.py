@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from dpo_engine.forward import collate, ld_token_weights, sequence_logps
+from dpo_engine.models import autocast_dtype
 
 ENGINE_VERSION = "0.2"
 META_KEY = b"dpo_refcache"
@@ -41,12 +42,14 @@ class CacheError(RuntimeError):
 @torch.inference_mode()
 def compute_reference_logps(model: nn.Module, rows: pd.DataFrame, *, pad_id: int, batch_size: int,
                             chunk_size: int = 8192, device: torch.device | str = "cpu",
-                            ld_alpha: float | None = None,
+                            ld_alpha: float | None = None, precision: str = "auto",
                             progress: Callable[[int], None] | None = None) -> pd.DataFrame:
     """Summed completion log-probs of every chosen and rejected sequence, in length-sorted batches
-    (LD-DPO-weighted when ``ld_alpha`` is given, as the policy's are)."""
+    (LD-DPO-weighted when ``ld_alpha`` is given, as the policy's are), under the autocast of
+    ``precision`` (train.precision: the reference computes as the policy will)."""
     model.eval()
     device = torch.device(device)
+    amp = autocast_dtype(precision, device)
     seqs = []  # (row position, side, prompt ids, completion ids, shorter completion of the pair)
     for i, r in enumerate(rows.itertuples(index=False)):
         m = min(len(r.chosen_input_ids), len(r.rejected_input_ids))
@@ -60,7 +63,7 @@ def compute_reference_logps(model: nn.Module, rows: pd.DataFrame, *, pad_id: int
         batch = collate([s[2] for s in chunk], [s[3] for s in chunk], pad_id).to(device)
         weights = None if ld_alpha is None else \
             ld_token_weights(batch, torch.tensor([s[4] for s in chunk]), ld_alpha)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device_type=device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             out = sequence_logps(model, batch, chunk_size=chunk_size, token_weights=weights)
         for k, s in enumerate(chunk):
             logps[s[0], s[1]] = out["logps"][k].double().cpu()

@@ -27,6 +27,7 @@ import os
 import sys
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from dpo_engine import forward
 from dpo_engine.forward import pair_logps, unwrap_model
 from dpo_engine.losses import loss_from_config, pair_metrics
 from dpo_engine.master_weights import MasterWeights
-from dpo_engine.models import set_seed
+from dpo_engine.models import autocast_dtype, set_seed
 
 
 class TrainingError(RuntimeError):
@@ -115,6 +116,14 @@ def check_optim(cfg: TrainConfig, device: torch.device | str) -> None:
     except ImportError:
         raise TrainingError("train.optim: adamw_8bit needs the bitsandbytes package "
                             "(pip install bitsandbytes); use adamw_torch") from None
+
+
+MAX_OVERFLOW_SKIPS = 25  # fp16: more consecutive overflowing steps than this is a diverged run
+
+
+def make_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for fp16 (disabled: every call is a pass-through)."""
+    return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
 def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig, device) -> torch.optim.Optimizer:
@@ -229,10 +238,10 @@ def _latest_checkpoint(ckpt_dir: Path, log: Callable[[str], None] = print,
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history: list[dict],
                     ref_model: nn.Module | None = None, full_state: tuple[dict, dict] | None = None,
-                    master: MasterWeights | None = None) -> None:
+                    master: MasterWeights | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
     """``full_state``: (model, optimizer) state dicts gathered from FSDP shards, written instead of
     ``model``'s and ``opt``'s own (same files; the optimizer's keyed by parameter name). ``master``:
-    fp32 master copies of 16-bit weights, kept in trainer.pt."""
+    fp32 master copies of 16-bit weights, and ``scaler``: the fp16 loss scale, kept in trainer.pt."""
     final = ckpt_dir / f"step-{step}"
     tmp = ckpt_dir / f".step-{step}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -242,7 +251,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history: list[
         (tmp / REF_WEIGHTS).parent.mkdir()
         save_model(ref_model, str(tmp / REF_WEIGHTS))
     torch.save({"optimizer": full_state[1] if full_state else opt.state_dict(), "scheduler": sched.state_dict(),
-                "fsdp": full_state is not None, "master": master.state() if master else []},
+                "fsdp": full_state is not None, "master": master.state() if master else [],
+                "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {}},
                tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
     shutil.rmtree(final, ignore_errors=True)
@@ -250,8 +260,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history: list[
 
 
 def load_checkpoint(path: Path, model, opt, sched, ref_model: nn.Module | None = None,
-                    fsdp_root: nn.Module | None = None, master: MasterWeights | None = None
-                    ) -> tuple[int, list[dict]]:
+                    fsdp_root: nn.Module | None = None, master: MasterWeights | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> tuple[int, list[dict]]:
     """Weights (``model``; None: already loaded), reference, optimizer, scheduler; returns (step,
     history). ``fsdp_root``: the optimizer state is a gathered one, scattered to this rank's shards."""
     from safetensors.torch import load_model
@@ -272,6 +282,8 @@ def load_checkpoint(path: Path, model, opt, sched, ref_model: nn.Module | None =
     sched.load_state_dict(blob["scheduler"])
     if master is not None and master.active:  # a checkpoint without them: start from its weights
         master.load_state(blob["master"]) if blob.get("master") else master.from_model()
+    if scaler is not None and scaler.is_enabled() and blob.get("scaler"):
+        scaler.load_state_dict(blob["scaler"])
     meta = json.loads((path / "state.json").read_text())
     return meta["step"], meta["history"]
 
@@ -348,7 +360,9 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
     params = master.optimizer_params()  # from here on: the tensors whose gradients are stepped
     opt = make_optimizer(params, cfg, device)
     sched = make_scheduler(opt, cfg, steps)
-    use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
+    amp = autocast_dtype(cfg.precision, device)
+    scaler = make_scaler(device, enabled=amp == torch.float16)  # fp16: dynamic loss scaling
+    overflows = 0  # consecutive fp16 steps skipped for overflowing gradients
     if cfg.gradient_checkpointing:
         _unwrap_ddp(policy).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
@@ -361,7 +375,7 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
     start, history = 0, []
     if last is not None:
         start, history = load_checkpoint(last, None if fsdp else _unwrap_ddp(model), opt, sched, synced,
-                                         fsdp_root=model if fsdp else None, master=master)
+                                         fsdp_root=model if fsdp else None, master=master, scaler=scaler)
     seen = int(history[-1]["num_tokens"]) if history else 0  # cumulative, as TRL logs num_tokens
     stopped = _agree(should_stop(history, cfg), n_ranks)
     model.train()
@@ -376,7 +390,7 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
             sel = idx[m0:m0 + bs]
             out, pc, pr, seq, n_tok = _micro_step(model, [records[i] for i in sel], sel, reference,
                                                   n_pairs / (n_ranks if fsdp else 1), pad_id, loss_cfg, cfg,
-                                                  device, use_bf16)
+                                                  device, amp, scaler)
             master.grads_in()
             outs.append(_record(out, pc, pr, seq))
             tokens += n_tok
@@ -387,17 +401,26 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
                 _all_reduce_grads(params)
             dist.all_reduce(loss_sum)
             outs = _gather_records(outs, n_ranks)
+        scaler.unscale_(opt)  # fp16: the gradients back to their true size before clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(
             params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor
         loss_val, tokens = loss_sum[0].item() / n_pairs, int(loss_sum[1].item())
-        if not math.isfinite(loss_val) or not torch.isfinite(grad_norm):
+        overflow = scaler.is_enabled() and math.isfinite(loss_val) and not torch.isfinite(grad_norm)
+        overflows = overflows + 1 if overflow else 0
+        if not math.isfinite(loss_val) or (not torch.isfinite(grad_norm) and not overflow) \
+                or overflows > MAX_OVERFLOW_SKIPS:
+            why = f" ({overflows} steps in a row skipped for fp16 overflow)" if overflows else ""
             raise TrainingError(f"non-finite loss/gradient at step {step + 1} (loss={loss_val}, "
-                                f"grad_norm={grad_norm.item()}); last good checkpoint kept in {ckpt_dir}")
+                                f"grad_norm={grad_norm.item()}){why}; last good checkpoint kept in {ckpt_dir}")
         lr = sched.get_last_lr()[0]
-        opt.step()
+        loss_scale = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.step(opt)  # an overflowing fp16 step is skipped (weights unchanged)
+        scaler.update()
         master.weights_out()
-        sched.step()
+        with warnings.catch_warnings():  # a skipped fp16 step still advances the schedule (as HF's)
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
+            sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         if sync and step % sync[1] == 0:
@@ -407,6 +430,9 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
         metrics = _step_metrics(outs, grad_norm.item(), lr, tokens, seconds)
         metrics["num_tokens"] = float(seen)
         metrics["peak_memory_mb"] = peak_memory_mb(device)
+        if loss_scale is not None:
+            metrics["loss_scale"] = float(loss_scale)
+            metrics["overflow_skipped"] = float(overflow)
         step_mfu = mfu(n_params, tokens, seconds, peak, n_ranks)
         if step_mfu is not None:
             metrics["mfu"] = step_mfu
@@ -421,7 +447,7 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
             progress(step, metrics)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < steps and not stopped:
             _save_and_prune(ckpt_dir, step, model, opt, sched, history, keep_checkpoints, rank, n_ranks,
-                            synced, master)
+                            synced, master, scaler)
     if fsdp is not None:
         _unshard_in_place(model)
     return TrainResult(steps=step, history=history, resumed_from=start, stopped_early=step < steps)
@@ -454,11 +480,13 @@ def _reference(model, pairs: pd.DataFrame, ref):
 
 
 def _micro_step(model, mb: list[dict], sel: list[int], reference, n_pairs: float, pad_id: int,
-                loss_cfg: LossConfig, cfg: TrainConfig, device: torch.device, use_bf16: bool):
-    """Forward + backward of one micro-batch; the loss is normalised by the pairs of the whole step."""
+                loss_cfg: LossConfig, cfg: TrainConfig, device: torch.device, amp: torch.dtype | None,
+                scaler: torch.amp.GradScaler):
+    """Forward + backward of one micro-batch; the loss is normalised by the pairs of the whole step
+    (and multiplied by the fp16 loss scale, a no-op otherwise)."""
     fwd = dict(loss_cfg=loss_cfg, chunk_size=cfg.logit_chunk_size, device=device,
                padding_free=cfg.padding_free, pad_to_multiple_of=cfg.pad_to_multiple_of)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    with torch.autocast(device_type=device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         fw = _policy_logps(model, mb, pad_id, with_stats=True, **fwd)
         if reference is None or isinstance(reference, nn.Module):
             with torch.no_grad(), (reference_mode(_inner(model)) if reference is None else nullcontext()):
@@ -469,7 +497,7 @@ def _micro_step(model, mb: list[dict], sel: list[int], reference, n_pairs: float
             rc, rr = reference[0][sel].to(device), reference[1][sel].to(device)
     pc, pr = fw["chosen"], fw["rejected"]
     out = loss_from_config(loss_cfg, pc, pr, rc, rr, ld_weighted=fw["ld_weighted"], **fw["loss_inputs"])
-    (out.losses.sum() / n_pairs).backward()
+    scaler.scale(out.losses.sum() / n_pairs).backward()
     return out, pc.detach(), pr.detach(), fw["seq"], fw["batch"].num_tokens
 
 
@@ -482,11 +510,11 @@ def _evaluate(model: nn.Module, evaluate_fn: Callable[[int], dict], step: int) -
 
 def _save_and_prune(ckpt_dir: Path, step: int, model, opt, sched, history: list[dict], keep: int,
                     rank: int, n_ranks: int, ref_model: nn.Module | None = None,
-                    master: MasterWeights | None = None) -> None:
+                    master: MasterWeights | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
     full = _gather_fsdp_state(model, opt) if isinstance(model, _FSDPRoot) else None  # every rank takes part
     if rank == 0:
         save_checkpoint(ckpt_dir, step, _inner(_unwrap_ddp(model)), opt, sched, history, ref_model, full,
-                        master)
+                        master, scaler)
         for old in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if n_ranks > 1:

@@ -55,7 +55,8 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, train
         policy = load_model(cfg.model, trained["model_dir"], device)
         metrics = preference_metrics(policy, pairs, ref, loss_cfg=cfg.loss, pad_id=tok.pad_token_id,
                                      batch_size=cfg.eval.batch_size,
-                                     chunk_size=cfg.train.logit_chunk_size, device=device)
+                                     chunk_size=cfg.train.logit_chunk_size, device=device,
+                                     precision=cfg.train.precision)
         table = pd.DataFrame()
         rows = pairs.head(cfg.eval.num_prompts).to_dict("records")
         if rows:

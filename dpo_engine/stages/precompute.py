@@ -47,6 +47,8 @@ def reference_fingerprint(cfg: RunConfig, validated: dict) -> str:
 
 def cache_key(cfg: RunConfig, validated: dict, split: str) -> str:
     extra = [cfg.model.init_kwargs] if cfg.model.init_kwargs else []  # keeps older keys unchanged
+    if cfg.train.precision != "auto":  # the reference computes under the training's autocast
+        extra.append(f"precision={cfg.train.precision}")
     return fingerprint("reference", reference_fingerprint(cfg, validated), validated["tokenizer_fingerprint"],
                        validated[split]["fingerprint"], cfg.data.max_length, cfg.data.truncation_mode,
                        cfg.model.dtype, cfg.loss.ld_alpha, ENGINE_VERSION, *extra)
@@ -104,7 +106,8 @@ def _computer(cfg: RunConfig, validated: dict, follower: bool = False):
             return compute_reference_logps(model, rows, pad_id=tok.pad_token_id,
                                            batch_size=cfg.reference.batch_size,
                                            chunk_size=cfg.train.logit_chunk_size, device=device,
-                                           ld_alpha=cfg.loss.ld_alpha, progress=bar.update)
+                                           ld_alpha=cfg.loss.ld_alpha, precision=cfg.train.precision,
+                                           progress=bar.update)
 
     if follower:
         follow_shards(lambda split: read_valid(validated[split]["valid"]), compute)

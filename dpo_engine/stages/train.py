@@ -125,6 +125,6 @@ def eval_callback(cfg: RunConfig, validated: dict, precomputed: dict, model, pad
     def evaluate(step: int) -> dict:
         return preference_metrics(model, pairs, ref, loss_cfg=cfg.loss, pad_id=pad_id,
                                   batch_size=cfg.eval.batch_size, chunk_size=cfg.train.logit_chunk_size,
-                                  device=device)
+                                  device=device, precision=cfg.train.precision)
 
     return evaluate
