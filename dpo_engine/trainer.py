@@ -537,7 +537,9 @@ def fsdp_settings() -> dict | None:
 
 def _check_fsdp(cfg: TrainConfig, sync, evaluate_fn) -> None:
     for bad, why in ((sync is not None, "reference.sync_ref_model (TR-DPO mixes full weights)"),
-                     (evaluate_fn is not None and cfg.eval_steps > 0, "train.eval_steps (periodic evaluation)")):
+                     (evaluate_fn is not None and cfg.eval_steps > 0, "train.eval_steps (periodic evaluation)"),
+                     (cfg.precision == "fp16", "train.precision=fp16 (loss scaling of sharded gradients); "
+                                               "use bf16")):
         if bad:
             raise TrainingError(f"FSDP (train.accelerate_config) does not support {why} yet")
 
