@@ -16,7 +16,7 @@ from torch import nn
 from data_contracts.config import EvalConfig, LossConfig
 from dpo_engine.forward import collate, pair_logps, sequence_logps
 from dpo_engine.losses import loss_from_config, pair_metrics
-from dpo_engine.models import LOAD_LOCK, autocast_dtype, seeded
+from dpo_engine.models import LOAD_LOCK, autocast, autocast_dtype, seeded
 
 Judge = Callable[[object, str, dict], float]
 
@@ -108,8 +108,7 @@ def preference_metrics(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame,
     records = pairs.to_dict("records")
     pcs, prs, inputs, ld = [], [], {}, False
     for b0 in range(0, len(records), batch_size):
-        with torch.autocast(device_type=torch.device(device).type, dtype=amp or torch.bfloat16,
-                            enabled=amp is not None):
+        with autocast(amp, device):
             fw = pair_logps(model, records[b0:b0 + batch_size], pad_id, loss_cfg=loss_cfg,
                             chunk_size=chunk_size, device=device)
         pcs.append(fw["chosen"].double().cpu())

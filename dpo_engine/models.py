@@ -152,6 +152,12 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
     return None
 
 
+def autocast(amp: torch.dtype | None, device: torch.device | str):
+    """``torch.autocast`` to ``amp`` on ``device`` (from :func:`autocast_dtype`; None: off)."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=amp or torch.bfloat16,
+                          enabled=amp is not None)
+
+
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float32  # weights in fp32; bf16 enters through autocast on GPU

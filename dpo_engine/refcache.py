@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from dpo_engine.forward import collate, ld_token_weights, sequence_logps
-from dpo_engine.models import autocast_dtype
+from dpo_engine.models import autocast, autocast_dtype
 
 ENGINE_VERSION = "0.2"
 META_KEY = b"dpo_refcache"
@@ -63,7 +63,7 @@ def compute_reference_logps(model: nn.Module, rows: pd.DataFrame, *, pad_id: int
         batch = collate([s[2] for s in chunk], [s[3] for s in chunk], pad_id).to(device)
         weights = None if ld_alpha is None else \
             ld_token_weights(batch, torch.tensor([s[4] for s in chunk]), ld_alpha)
-        with torch.autocast(device_type=device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        with autocast(amp, device):
             out = sequence_logps(model, batch, chunk_size=chunk_size, token_weights=weights)
         for k, s in enumerate(chunk):
             logps[s[0], s[1]] = out["logps"][k].double().cpu()

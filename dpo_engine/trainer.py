@@ -44,7 +44,7 @@ from dpo_engine import forward
 from dpo_engine.forward import pair_logps, unwrap_model
 from dpo_engine.losses import loss_from_config, pair_metrics
 from dpo_engine.master_weights import MasterWeights
-from dpo_engine.models import autocast_dtype, set_seed
+from dpo_engine.models import autocast, autocast_dtype, set_seed
 
 
 class TrainingError(RuntimeError):
@@ -486,7 +486,7 @@ def _micro_step(model, mb: list[dict], sel: list[int], reference, n_pairs: float
     (and multiplied by the fp16 loss scale, a no-op otherwise)."""
     fwd = dict(loss_cfg=loss_cfg, chunk_size=cfg.logit_chunk_size, device=device,
                padding_free=cfg.padding_free, pad_to_multiple_of=cfg.pad_to_multiple_of)
-    with torch.autocast(device_type=device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+    with autocast(amp, device):
         fw = _policy_logps(model, mb, pad_id, with_stats=True, **fwd)
         if reference is None or isinstance(reference, nn.Module):
             with torch.no_grad(), (reference_mode(_inner(model)) if reference is None else nullcontext()):
