@@ -271,8 +271,18 @@ class TrainConfig(_Section):
                                                                "e.g. T4/V100; a step whose gradients overflow "
                                                                "is skipped and the scale halved). auto: fp32 on CPU, bf16 "
                                                        "autocast on GPU.")
-    logging_steps: int = Field(10, ge=1)
-    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    logging_steps: int = Field(10, ge=1, description="Send the step metrics to MLflow every N optimizer steps "
+                               "(and at the last step); every step's metrics stay in train/history.json.")
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps, and always at the end "
+                            "(0: only at the end).")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the newest); older ones are deleted.")
+    disable_dropout: bool = Field(True, description="Dropout off in the policy (TRL's default); the reference "
+                                  "never uses dropout. A LoRA adapter's own dropout (peft.lora_dropout) "
+                                  "is not affected.")
+    grad_filter_eps: float = Field(0.0, ge=0.0, lt=1.0, description="Fused head: skip vocabulary tiles whose "
+                                   "largest softmax value is below this in backward (cut cross-entropy's "
+                                   "gradient filtering; 2**-12 is its default). 0: off; the gradients are "
+                                   "then exact.")
     logit_chunk_size: int = Field(8192, ge=128, description="Vocabulary tile of the fused log-prob head.")
     padding_free: bool = Field(False, description="Pack each micro-batch's sequences into one row without "
                                "padding (per-sequence position ids; attention confined to each sequence).")

@@ -156,14 +156,17 @@ def ld_token_weights(batch: SeqBatch, min_len: torch.Tensor, alpha: float) -> to
 
 
 def sequence_logps(model: nn.Module, batch: SeqBatch, *, chunk_size: int = 8192,
-                   with_stats: bool = False, token_weights: torch.Tensor | None = None
-                   ) -> dict[str, torch.Tensor]:
+                   with_stats: bool = False, token_weights: torch.Tensor | None = None,
+                   grad_filter_eps: float = 0.0) -> dict[str, torch.Tensor]:
     """Summed completion log-probs per sequence [S] (differentiable) and token counts [S].
 
     ``token_weights`` (flat, predict-mask order) weights each token's log-prob in the sum (LD-DPO);
     ``unweighted_logps`` then holds the plain sums. ``with_stats`` adds per-sequence sums of token
-    entropy and mean logit (metrics) and ``wpo_log_weight`` = mean over tokens of
-    [log p(token) - log sum_v p(v)^2] (WPO), all without gradient."""
+    entropy, mean logit and ``correct_sum`` (tokens whose target is an argmax of the logits, ties
+    counted as correct; ``correct_sum / n_tokens`` over the chosen sequences is TRL's
+    ``mean_token_accuracy``) and ``wpo_log_weight`` = mean over tokens of
+    [log p(token) - log sum_v p(v)^2] (WPO), all without gradient. ``grad_filter_eps`` is the
+    head's gradient filtering (``token_logps``; 0 = exact gradients)."""
     body, head = lm_body_and_head(model)
     # sdpa without its cuDNN backend: cuDNN builds an execution graph for every new sequence length
     # (every batch here), ~15 ms of CPU per layer call on an H100 (bench/profile_train_step.py)
@@ -180,7 +183,8 @@ def sequence_logps(model: nn.Module, batch: SeqBatch, *, chunk_size: int = 8192,
     s = batch.num_seqs
     seq_idx = batch.seq_ids[mask]
     out = token_logps(hidden[mask], head.weight, batch.targets[mask], getattr(head, "bias", None),
-                      chunk_size=chunk_size, with_stats=with_stats, backend=HEAD_BACKEND)
+                      chunk_size=chunk_size, with_stats=with_stats,
+                      grad_filter_eps=grad_filter_eps, backend=HEAD_BACKEND)
     zeros = torch.zeros(s, device=hidden.device, dtype=out.logps.dtype)
     n_tokens = torch.bincount(seq_idx, minlength=s)
     res = {"n_tokens": n_tokens, "logps": zeros.index_add(0, seq_idx, out.logps)}
@@ -190,6 +194,7 @@ def sequence_logps(model: nn.Module, batch: SeqBatch, *, chunk_size: int = 8192,
     if with_stats:
         res["entropy_sum"] = zeros.detach().index_add(0, seq_idx, out.entropy)
         res["mean_logit_sum"] = zeros.detach().index_add(0, seq_idx, out.mean_logit)
+        res["correct_sum"] = zeros.detach().index_add(0, seq_idx, out.correct)
         lsp2 = getattr(out, "log_sum_p2", None)
         if lsp2 is not None:
             terms = out.logps.detach() - lsp2
@@ -199,11 +204,13 @@ def sequence_logps(model: nn.Module, batch: SeqBatch, *, chunk_size: int = 8192,
 
 def pair_logps(model: nn.Module, rows: list[dict], pad_id: int, *, loss_cfg=None, chunk_size: int = 8192,
                with_stats: bool = False, device: torch.device | str = "cpu",
-               padding_free: bool = False, pad_to_multiple_of: int | None = None) -> dict:
+               padding_free: bool = False, pad_to_multiple_of: int | None = None,
+               grad_filter_eps: float = 0.0) -> dict:
     """Forward a micro-batch of pairs; returns the policy sums split into chosen/rejected and the
     extra loss inputs (token counts; WPO weights; LD-DPO weighting) that ``loss_from_config`` takes.
     ``padding_free`` packs the 2B sequences into one row (same results as the padded layout);
-    ``pad_to_multiple_of`` rounds the padded rows' length up (the padded layout only)."""
+    ``pad_to_multiple_of`` rounds the padded rows' length up (the padded layout only);
+    ``grad_filter_eps`` goes to the head (``sequence_logps``)."""
     batch = pair_batch(rows, pad_id, packed=padding_free, pad_to_multiple_of=pad_to_multiple_of).to(device)
     b = len(rows)
     weights = None
@@ -214,7 +221,7 @@ def pair_logps(model: nn.Module, rows: list[dict], pad_id: int, *, loss_cfg=None
         weights = ld_token_weights(batch, torch.minimum(lc, lr).repeat(2), ld_alpha)
     wpo = bool(getattr(loss_cfg, "use_weighting", False))
     seq = sequence_logps(model, batch, chunk_size=chunk_size, with_stats=with_stats or wpo,
-                         token_weights=weights)
+                         token_weights=weights, grad_filter_eps=grad_filter_eps)
     lens = seq["n_tokens"]
     inputs = {"chosen_len": lens[:b], "rejected_len": lens[b:]}
     if wpo:

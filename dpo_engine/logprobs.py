@@ -10,6 +10,13 @@ Two backends: this module's torch loop (CPU, and fallback on CUDA) and the Trito
 ``dpo_engine.triton_head`` (logit tiles stay in registers / shared memory, never in device memory).
 ``backend="auto"`` picks Triton for CUDA tensors when triton imports.
 
+``with_stats`` adds per-token metrics without gradient: entropy, mean logit, log sum p^2 (WPO) and
+``correct`` (the target is an argmax, ties included: its logit is >= the row max the online
+logsumexp keeps anyway, so TRL's ``mean_token_accuracy`` needs no logits either).
+
+Target ids must lie in [0, V): ``token_logps`` raises ValueError otherwise (an out-of-range id would
+match no vocabulary column and silently give log p = -lse).
+
 Optional gradient filtering (cut cross-entropy): with ``grad_filter_eps > 0`` the backward skips the
 softmax part of a (token block, vocabulary tile) whose largest softmax probability is below eps; the
 one-hot (target) part is always kept exactly. Off by default (exact gradients).
@@ -53,7 +60,7 @@ class _TokenLogps(torch.autograd.Function):
         logp = torch.empty(n, **f)
         lse = torch.empty(n, **f)
         if with_stats:
-            entropy, mean_logit, log_sum_p2 = (torch.empty(n, **f) for _ in range(3))
+            entropy, mean_logit, log_sum_p2, correct = (torch.empty(n, **f) for _ in range(4))
         # token block outer, vocabulary tile inner: at most a logits tile and its exp
         # (token_block x chunk_size each) are live, whatever N and V are.
         for t0 in range(0, n, token_block):
@@ -96,12 +103,14 @@ class _TokenLogps(torch.autograd.Function):
                 entropy[t0:t1] = log_z - plogit / run_sum
                 mean_logit[t0:t1] = lsum / vocab
                 log_sum_p2[t0:t1] = torch.log(sum2) - 2 * log_z
+                # tgt is an element of the same tiles run_max was taken over: exact comparison
+                correct[t0:t1] = (tgt >= run_max).to(h.dtype)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size, ctx.token_block, ctx.eps = chunk_size, token_block, grad_filter_eps
         if not with_stats:
-            return logp, None, None, None
-        ctx.mark_non_differentiable(entropy, mean_logit, log_sum_p2)
-        return logp, entropy, mean_logit, log_sum_p2
+            return logp, None, None, None, None
+        ctx.mark_non_differentiable(entropy, mean_logit, log_sum_p2, correct)
+        return logp, entropy, mean_logit, log_sum_p2, correct
 
     @staticmethod
     def backward(ctx, grad_logp, *_stat_grads):
@@ -163,6 +172,9 @@ class HeadOutput:
     entropy: torch.Tensor | None = None  # [N] entropy of the next-token distribution (no grad)
     mean_logit: torch.Tensor | None = None  # [N] mean logit over the vocabulary (no grad)
     log_sum_p2: torch.Tensor | None = None  # [N] log sum_v p(v)^2 (no grad; WPO weighting)
+    # [N] 1.0 where the target's logit is >= every logit (an argmax; ties count as correct, where
+    # torch.argmax would pick the first tied id), else 0.0; no grad (TRL's mean_token_accuracy)
+    correct: torch.Tensor | None = None
 
 
 def triton_available() -> bool:
@@ -184,6 +196,19 @@ def _pick_backend(backend: str, hidden: torch.Tensor) -> str:
     return "torch"
 
 
+def _check_targets(targets: torch.Tensor, vocab: int) -> None:
+    """ValueError naming the first offending id when a target is outside [0, vocab). On CUDA this
+    is one device-to-host sync (a min/max reduction, tens of microseconds); in sequence_logps the
+    boolean-mask indexing just before has already synchronised, so the stream is idle then."""
+    if targets.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(targets)).tolist()  # one transfer: one sync on CUDA
+    if lo >= 0 and hi < vocab:
+        return
+    bad = targets[(targets < 0) | (targets >= vocab)][0].item()
+    raise ValueError(f"target id {bad} is outside the vocabulary [0, V={vocab})")
+
+
 def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 bias: torch.Tensor | None = None, *, chunk_size: int = DEFAULT_CHUNK,
                 with_stats: bool = False, token_block: int = TOKEN_BLOCK,
@@ -195,7 +220,10 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     and computes in fp32; the Triton path multiplies in the autocast dtype when autocast is on
     (bf16 tensor cores, fp32 accumulation, as TRL's head does) and in the input dtype otherwise.
 
-    ``with_stats`` adds entropy, mean logit and log sum p^2 per token (no grad).
+    ``with_stats`` adds entropy, mean logit, log sum p^2 and ``correct`` per token (no grad);
+    ``correct`` is 1.0 where the target's logit is >= the row max: the target is an argmax, and
+    ties count as correct.
+    Target ids outside [0, V) raise ValueError (one host sync on CUDA, see ``_check_targets``).
     ``grad_filter_eps`` > 0 enables gradient filtering in backward (``CCE_FILTER_EPS`` = 2^-12 is
     cut cross-entropy's value); 0 keeps gradients exact.
     ``backend``: "auto" (Triton for CUDA tensors when triton imports, else torch), "torch", or
@@ -207,17 +235,15 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
                          f"{tuple(targets.shape)}")
     if grad_filter_eps < 0:
         raise ValueError(f"grad_filter_eps must be >= 0; got {grad_filter_eps}")
+    _check_targets(targets, weight.shape[0])
     if _pick_backend(backend, hidden) == "triton":
         from dpo_engine.triton_head import triton_token_logps
-        logp, ent, mean, p2 = triton_token_logps(hidden, weight, targets, bias,
-                                                 with_stats=with_stats,
-                                                 grad_filter_eps=grad_filter_eps)
-        return HeadOutput(logp, ent, mean, p2)
+        return HeadOutput(*triton_token_logps(hidden, weight, targets, bias, with_stats=with_stats,
+                                              grad_filter_eps=grad_filter_eps))
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        logp, ent, mean, p2 = _TokenLogps.apply(hidden, weight, bias, targets.long(),
-                                                int(chunk_size), bool(with_stats),
-                                                int(token_block), float(grad_filter_eps))
-    return HeadOutput(logp, ent, mean, p2)
+        out = _TokenLogps.apply(hidden, weight, bias, targets.long(), int(chunk_size),
+                                bool(with_stats), int(token_block), float(grad_filter_eps))
+    return HeadOutput(*out)
 
 
 def naive_token_logps(hidden, weight, targets, bias=None) -> torch.Tensor:

@@ -100,8 +100,10 @@ class LossInputs:
     def __init__(self, *, beta: float, eps: float, policy_chosen: Tensor, policy_rejected: Tensor,
                  ref_chosen: Tensor | None, ref_rejected: Tensor | None, chosen_len: Tensor | None,
                  rejected_len: Tensor | None, sft_chosen_logps: Tensor, f_type: str, f_alpha: float,
-                 discopop_tau: float, simpo_gamma: float, orpo_lambda: float):
+                 discopop_tau: float, simpo_gamma: float, orpo_lambda: float,
+                 sft_tokens_per_pair: float | None = None):
         self.beta, self.eps = beta, eps
+        self._sft_tpp = sft_tokens_per_pair
         self.pc, self.pr = policy_chosen, policy_rejected
         self.tau, self.gamma, self.lam = discopop_tau, simpo_gamma, orpo_lambda
         self._ref = None if ref_chosen is None or ref_rejected is None else \
@@ -157,9 +159,14 @@ class LossInputs:
     @cached_property
     def sft(self) -> Tensor:
         """Token-mean NLL over the chosen completion tokens of the micro-batch, replicated per pair
-        (a batch-level term: its batch mean is itself, so it combines with the weights like the rest)."""
-        nll = -self._sft_logps.sum() / self._lengths()[0].sum().clamp(min=1)
-        return nll.expand(self.pc.shape[0])
+        (a batch-level term: its batch mean is itself, so it combines with the weights like the rest).
+        Under gradient accumulation the mean must run over the whole step's tokens, not each
+        micro-batch's: ``sft_tokens_per_pair`` (the step's chosen tokens / its pairs) then replaces
+        this micro-batch's own count per pair, so the step's per-pair mean is the step's token mean."""
+        b = self.pc.shape[0]
+        tokens = self._lengths()[0].sum().clamp(min=1) if self._sft_tpp is None else \
+            torch.tensor(max(self._sft_tpp * b, 1e-12), dtype=self.pc.dtype, device=self.pc.device)
+        return (-self._sft_logps.sum() / tokens).expand(b)
 
 
 def smoothed_sigmoid(z: Tensor, eps: float) -> Tensor:
@@ -292,13 +299,14 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor,
              discopop_tau: float = 0.05, simpo_gamma: float = 0.5, orpo_lambda: float = 0.1,
              use_weighting: bool = False, chosen_log_weight: Tensor | None = None,
              rejected_log_weight: Tensor | None = None,
-             sft_chosen_logps: Tensor | None = None) -> PairLoss:
+             sft_chosen_logps: Tensor | None = None, sft_tokens_per_pair: float | None = None) -> PairLoss:
     """Per-pair losses and rewards of one micro-batch from [B] per-sequence log-prob sums.
 
     ``losses[i] = (sum_k w_k * loss_k[i]) * (w_c[i] * w_r[i] if use_weighting)``, so
     ``losses.mean()`` is TRL's total ``sum_k w_k * mean(loss_k)``. Needs ``chosen_len`` and
     ``rejected_len`` for ipo, sigmoid_norm, sft, simpo and orpo; reference log-probs for all but
-    simpo and orpo. ``sft_chosen_logps`` (default ``policy_chosen``) is what sft/orpo's NLL sums.
+    simpo and orpo. ``sft_chosen_logps`` (default ``policy_chosen``) is what sft/orpo's NLL sums;
+    ``sft_tokens_per_pair`` (default: this batch's) normalises it (see ``LossInputs.sft``).
     Rewards are beta * c and beta * r, or for a reference-free first loss beta * log-prob / length.
     Validation of option combinations is :class:`LossConfig`'s job; here only missing inputs fail.
     """
@@ -314,7 +322,8 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor,
                    chosen_len=chosen_len, rejected_len=rejected_len,
                    sft_chosen_logps=policy_chosen if sft_chosen_logps is None else sft_chosen_logps,
                    f_type=f_divergence_type, f_alpha=f_alpha_divergence_coef,
-                   discopop_tau=discopop_tau, simpo_gamma=simpo_gamma, orpo_lambda=orpo_lambda)
+                   discopop_tau=discopop_tau, simpo_gamma=simpo_gamma, orpo_lambda=orpo_lambda,
+                   sft_tokens_per_pair=sft_tokens_per_pair)
     total = torch.zeros_like(policy_chosen)
     for name, w in zip(types, weights):
         x.current = name

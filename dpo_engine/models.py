@@ -164,7 +164,8 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_model(cfg: ModelConfig, model_path: str, device: torch.device | str = "cpu") -> nn.Module:
+def load_model(cfg: ModelConfig, model_path: str, device: torch.device | str = "cpu",
+               dropout_off: bool = True) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
@@ -182,7 +183,8 @@ def load_model(cfg: ModelConfig, model_path: str, device: torch.device | str = "
             raise
         raise ModelError(f"cannot load model {model_path!r}: weights file {_damaged_weights(model_path)} "
                          f"is corrupted ({_first_line(e)})") from None
-    disable_dropout(model)
+    if dropout_off:
+        disable_dropout(model)
     return model if kwargs.get("device_map") is not None else model.to(device)
 
 
@@ -248,9 +250,24 @@ def init_kwargs(cfg: ModelConfig) -> dict:
     return kw
 
 
+def packed_attention(cfg: ModelConfig, padding_free: bool, device: torch.device | str) -> ModelConfig:
+    """``cfg`` with ``attn_implementation: flash_attention_2`` when packed sequences (``padding_free``)
+    train on CUDA, the flash-attn package is installed and ``model.init_kwargs`` names no attention
+    itself: flash-attention's varlen kernel then confines attention to each packed sequence, instead of
+    sdpa's block-diagonal mask (quadratic in the packed row's length). Otherwise ``cfg`` unchanged."""
+    import importlib.util
+
+    if (not padding_free or torch.device(device).type != "cuda" or "attn_implementation" in cfg.init_kwargs
+            or importlib.util.find_spec("flash_attn") is None):
+        return cfg
+    return cfg.model_copy(update={"init_kwargs": {**cfg.init_kwargs, "attn_implementation": "flash_attention_2"}})
+
+
 def disable_dropout(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
+    """Dropout off in the model's own modules (TRL's ``disable_dropout``); a PEFT adapter's dropout
+    (LoRA's ``lora_dropout``, set by ``peft.lora_dropout``) is left as configured."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Dropout) and ".lora_dropout." not in f".{name}.":
             m.p = 0.0
     for attr in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if hasattr(model.config, attr):

@@ -44,7 +44,7 @@ from dpo_engine import forward
 from dpo_engine.forward import pair_logps, unwrap_model
 from dpo_engine.losses import loss_from_config, pair_metrics
 from dpo_engine.master_weights import MasterWeights
-from dpo_engine.models import autocast, autocast_dtype, set_seed
+from dpo_engine.models import autocast, autocast_dtype, disable_dropout, set_seed
 
 
 class TrainingError(RuntimeError):
@@ -171,6 +171,26 @@ def mfu(n_params: int, tokens: int, seconds: float, peak: float | None, n_device
     return 6 * n_params * tokens / (max(seconds, 1e-9) * peak * 1e12 * n_devices)
 
 
+# Metrics that are a running total or a high-water mark: logged as of the logging step, not averaged.
+LAST_VALUE_METRICS = ("num_tokens", "peak_memory_mb", "learning_rate", "loss_scale")
+
+
+def logged_metrics(history: list[dict], every: int) -> dict[str, float]:
+    """What ``log_fn`` gets at a logging step, as TRL logs: each metric's mean over the steps since
+    the previous logging step (``every`` steps, fewer at the end), totals and peaks as of now, and
+    eval/ metrics as last evaluated in that window."""
+    step = history[-1]["step"]
+    window = [h for h in history if h["step"] > step - (step - 1) % every - 1]
+    out: dict[str, float] = {}
+    for name in dict.fromkeys(k for h in window for k in h):
+        values = [h[name] for h in window if name in h]
+        if name == "step":
+            continue
+        out[name] = values[-1] if name in LAST_VALUE_METRICS or name.startswith("eval/") else \
+            sum(values) / len(values)
+    return out
+
+
 # ------------------------------------------------------------------------------ early stopping
 
 from contextlib import contextmanager  # noqa: E402
@@ -236,12 +256,63 @@ def _latest_checkpoint(ckpt_dir: Path, log: Callable[[str], None] = print,
     return None
 
 
+def rng_state() -> dict:
+    """This process's random generators (torch CPU and CUDA, Python, NumPy) in a form that
+    ``torch.load(weights_only=True)`` reads back: dropout (e.g. LoRA's) draws from them, so a resumed
+    run continues their streams where the checkpoint left them."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def remove_crash_leftovers(ckpt_dir: Path, log: Callable[[str], None] = print) -> None:
+    """Delete ``.step-N.tmp<pid>`` folders that a killed save left behind (their writer is gone)."""
+    for tmp in ckpt_dir.glob(".step-*.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"removed an unfinished checkpoint write: {tmp.name}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history: list[dict],
                     ref_model: nn.Module | None = None, full_state: tuple[dict, dict] | None = None,
-                    master: MasterWeights | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
+                    master: MasterWeights | None = None, scaler: torch.amp.GradScaler | None = None,
+                    rng: list[dict] | None = None) -> None:
     """``full_state``: (model, optimizer) state dicts gathered from FSDP shards, written instead of
     ``model``'s and ``opt``'s own (same files; the optimizer's keyed by parameter name). ``master``:
-    fp32 master copies of 16-bit weights, and ``scaler``: the fp16 loss scale, kept in trainer.pt."""
+    fp32 master copies of 16-bit weights, ``scaler``: the fp16 loss scale, and ``rng``: every rank's
+    random generator states (``rng_state``, in rank order), kept in trainer.pt."""
     final = ckpt_dir / f"step-{step}"
     tmp = ckpt_dir / f".step-{step}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -252,7 +323,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history: list[
         save_model(ref_model, str(tmp / REF_WEIGHTS))
     torch.save({"optimizer": full_state[1] if full_state else opt.state_dict(), "scheduler": sched.state_dict(),
                 "fsdp": full_state is not None, "master": master.state() if master else [],
-                "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {}},
+                "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
+                "rng": rng or []},
                tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
     shutil.rmtree(final, ignore_errors=True)
@@ -284,6 +356,9 @@ def load_checkpoint(path: Path, model, opt, sched, ref_model: nn.Module | None =
         master.load_state(blob["master"]) if blob.get("master") else master.from_model()
     if scaler is not None and scaler.is_enabled() and blob.get("scaler"):
         scaler.load_state_dict(blob["scaler"])
+    rank, n_ranks = world()
+    if len(blob.get("rng") or []) == n_ranks:  # another world size cannot continue the same streams
+        set_rng_state(blob["rng"][rank])
     meta = json.loads((path / "state.json").read_text())
     return meta["step"], meta["history"]
 
@@ -311,7 +386,7 @@ def _load_weights(path: Path, model) -> None:
 def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module | None, *, loss_cfg: LossConfig,
           cfg: TrainConfig, pad_id: int, out_dir: Path, device: torch.device | str = "cpu",
           log_fn: Callable[[dict, int], None] | None = None,
-          progress: Callable[[int, dict], None] | None = None, keep_checkpoints: int = 2,
+          progress: Callable[[int, dict], None] | None = None, keep_checkpoints: int | None = None,
           evaluate_fn: Callable[[int], dict] | None = None,
           ref_cfg: ReferenceConfig | None = None) -> TrainResult:
     """Train ``model`` in place on ``pairs`` (valid.parquet rows) against the reference ``ref``:
@@ -320,14 +395,20 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
     ``ref_cfg.sync_ref_model`` (TR-DPO, online model only) updates that model in place every
     ``ref_cfg.ref_model_sync_steps`` steps: ref = alpha * policy + (1 - alpha) * ref.
 
-    ``log_fn(metrics, step)`` receives TRL-named metrics after every optimizer step; checkpoints go
-    to ``out_dir/checkpoints`` every ``cfg.save_steps`` steps and a re-run resumes from the last.
+    ``log_fn(metrics, step)`` receives TRL-named metrics every ``cfg.logging_steps`` optimizer steps
+    (averaged over those steps, as TRL logs them) and at the last step; ``progress(step, metrics)``
+    gets every step's own. Checkpoints go to ``out_dir/checkpoints`` every ``cfg.save_steps`` steps
+    and at the end (the newest ``keep_checkpoints``, default ``cfg.save_total_limit``, are kept), with
+    the random generators' states; a re-run resumes from the last one.
     ``evaluate_fn(step) -> {"eval/...": value}`` runs every ``cfg.eval_steps`` steps (the model is put
     back in train mode afterwards); its metrics join that step's and may drive early stopping.
     """
     device = torch.device(device)
     fsdp = fsdp_settings()
     set_seed(cfg.seed)
+    keep = keep_checkpoints or cfg.save_total_limit
+    if cfg.disable_dropout:  # also for a model passed in built (load_model already did it for its own)
+        disable_dropout(model)
     records = pairs.to_dict("records")
     reference = _reference(model, pairs, ref)
     sync = _tr_dpo(model, ref, ref_cfg)
@@ -345,6 +426,8 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
             dist.broadcast(p.data, src=0)
     policy = model
     ckpt_dir = out_dir / "checkpoints"
+    if rank == 0:
+        remove_crash_leftovers(ckpt_dir)
     synced = ref if sync else None  # a reference that changes is checkpointed with the policy
     last = _latest_checkpoint(ckpt_dir, with_reference=synced is not None)
     if fsdp is not None:  # shards in place; ``model`` becomes the root unit that runs the forward
@@ -384,13 +467,15 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
         t0 = time.perf_counter()
         step_idx = order[step * per_step:(step + 1) * per_step]
         n_pairs = len(step_idx)  # global: every rank normalises by the pairs of the whole step
+        # sft/orpo's NLL is a token mean over the whole step's chosen tokens (not each micro-batch's)
+        sft_tpp = sum(len(records[i]["chosen_input_ids"]) for i in step_idx) / n_pairs
         idx = step_idx[rank * bs * accum:(rank + 1) * bs * accum]
         outs, tokens = [], 0
         for m0 in range(0, len(idx), bs):
             sel = idx[m0:m0 + bs]
             out, pc, pr, seq, n_tok = _micro_step(model, [records[i] for i in sel], sel, reference,
                                                   n_pairs / (n_ranks if fsdp else 1), pad_id, loss_cfg, cfg,
-                                                  device, amp, scaler)
+                                                  device, amp, scaler, sft_tpp)
             master.grads_in()
             outs.append(_record(out, pc, pr, seq))
             tokens += n_tok
@@ -411,8 +496,11 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
         if not math.isfinite(loss_val) or (not torch.isfinite(grad_norm) and not overflow) \
                 or overflows > MAX_OVERFLOW_SKIPS:
             why = f" ({overflows} steps in a row skipped for fp16 overflow)" if overflows else ""
+            kept = _latest_checkpoint(ckpt_dir, log=lambda _: None) if rank == 0 else None
             raise TrainingError(f"non-finite loss/gradient at step {step + 1} (loss={loss_val}, "
-                                f"grad_norm={grad_norm.item()}){why}; last good checkpoint kept in {ckpt_dir}")
+                                f"grad_norm={grad_norm.item()}){why}; "
+                                + (f"last good checkpoint kept: {kept}" if kept else
+                                   "no checkpoint was written before it (train.save_steps)"))
         lr = sched.get_last_lr()[0]
         loss_scale = scaler.get_scale() if scaler.is_enabled() else None
         scaler.step(opt)  # an overflowing fp16 step is skipped (weights unchanged)
@@ -441,12 +529,13 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
         metrics["step"] = step
         history.append(metrics)
         stopped = _agree(should_stop(history, cfg), n_ranks)
-        if log_fn and rank == 0:
-            log_fn({k: v for k, v in metrics.items() if k != "step"}, step)
+        last_step = step == steps or stopped
+        if log_fn and rank == 0 and (step % cfg.logging_steps == 0 or last_step):
+            log_fn(logged_metrics(history, cfg.logging_steps), step)
         if progress:
             progress(step, metrics)
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < steps and not stopped:
-            _save_and_prune(ckpt_dir, step, model, opt, sched, history, keep_checkpoints, rank, n_ranks,
+        if last_step or (cfg.save_steps and step % cfg.save_steps == 0):
+            _save_and_prune(ckpt_dir, step, model, opt, sched, history, keep, rank, n_ranks,
                             synced, master, scaler)
     if fsdp is not None:
         _unshard_in_place(model)
@@ -481,13 +570,14 @@ def _reference(model, pairs: pd.DataFrame, ref):
 
 def _micro_step(model, mb: list[dict], sel: list[int], reference, n_pairs: float, pad_id: int,
                 loss_cfg: LossConfig, cfg: TrainConfig, device: torch.device, amp: torch.dtype | None,
-                scaler: torch.amp.GradScaler):
+                scaler: torch.amp.GradScaler, sft_tokens_per_pair: float | None = None):
     """Forward + backward of one micro-batch; the loss is normalised by the pairs of the whole step
-    (and multiplied by the fp16 loss scale, a no-op otherwise)."""
+    (and multiplied by the fp16 loss scale, a no-op otherwise), an SFT term by the step's chosen
+    tokens (``sft_tokens_per_pair`` = those tokens / the step's pairs)."""
     fwd = dict(loss_cfg=loss_cfg, chunk_size=cfg.logit_chunk_size, device=device,
                padding_free=cfg.padding_free, pad_to_multiple_of=cfg.pad_to_multiple_of)
     with autocast(amp, device):
-        fw = _policy_logps(model, mb, pad_id, with_stats=True, **fwd)
+        fw = _policy_logps(model, mb, pad_id, with_stats=True, grad_filter_eps=cfg.grad_filter_eps, **fwd)
         if reference is None or isinstance(reference, nn.Module):
             with torch.no_grad(), (reference_mode(_inner(model)) if reference is None else nullcontext()):
                 fr = _policy_logps(model, mb, pad_id, **fwd) if reference is None else \
@@ -496,7 +586,8 @@ def _micro_step(model, mb: list[dict], sel: list[int], reference, n_pairs: float
         else:
             rc, rr = reference[0][sel].to(device), reference[1][sel].to(device)
     pc, pr = fw["chosen"], fw["rejected"]
-    out = loss_from_config(loss_cfg, pc, pr, rc, rr, ld_weighted=fw["ld_weighted"], **fw["loss_inputs"])
+    out = loss_from_config(loss_cfg, pc, pr, rc, rr, ld_weighted=fw["ld_weighted"],
+                           sft_tokens_per_pair=sft_tokens_per_pair, **fw["loss_inputs"])
     scaler.scale(out.losses.sum() / n_pairs).backward()
     return out, pc.detach(), pr.detach(), fw["seq"], fw["batch"].num_tokens
 
@@ -512,9 +603,13 @@ def _save_and_prune(ckpt_dir: Path, step: int, model, opt, sched, history: list[
                     rank: int, n_ranks: int, ref_model: nn.Module | None = None,
                     master: MasterWeights | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
     full = _gather_fsdp_state(model, opt) if isinstance(model, _FSDPRoot) else None  # every rank takes part
+    rng = [rng_state()]
+    if n_ranks > 1:
+        rng = [None] * n_ranks
+        dist.all_gather_object(rng, rng_state())
     if rank == 0:
         save_checkpoint(ckpt_dir, step, _inner(_unwrap_ddp(model)), opt, sched, history, ref_model, full,
-                        master, scaler)
+                        master, scaler, rng)
         for old in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if n_ranks > 1:
@@ -675,6 +770,7 @@ def _record(out, pc, pr, seq) -> dict:
             "rejected_rewards": out.rejected_rewards.detach().cpu(), "pc": pc.cpu(), "pr": pr.cpu(),
             "entropy": seq["entropy_sum"].sum().item(),
             "logit_c": seq["mean_logit_sum"][:b].sum().item(), "logit_r": seq["mean_logit_sum"][b:].sum().item(),
+            "correct_c": seq["correct_sum"][:b].sum().item(),
             "n_c": seq["n_tokens"][:b].sum().item(), "n_r": seq["n_tokens"][b:].sum().item()}
 
 
@@ -697,6 +793,8 @@ def _step_metrics(outs, grad_norm: float, lr: float, tokens: int, seconds: float
     m.update({
         "logits/chosen": ml_c / max(1, n_c), "logits/rejected": ml_r / max(1, n_r),
         "entropy": ent / max(1, n_c + n_r), "num_tokens": float(tokens), "grad_norm": grad_norm,
+        # TRL: top-1 accuracy of the policy over the chosen completion tokens
+        "mean_token_accuracy": sum(o["correct_c"] for o in outs) / max(1, n_c),
         "learning_rate": lr, "tokens_per_second": tokens / max(seconds, 1e-9),
     })
     return m

@@ -4,8 +4,9 @@ Forward: one program per block of ``BLOCK_N`` tokens walks the vocabulary in til
 columns; each logits tile ``h_block @ W_tile^T (+ b_tile)`` is built with ``tl.dot`` over
 ``BLOCK_D``-wide slices of the hidden size and lives only in registers / shared memory. An online
 max / sum-exp folds it into the per-token logsumexp; the target logit is picked from the tile; the
-optional stats (entropy, mean logit, log sum p^2) are folded the same way. Only per-token vectors
-are written to device memory, nothing of size N x V.
+optional stats (entropy, mean logit, log sum p^2) are folded the same way, and ``correct`` (target
+logit >= the final online max: the target is an argmax) costs one compare per token. Only per-token
+vectors are written to device memory, nothing of size N x V.
 
 Backward recomputes the logit tiles from the saved per-token lse:
 ``dlogits = g * (onehot(target) - softmax)``. Two backward modes:
@@ -85,7 +86,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, D,
 
 
 @triton.jit(do_not_specialize=["N"])
-def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, logp_ptr, ent_ptr, mean_ptr, p2_ptr,
+def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, logp_ptr, ent_ptr, mean_ptr, p2_ptr, hit_ptr,
                 N, V, D,
                 HAS_BIAS: tl.constexpr, WITH_STATS: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
@@ -127,6 +128,8 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, logp_ptr, ent_ptr, mean_ptr
         tl.store(ent_ptr + rows, lse - pl / s, mask=rmask)
         tl.store(mean_ptr + rows, lsum / V, mask=rmask)
         tl.store(p2_ptr + rows, tl.log(s2) - 2.0 * log_s, mask=rmask)
+        # tgt_logit is the tile's own value (plus zeros), so >= m is exact: an argmax, ties included
+        tl.store(hit_ptr + rows, (tgt_logit >= m).to(tl.float32), mask=rmask)
 
 
 @triton.jit
@@ -315,7 +318,7 @@ class TritonTokenLogps(torch.autograd.Function):
         cfg = _config(hidden, blocks)
         f = dict(device=hidden.device, dtype=torch.float32)
         lse, logp = torch.empty(n, **f), torch.empty(n, **f)
-        stats = [torch.empty(n, **f) for _ in range(3)] if with_stats else [lse] * 3
+        stats = [torch.empty(n, **f) for _ in range(4)] if with_stats else [lse] * 4
         if n:
             _fwd_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
                 hidden, weight, hidden if bias_c is None else bias_c, targets, lse, logp, *stats,
@@ -325,7 +328,7 @@ class TritonTokenLogps(torch.autograd.Function):
         ctx.bwd = ("fused" if grad_filter_eps > 0 else "gemm") if bwd == "auto" else bwd
         ctx.weight_dtype = weight_dtype
         if not with_stats:
-            return logp, None, None, None
+            return logp, None, None, None, None
         ctx.mark_non_differentiable(*stats)
         return (logp, *stats)
 
@@ -411,9 +414,10 @@ def triton_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                        bias: torch.Tensor | None = None, *, with_stats: bool = False,
                        grad_filter_eps: float = 0.0, blocks: dict | None = None,
                        bwd: str = "auto"):
-    """(logps, entropy, mean_logit, log_sum_p2) [N] fp32 from the Triton kernels; the stats are
-    None unless ``with_stats``. ``blocks`` overrides BLOCK_N / BLOCK_V / BLOCK_D / num_warps /
-    num_stages (and CHUNK_V, the gemm backward's chunk width). ``bwd``: "auto" (gemm, or fused
+    """(logps, entropy, mean_logit, log_sum_p2, correct) [N] fp32 from the Triton kernels; the
+    stats are None unless ``with_stats`` (``correct``: 1.0 where the target is an argmax, ties
+    included; see ``logprobs.HeadOutput``). ``blocks`` overrides BLOCK_N / BLOCK_V / BLOCK_D /
+    num_warps / num_stages (and CHUNK_V, the gemm backward's chunk width). ``bwd``: "auto" (gemm, or fused
     when gradient filtering is on), "gemm" or "fused" (module docstring)."""
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be [N, d] and targets [N]; got {tuple(hidden.shape)}, "

@@ -23,7 +23,7 @@ ref = compute_reference_logps(model, pairs, pad_id=0, batch_size=5)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 cfg = TrainConfig(learning_rate=1e-3, max_steps=8, seed=3, save_steps=1, per_device_train_batch_size=2)
 res = train(model, pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=out_dir,
-      log_fn=lambda m, s: time.sleep(pause))
+      progress=lambda s, m: time.sleep(pause))
 (out_dir / "resumed_from.txt").write_text(str(res.resumed_from))
 save_file({k: v.contiguous() for k, v in model.state_dict().items() if "lm_head" not in k},
           str(out_dir / "final.safetensors"))

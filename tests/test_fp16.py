@@ -80,13 +80,13 @@ def test_resume_restores_the_loss_scale(tiny_dir, tmp_path, high_initial_scale):
     full = _load(tiny_dir)
     train(full, pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp_path / "full")
 
-    def crash(metrics, step):
+    def crash(step, metrics):
         if step == 5:  # after some skipped steps: the scale is no longer the initial one
             raise KeyboardInterrupt("simulated crash")
 
     with pytest.raises(KeyboardInterrupt):
         train(_load(tiny_dir), pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp_path / "crash",
-              log_fn=crash)
+              progress=crash)
     model = _load(tiny_dir)
     res = train(model, pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp_path / "crash")
     assert res.resumed_from == 4 and res.history[4]["loss_scale"] < 2.0 ** 24

@@ -91,6 +91,61 @@ def test_log_sum_p2_and_stats_across_tiles(chunk, token_block):
     assert no_stats.log_sum_p2 is None and torch.equal(no_stats.logps, out.logps)
 
 
+def _argmax_targets(h, w, b, every=2, seed=5):
+    """Random targets, except every ``every``-th token targets its float64 argmax."""
+    logits = (h @ w.t() + (0 if b is None else b)).detach().double()
+    t = torch.randint(0, w.shape[0], (h.shape[0],), generator=torch.Generator().manual_seed(seed))
+    t[::every] = logits.argmax(-1)[::every]
+    return t, logits
+
+
+@pytest.mark.parametrize("chunk,token_block", [(7, 10), (64, 4096), (1000, 3)])
+def test_correct_matches_float64_argmax(chunk, token_block):
+    """Several vocabulary tiles and token blocks; the argmax targets land in different tiles."""
+    h, w, b, _ = _inputs(bias=True)
+    t, logits = _argmax_targets(h, w, b)
+    out = token_logps(h, w, t, b, chunk_size=chunk, token_block=token_block, with_stats=True)
+    ref = (logits.argmax(-1) == t).to(out.correct.dtype)
+    assert torch.equal(out.correct, ref)
+    assert out.correct[::2].all() and ref.sum() < len(t)  # both outcomes occur
+    if chunk < w.shape[0]:
+        assert len(set((t[::2] // chunk).tolist())) > 1
+    assert not out.correct.requires_grad and out.logps.requires_grad
+    assert token_logps(h, w, t, b, chunk_size=chunk).correct is None
+
+
+def test_correct_counts_ties():
+    """Small integer inputs give exact integer logits and many tied maxima: a target tied with the
+    max counts as correct even where torch.argmax picks another (the first) tied id."""
+    g = torch.Generator().manual_seed(6)
+    n, d, v = 64, 3, 50
+    h = torch.randint(-2, 3, (n, d), generator=g).float()
+    w = torch.randint(-2, 3, (v, d), generator=g).float()
+    logits = (h @ w.t()).double()
+    top = logits.max(-1, keepdim=True).values
+    # each token targets the last of its tied maxima (torch.argmax returns the first)
+    t = torch.where(logits == top, torch.arange(v).double(), -1.0).argmax(-1)
+    t[1::2] = torch.randint(0, v, (n // 2,), generator=g)
+    out = token_logps(h, w, t, chunk_size=16, token_block=8, with_stats=True)
+    ref = (logits.gather(1, t[:, None]) == top).squeeze(1)
+    assert torch.equal(out.correct.bool(), ref)
+    assert (ref & (logits.argmax(-1) != t)).any()  # some ties are exercised
+
+
+@pytest.mark.parametrize("bad", [300, 1000, -1])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_target_ids_outside_vocab_are_refused(bad, backend):
+    """Checked before dispatch, so the Triton backend refuses them too (even on CPU tensors)."""
+    h, w, b, t = _inputs(bias=True)  # V = 300
+    t[5] = bad
+    with pytest.raises(ValueError, match=rf"target id {bad} .*V=300"):
+        token_logps(h, w, t, b, backend=backend)
+    t[5] = 299  # the last valid id is accepted
+    token_logps(h, w, t, b, backend="torch")
+    empty = token_logps(h[:0], w, t[:0], b)  # no targets: nothing to check
+    assert empty.logps.shape == (0,)
+
+
 def _filter_inputs():
     """V=96 in three tiles of 32; tile 1 (columns 32..63) is pushed down by a -12 bias so its
     softmax probabilities are ~1e-7 < 2^-12. Token 0 targets column 40 (inside that tile)."""
@@ -155,7 +210,8 @@ def status(key):
 
 torch.set_num_threads(2)
 g = torch.Generator().manual_seed(0)
-d, chunk = 64, 4096
+d = 64
+chunk, token_block = map(int, sys.argv[1].split("x"))
 
 def peak_extra(n, v):
     h = torch.randn(n, d, generator=g, requires_grad=True)
@@ -164,27 +220,40 @@ def peak_extra(n, v):
     base = status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-    token_logps(h, w, t, chunk_size=chunk).logps.sum().backward()
+    token_logps(h, w, t, chunk_size=chunk, token_block=token_block).logps.sum().backward()
     return status("VmHWM") - base
 
 peak_extra(64, 256)  # warm-up (thread pools, allocator)
-print(peak_extra(4096, 32768), peak_extra(4096, 4096))
+# the larger V*N case first: each case resets the peak, and the smaller one must not profit from it
+print(*(peak_extra(int(n), int(v)) for n, v in (a.split("x") for a in sys.argv[2:])))
 """
+
+# name -> (N, V) of the large case, (chunk, token_block); the small case is N = V = 4096
+MEMORY_CASES = {
+    "vocab": ((4096, 32768), (4096, 4096)),
+    "tokens": ((16384, 4096), (4096, 2048)),  # 8 token blocks instead of 2
+}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
-def test_peak_memory_bounded_by_tile_not_by_vocab_times_tokens():
-    """Forward + backward at N=4k, V=32k, d=64, chunk 4096: naive logits alone are 0.5 GB (and
-    log-softmax plus its gradient as much again each). The head's peak extra RSS stays around
-    two token_block x chunk fp32 tiles (2 x 64 MB) and is the same at 8x smaller V*N."""
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+@pytest.mark.parametrize("grow", list(MEMORY_CASES))
+def test_peak_memory_bounded_by_tile_not_by_vocab_times_tokens(grow):
+    """Forward + backward at d=64, growing V (N=4k, V=32k; 4096 x 4096 tiles) or N (N=16k, V=4k;
+    2048 x 4096 tiles): naive logits alone are 0.5 / 0.25 GB, above the bound (and log-softmax
+    plus its gradient as much again each). The head's peak extra RSS stays around two
+    token_block x chunk fp32 tiles (a logits tile and its exp) and is the same at N = V = 4096
+    (8x / 4x smaller V*N)."""
+    (n, v), (chunk, block) = MEMORY_CASES[grow]
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, f"{chunk}x{block}", f"{n}x{v}",
+                           "4096x4096"], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
     if proc.returncode and "clear_refs" in proc.stderr:
         pytest.skip(f"cannot reset the peak RSS here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr
     big, small = map(int, proc.stdout.split())
-    naive_logits = 4096 * 32768 * 4
-    tile = 4096 * 4096 * 4
+    naive_logits = n * v * 4
+    tile = block * chunk * 4
+    assert naive_logits > 2 * 3 * tile  # materialised logits alone would break the bound twice
     assert big < naive_logits / 2, (big, naive_logits)
     assert big < 3 * tile, (big, tile)
     assert big < 1.25 * small + 16 * 2**20, (big, small)  # does not grow with V*N

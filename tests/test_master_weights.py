@@ -57,7 +57,7 @@ def test_resume_restores_the_master_copies(tiny_dir, tmp_path):
     ref = _ref(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), pairs)
     full, _ = _run(tiny_dir, pairs, ref, tmp_path / "full", torch.bfloat16, save_steps=2)
 
-    def crash(metrics, step):
+    def crash(step, metrics):
         if step == 5:
             raise KeyboardInterrupt("simulated crash")
 
@@ -67,7 +67,7 @@ def test_resume_restores_the_master_copies(tiny_dir, tmp_path):
                       save_steps=2)
     with pytest.raises(KeyboardInterrupt):
         train(model, pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp_path / "crash",
-              log_fn=crash)
+              progress=crash)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
     res = train(model, pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp_path / "crash")
     assert res.resumed_from == 4

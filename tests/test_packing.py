@@ -112,3 +112,21 @@ def test_pad_to_multiple_of_changes_shapes_not_results(tiny_dir, tmp_path):
         losses[multiple] = [h["loss"] for h in res.history]
     assert losses[None] == pytest.approx(losses[64], abs=1e-6)
     assert torch.allclose(weights[None], weights[64], atol=1e-6)
+
+
+def test_packing_picks_flash_attention_varlen_on_cuda_when_installed(monkeypatch):
+    import importlib.util
+
+    from data_contracts.config import ModelConfig
+    from dpo_engine.models import packed_attention
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "flash_attn" else real(n, *a))
+    cfg = ModelConfig()
+    assert packed_attention(cfg, True, "cuda").init_kwargs == {"attn_implementation": "flash_attention_2"}
+    assert packed_attention(cfg, False, "cuda") is cfg  # padded batches: sdpa's flash kernel already
+    assert packed_attention(cfg, True, "cpu") is cfg
+    chosen = ModelConfig(init_kwargs={"attn_implementation": "sdpa"})
+    assert packed_attention(chosen, True, "cuda") is chosen  # the user's choice stands
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "flash_attn" else real(n, *a))
+    assert packed_attention(cfg, True, "cuda") is cfg  # not installed: the block-diagonal mask fallback

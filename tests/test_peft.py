@@ -153,23 +153,30 @@ def test_export_merged_adapter_and_continue_training(tiny_dir, tmp_path):
         assert torch.allclose(sequence_logps(plain, batch)["logps"], want, atol=1e-5)
 
 
-def test_peft_checkpoint_resume_gives_the_same_weights(tiny_dir, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_peft_checkpoint_resume_gives_the_same_weights(tiny_dir, tmp_path, dropout):
+    """With LoRA dropout the resumed run must also continue the random streams where the checkpoint
+    left them (the checkpoint holds the RNG states), else its dropout masks differ."""
     pairs = _pairs()
     cfg = TrainConfig(learning_rate=1e-2, max_steps=4, seed=1, save_steps=1, per_device_train_batch_size=2)
-    full = _lora(tiny_dir)
+    full = _lora(tiny_dir, lora_dropout=dropout)
     train(full, pairs, None, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp_path / "full")
 
-    def crash(metrics, step):
+    def crash(step, metrics):
         if step == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(_lora(tiny_dir), pairs, None, loss_cfg=LossConfig(), cfg=cfg, pad_id=0,
-              out_dir=tmp_path / "crash", log_fn=crash)
-    model = _lora(tiny_dir)
+        train(_lora(tiny_dir, lora_dropout=dropout), pairs, None, loss_cfg=LossConfig(), cfg=cfg, pad_id=0,
+              out_dir=tmp_path / "crash", progress=crash)
+    torch.manual_seed(123)  # whatever the new process's generators hold
+    model = _lora(tiny_dir, lora_dropout=dropout)
+    torch.rand(7)
     res = train(model, pairs, None, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp_path / "crash")
     assert res.resumed_from == 2
     assert torch.equal(_flat(model.parameters()), _flat(full.parameters()))
+    if dropout:  # the LoRA dropout stayed on (train.disable_dropout leaves adapters' dropout alone)
+        assert any(m.p == dropout for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout))
 
 
 def test_model_init_kwargs_reach_from_pretrained(tiny_dir):

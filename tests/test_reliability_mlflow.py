@@ -93,7 +93,7 @@ def _env(monkeypatch):
 def _overrides(model_dir, uri, retry_s):
     return {"model.name_or_path": str(model_dir), "data.train_limit": 12, "data.eval_limit": 6,
             "data.max_length": 256, "train.per_device_train_batch_size": 2, "train.max_steps": STEPS,
-            "train.learning_rate": 1e-3, "train.save_steps": 2, "eval.num_prompts": 3,
+            "train.learning_rate": 1e-3, "train.save_steps": 2, "train.logging_steps": 1, "eval.num_prompts": 3,
             "eval.max_new_tokens": 4, "eval.batch_size": 4, "reference.batch_size": 8,
             "registry.model_name": "tiny-outage", "registry.gate.thresholds": {},
             "tracking.mlflow_tracking_uri": uri, "registry.retry_timeout_s": retry_s,

@@ -39,10 +39,10 @@ def _weights(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def _train(d, pairs, ref, tmp, **kw):
+def _train(d, pairs, ref, tmp, loss=None, **kw):
     model = _load(d)
     cfg = TrainConfig(**{"learning_rate": 1e-3, "max_steps": 3, "seed": 1, **kw})
-    res = train(model, pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp)
+    res = train(model, pairs, ref, loss_cfg=loss or LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp)
     return model, res
 
 
@@ -58,15 +58,78 @@ def test_reference_logps_match_unsorted_batch_and_first_step_is_ln2(tiny_dir, tm
     assert abs(res.history[0]["loss"] - 0.693147) < 1e-5
 
 
-def test_gradient_accumulation_is_exact(tiny_dir, tmp_path):
+@pytest.mark.parametrize("loss", [LossConfig(), LossConfig(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0]),
+                                  LossConfig(loss_type="orpo")], ids=["sigmoid", "rpo", "orpo"])
+def test_gradient_accumulation_is_exact(tiny_dir, tmp_path, loss):
+    """8 pairs x 1 micro-batch == 1 pair x 8 micro-batches after 5 steps, also for losses with a
+    token-mean SFT term (normalised by the whole step's chosen tokens, not each micro-batch's)."""
     pairs = _pairs()
     ref = _ref(_load(tiny_dir), pairs)
-    a, _ = _train(tiny_dir, pairs, ref, tmp_path / "a", per_device_train_batch_size=8)
-    b, _ = _train(tiny_dir, pairs, ref, tmp_path / "b", per_device_train_batch_size=1,
-                  gradient_accumulation_steps=8)
-    c, _ = _train(tiny_dir, pairs, ref, tmp_path / "c", per_device_train_batch_size=8)
+    a, ra = _train(tiny_dir, pairs, ref, tmp_path / "a", loss, max_steps=5, per_device_train_batch_size=8)
+    b, rb = _train(tiny_dir, pairs, ref, tmp_path / "b", loss, max_steps=5, per_device_train_batch_size=1,
+                   gradient_accumulation_steps=8)
+    c, _ = _train(tiny_dir, pairs, ref, tmp_path / "c", loss, max_steps=5, per_device_train_batch_size=8)
+    assert not torch.allclose(_weights(a), _weights(_load(tiny_dir)), atol=1e-3)  # it trained
     assert torch.allclose(_weights(a), _weights(b), atol=1e-5)
+    assert [h["loss"] for h in ra.history] == pytest.approx([h["loss"] for h in rb.history], abs=1e-5)
     assert torch.equal(_weights(a), _weights(c))  # deterministic: bitwise identical
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tiny_dir, tmp_path):
+    from dpo_engine.trainer import TrainingError
+
+    pairs = _pairs()
+    ref = _ref(_load(tiny_dir), pairs)
+    bad = ref.copy()
+    n_steps_ok = 2  # batch 2, seeded order: find a pair first used in step 3, poison its reference
+    cfg = TrainConfig(learning_rate=1e-3, max_steps=4, seed=1, save_steps=1, per_device_train_batch_size=2)
+    from dpo_engine.trainer import pair_order
+    order = pair_order(len(pairs), 8, cfg.seed)
+    poisoned = next(i for i in order[4:6] if i not in order[:4])
+    bad.loc[bad["example_id"] == pairs["example_id"][poisoned], "ref_chosen_logps"] = float("nan")
+    model = _load(tiny_dir)
+    with pytest.raises(TrainingError, match="non-finite loss/gradient at step 3") as e:
+        train(model, pairs, bad, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp_path)
+    assert str(tmp_path / "checkpoints" / f"step-{n_steps_ok}") in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    with pytest.raises(TrainingError, match="no checkpoint was written"):  # save_steps=0: said so
+        train(_load(tiny_dir), pairs, bad, loss_cfg=LossConfig(), cfg=cfg.model_copy(update={"save_steps": 0}),
+              pad_id=0, out_dir=tmp_path / "none")
+
+
+def test_checkpoint_at_the_end_and_keep_the_last_k(tiny_dir, tmp_path):
+    pairs = _pairs()
+    ref = _ref(_load(tiny_dir), pairs)
+    model, res = _train(tiny_dir, pairs, ref, tmp_path / "end", max_steps=3)  # save_steps=0: at the end only
+    assert [p.name for p in (tmp_path / "end" / "checkpoints").iterdir()] == ["step-3"]
+    again, res2 = _train(tiny_dir, pairs, ref, tmp_path / "end", max_steps=3)  # a finished run re-run
+    assert res2.resumed_from == 3 and torch.equal(_weights(again), _weights(model))
+    (tmp_path / "k" / "checkpoints" / ".step-9.tmp999999999").mkdir(parents=True)  # a killed save's leftover
+    _train(tiny_dir, pairs, ref, tmp_path / "k", max_steps=5, save_steps=1, save_total_limit=3)
+    assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir()) == ["step-3", "step-4", "step-5"]
+
+
+def test_logging_steps_average_like_trl():
+    from dpo_engine.trainer import logged_metrics
+
+    hist = [{"step": s, "loss": float(s), "num_tokens": 10.0 * s} for s in range(1, 8)]
+    hist[5]["eval/loss"] = 0.5
+    assert logged_metrics(hist[:3], 3) == {"loss": 2.0, "num_tokens": 30.0}
+    assert logged_metrics(hist[:6], 3) == {"loss": 5.0, "num_tokens": 60.0, "eval/loss": 0.5}
+    assert logged_metrics(hist, 3) == {"loss": 7.0, "num_tokens": 70.0}  # the last step alone
+    assert logged_metrics(hist[:2], 1) == {"loss": 2.0, "num_tokens": 20.0}
+
+
+def test_dropout_is_disabled_for_a_model_passed_in(tiny_dir, tmp_path):
+    pairs = _pairs()
+    ref = _ref(_load(tiny_dir), pairs)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attention_dropout=0.5)
+    train(model, pairs, ref, loss_cfg=LossConfig(), cfg=TrainConfig(max_steps=1), pad_id=0, out_dir=tmp_path)
+    assert model.config.attention_dropout == 0.0
+    kept = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attention_dropout=0.5)
+    train(kept, pairs, ref, loss_cfg=LossConfig(), cfg=TrainConfig(max_steps=1, disable_dropout=False), pad_id=0,
+          out_dir=tmp_path / "kept")
+    assert kept.config.attention_dropout == 0.5
 
 
 def test_resume_after_crash_gives_the_same_weights(tiny_dir, tmp_path):
@@ -75,7 +138,7 @@ def test_resume_after_crash_gives_the_same_weights(tiny_dir, tmp_path):
     full, _ = _train(tiny_dir, pairs, ref, tmp_path / "full", max_steps=4, save_steps=1,
                      per_device_train_batch_size=2)
 
-    def crash(metrics, step):
+    def crash(step, metrics):
         if step == 3:
             raise KeyboardInterrupt("simulated crash")
 
@@ -83,7 +146,7 @@ def test_resume_after_crash_gives_the_same_weights(tiny_dir, tmp_path):
     cfg = TrainConfig(learning_rate=1e-3, max_steps=4, seed=1, save_steps=1, per_device_train_batch_size=2)
     with pytest.raises(KeyboardInterrupt):
         train(model, pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp_path / "crash",
-              log_fn=crash)
+              progress=crash)
     model = _load(tiny_dir)
     res = train(model, pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp_path / "crash")
     assert res.resumed_from == 2
@@ -180,3 +243,28 @@ def test_training_runs_with_ld_dpo_and_wpo(tiny_dir, tmp_path):
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)
     # LD-weighted policy == LD-weighted reference at step 1, so the margins start at zero
     assert abs(res.history[0]["rewards/margins"]) < 1e-5
+
+
+def test_step_metrics_match_naive_logits(tiny_dir, tmp_path):
+    """TRL's token-level metrics at step 1 (before any update) from full logits: mean_token_accuracy
+    (argmax == target over chosen completion tokens), entropy, logits/chosen."""
+    pairs = _pairs()
+    # chosen completions that repeat the prompt's last token: a tied-embedding model often predicts
+    # its input token, so some (not all) chosen tokens are argmaxes
+    pairs["chosen_input_ids"] = [[p[-1]] * 3 + c for p, c in zip(pairs["prompt_input_ids"], pairs["chosen_input_ids"])]
+    ref = _ref(_load(tiny_dir), pairs)
+    model = _load(tiny_dir)
+    batch = pair_batch(pairs.to_dict("records"), 0)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids).logits.double()
+    chosen = batch.predict_mask.clone()
+    chosen[8:] = False
+    logp = logits.log_softmax(-1)
+    acc = (logits.argmax(-1) == batch.targets)[chosen].double().mean().item()
+    ent = -(logp.exp() * logp).sum(-1)[batch.predict_mask].mean().item()
+    _, res = _train(tiny_dir, pairs, ref, tmp_path, max_steps=1, per_device_train_batch_size=4,
+                    gradient_accumulation_steps=2)
+    h = res.history[0]
+    assert 0 < acc < 1 and h["mean_token_accuracy"] == pytest.approx(acc, abs=1e-9)
+    assert h["entropy"] == pytest.approx(ent, rel=1e-5)
+    assert h["logits/chosen"] == pytest.approx(logits.mean(-1)[chosen].mean().item(), rel=1e-5)

@@ -105,7 +105,7 @@ def test_periodic_evaluation_logs_eval_metrics_at_its_steps(tiny_dir, data, tmp_
         calls.append((step, model.training))
         return preference_metrics(model, eval_pairs, eval_ref, loss_cfg=LossConfig(), pad_id=0, batch_size=4)
 
-    res = train(model, pairs, ref, loss_cfg=LossConfig(), cfg=_cfg(eval_steps=2), pad_id=0, out_dir=tmp_path,
+    res = train(model, pairs, ref, loss_cfg=LossConfig(), cfg=_cfg(eval_steps=2, logging_steps=1), pad_id=0, out_dir=tmp_path,
                 evaluate_fn=evaluate, log_fn=lambda m, s: logged.setdefault(s, m))
     assert [c[0] for c in calls] == [2, 4]
     assert model.training  # put back in train mode after each evaluation
@@ -144,7 +144,13 @@ def test_early_stopping_stops_keeps_the_model_and_resumes_the_decision(tiny_dir,
     assert res.stopped_early and res.steps == 4 and len(res.history) == 4
     assert res.history[-1]["eval/rewards/accuracies"] == 0.7
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # trained weights kept
-    # a re-run resumes from the last checkpoint (step 3) and reaches the same decision at step 4
+    # the stop step is checkpointed: a re-run resumes there and keeps the decision (no more steps)
     res2 = train(_load(tiny_dir), pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp_path,
                  evaluate_fn=lambda s: {"rewards/accuracies": scores[s]})
-    assert res2.resumed_from == 3 and res2.stopped_early and res2.steps == 4
+    assert res2.resumed_from == 4 and res2.stopped_early and res2.steps == 4
+    # killed before that checkpoint (only step 3's left): the re-run reaches the same decision at step 4
+    import shutil
+    shutil.rmtree(tmp_path / "checkpoints" / "step-4")
+    res3 = train(_load(tiny_dir), pairs, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp_path,
+                 evaluate_fn=lambda s: {"rewards/accuracies": scores[s]})
+    assert res3.resumed_from == 3 and res3.stopped_early and res3.steps == 4

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from data_contracts.config import RunConfig, mlflow_uri
 from dpo_engine import launch, registry
 from dpo_engine.adapters import apply_adapter, check_config, export_model
-from dpo_engine.models import load_model, load_tokenizer, model_fingerprint, pick_device
+from dpo_engine.models import load_model, load_tokenizer, model_fingerprint, packed_attention, pick_device
 from dpo_engine.refcache import read_cache, training_reference
 from dpo_engine.stages.common import (Timer, claim_partial, crash_point, fingerprint, record, reused,
                                       source_fingerprint, write_json, write_text)
@@ -62,12 +62,12 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
     outbox = registry.Outbox(run_id)  # metrics kept on disk while MLflow is away, sent when it is back
     outbox.log_metrics(validated.get("metrics", {}))
 
-    def log_step(m, s):
+    def log_step(m, s):  # every train.logging_steps steps and at the last
         outbox.log_metrics(m, step=s)
-        crash_point(STAGE, f"step-{s}")
 
     with Timer() as t:
-        model = load_model(cfg.model, validated["model_path"], device)
+        model = load_model(packed_attention(cfg.model, cfg.train.padding_free, device), validated["model_path"],
+                           device, dropout_off=cfg.train.disable_dropout)
         if cfg.peft.enabled:
             model = apply_adapter(model, cfg.peft, seed=cfg.train.seed)
         steps = total_steps(len(pairs), cfg.train)
@@ -75,7 +75,10 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
         lagging = stop_rule(run_dir)  # a sweep variant's "behind the best variant" stop, else None
         with tqdm(total=steps, desc="train", unit="step") as bar, extra_stop_rule(lagging):
             def on_step(step, m):
+                if bar.n == 0 and step > 1:  # resumed from a checkpoint: the bar and its ETA start there
+                    bar.n = bar.initial = step - 1
                 bar.update(1)
+                crash_point(STAGE, f"step-{step}")
                 bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}",
                                 margin=f"{m['rewards/margins']:.3f}")
 
