@@ -8,8 +8,11 @@ tokenizer, data, length settings, dtype, engine version) under the shared cache 
     <cache>/<key>/_COMPLETE.json           written last: metadata, row count, shard list
 
 A crash leaves finished shards behind and the next run computes only the missing ones. Reading
-verifies metadata, row count and example ids; a damaged shard is reported, removed and recomputed.
-Concurrent runs on one key serialise on a file lock, so the work is done once and never corrupted.
+verifies metadata, row count, example ids and that every log-prob is finite (no NaN or inf); a
+damaged shard is reported, removed and recomputed. A SIGKILL mid-write leaves a temporary file
+(``.part-00000.parquet.tmp<pid>``); the next write or read of the folder removes those whose writer
+process is gone (never a live one's). Concurrent runs on one key serialise on a file lock, so the
+work is done once and never corrupted.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -86,8 +91,12 @@ def write_cache(df: pd.DataFrame, path: Path, meta: dict) -> None:
                                            META_KEY: json.dumps(meta, sort_keys=True).encode()})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_cache(path: Path, expect_ids: list[str] | None = None, expect_key: str | None = None
@@ -95,6 +104,7 @@ def read_cache(path: Path, expect_ids: list[str] | None = None, expect_key: str 
     """Read a cache file or a complete cache folder and verify key, row count and example ids."""
     path = Path(path)
     if path.is_dir():
+        _remove_leftovers_unless_writing(path)
         return _read_folder(path, expect_ids, expect_key)
     try:
         table = pq.read_table(path)
@@ -105,8 +115,29 @@ def read_cache(path: Path, expect_ids: list[str] | None = None, expect_key: str 
         raise CacheError(f"reference cache {path} has key {meta.get('key')}, expected {expect_key}")
     df = table.to_pandas()
     _check_ids(path, df, expect_ids)
+    _check_finite(path, df)
     df.attrs["meta"] = meta
     return df
+
+
+def _non_finite(df: pd.DataFrame) -> str | None:
+    """What is not finite in the log-prob columns (``*_logps``) of ``df``, else None."""
+    bad = []
+    for col in (c for c in df.columns if c.endswith("_logps")):
+        values = np.asarray(df[col], dtype=np.float64)
+        mask = ~np.isfinite(values)
+        if mask.any():
+            first = int(np.flatnonzero(mask)[0])
+            eid = df["example_id"].iloc[first] if "example_id" in df.columns else first
+            bad.append(f"{int(mask.sum())} in {col} (first: example {eid}, {values[first]})")
+    return "; ".join(bad) or None
+
+
+def _check_finite(path: Path, df: pd.DataFrame) -> None:
+    what = _non_finite(df)
+    if what is not None:
+        raise CacheError(f"reference cache {path} holds non-finite log-probs (NaN or inf: {what}); "
+                         "delete it to rebuild")
 
 
 def _check_ids(path: Path, df: pd.DataFrame, expect_ids: list[str] | None) -> None:
@@ -127,6 +158,63 @@ def _locked(folder: Path):
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+_TMP = re.compile(r"^\..+\.tmp(\d+)$")  # ".part-00000.parquet.tmp1234", "._COMPLETE.json.tmp1234"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's live process
+        return True
+    return True
+
+
+def remove_leftovers(folder: Path, log: Callable[[str], None] | None = None) -> list[str]:
+    """Remove the temporary files (``.<name>.tmp<pid>``) that a killed writer left in a cache folder,
+    only those whose process no longer runs on this machine: a live writer's (a concurrent run's)
+    are left alone. Returns the names removed; a folder that cannot be written is left as it is."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for f in entries:
+        m = _TMP.match(f.name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            f.unlink()
+        except FileNotFoundError:
+            continue  # another reader removed it first
+        except OSError:
+            continue  # read-only cache: leave it
+        removed.append(f.name)
+    if removed and log:
+        log(f"reference cache {folder}: removed {len(removed)} file(s) left by a killed writer "
+            f"({', '.join(sorted(removed)[:3])}{', ...' if len(removed) > 3 else ''})")
+    return removed
+
+
+def _remove_leftovers_unless_writing(folder: Path) -> None:
+    """``remove_leftovers`` for a plain read: only while no writer holds the folder's lock (a writer in
+    another pid namespace or on another machine would look dead), and never waiting for it."""
+    try:
+        fh = open(folder.parent / f".{folder.name}.lock", "a")
+    except OSError:
+        return  # a read-only cache
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return  # being written: that writer cleans up
+        try:
+            remove_leftovers(folder)
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -162,6 +250,7 @@ def cached_reference_logps(cache_dir: Path, key: str, rows: pd.DataFrame, meta: 
     folder = Path(cache_dir) / key
     ids = rows["example_id"].tolist()
     with _locked(folder):
+        remove_leftovers(folder, log)
         if (folder / COMPLETE).is_file():
             try:
                 df = _read_folder(folder, ids, key)
@@ -182,7 +271,13 @@ def cached_reference_logps(cache_dir: Path, key: str, rows: pd.DataFrame, meta: 
                     continue
                 except CacheError as e:
                     log(f"{e}; recomputing it")
-            write_cache(compute(part), path, {**meta, "key": key, "shard": i})
+            df = compute(part)
+            what = _non_finite(df)
+            if what is not None:  # never cached: the reference model itself overflowed
+                raise CacheError(f"reference cache {folder}: the reference model gave non-finite log-probs "
+                                 f"for shard {i} ({what}; compute dtype {meta.get('dtype', '?')}), not cached; "
+                                 f"check the model's weights, or compute in float32 (an fp16 overflow?)")
+            write_cache(df, path, {**meta, "key": key, "shard": i})
             computed += len(part)
         for stale in set(p.name for p in folder.glob("part-*.parquet")) - set(shards):
             (folder / stale).unlink()

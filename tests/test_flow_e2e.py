@@ -12,7 +12,7 @@ from tiny import tiny_model_dir
 def _overrides(model_dir, **extra):
     return {"model.name_or_path": str(model_dir), "data.train_limit": 12, "data.eval_limit": 6,
             "data.max_length": 256, "train.per_device_train_batch_size": 4, "train.max_steps": 3,
-            "train.learning_rate": 1e-3, "train.save_steps": 1, "eval.num_prompts": 3,
+            "train.learning_rate": 1e-3, "train.save_steps": 1, "train.logging_steps": 2, "eval.num_prompts": 3,
             "eval.max_new_tokens": 4, "eval.batch_size": 4, "reference.batch_size": 8,
             "registry.model_name": "tiny-e2e", "registry.gate.thresholds": {}, **extra}
 
@@ -42,7 +42,10 @@ def test_flow_runs_five_stages_and_registers(dpo_home, tiny):
     registry.connect(mlflow_uri())
     from mlflow import MlflowClient
     hist = MlflowClient().get_metric_history(summary["mlflow_run_id"], "rewards/margins")
-    assert [m.step for m in hist] == [1, 2, 3]
+    assert [m.step for m in hist] == [2, 3]  # every train.logging_steps steps, and the last
+    every = json.loads((run_dir / "train" / "history.json").read_text())  # every step's own metrics
+    assert hist[0].value == pytest.approx((every[0]["rewards/margins"] + every[1]["rewards/margins"]) / 2)
+    assert hist[1].value == pytest.approx(every[2]["rewards/margins"])
     assert "eval/rewards/accuracies" in MlflowClient().get_run(summary["mlflow_run_id"]).data.metrics
 
     assert summary["registered_version"] == 1 and "challenger" in summary["aliases"]

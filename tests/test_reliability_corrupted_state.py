@@ -74,7 +74,7 @@ def test_incomplete_checkpoint_is_refused_or_skipped(tiny_dir, tmp_path, missing
     pairs = _pairs(n=8)
     ref = compute_reference_logps(_load(tiny_dir), pairs, pad_id=0, batch_size=4)
     out = tmp_path / "run"
-    _train(tiny_dir, pairs, ref, out, max_steps=3)  # checkpoints at steps 1 and 2
+    _train(tiny_dir, pairs, ref, out, max_steps=2)  # checkpoints at steps 1 and 2 (the end)
     ckpts = out / "checkpoints"
     assert (ckpts / "step-2" / "state.json").is_file() and (ckpts / "step-1" / "state.json").is_file()
     victim = ckpts / "step-2" / missing
@@ -85,7 +85,7 @@ def test_incomplete_checkpoint_is_refused_or_skipped(tiny_dir, tmp_path, missing
         victim.unlink()
 
     try:
-        res = _train(tiny_dir, pairs, ref, out, max_steps=3)
+        res = _train(tiny_dir, pairs, ref, out, max_steps=2)
     except Exception as e:  # refused: the message must name the checkpoint and the missing file
         assert "step-2" in str(e) and missing in str(e), str(e)
         assert "\n" not in str(e)

@@ -57,8 +57,8 @@ def run_case(name: str, device: str) -> dict:
     t = torch.randint(0, v, (n,), generator=g).to(device)
     up = torch.randn(n, generator=g).to(device)
     bwd = "fused" if name.endswith("_fused") else "auto"
-    lp, ent, mean, p2 = triton_token_logps(h, w, t, b, with_stats=stats, grad_filter_eps=eps,
-                                           blocks=BLOCKS, bwd=bwd)
+    lp, ent, mean, p2, _ = triton_token_logps(h, w, t, b, with_stats=stats, grad_filter_eps=eps,
+                                              blocks=BLOCKS, bwd=bwd)
     params = [x for x in (h, w, b) if x is not None and x.requires_grad]
     grads = torch.autograd.grad((lp * up).sum(), params)
     ref_in = [None if x is None else x.detach().double().requires_grad_(x.requires_grad)
@@ -116,11 +116,53 @@ def run_filter_case(device: str) -> dict:
                                      and torch.equal(on[1][64:], off[1][64:]))}
 
 
+def run_correct_case(device: str) -> dict:
+    """``correct`` (target is an argmax) against float64 logits. N=40 spans 3 token blocks and V=100
+    4 vocabulary tiles; gaussian inputs (no ties) with every other target set to the argmax, and
+    small-integer inputs (exact integer logits, many ties; targets the last tied max, which a tie
+    counts as correct but torch.argmax does not pick)."""
+    from dpo_engine.logprobs import token_logps
+    from dpo_engine.triton_head import triton_token_logps
+
+    g = torch.Generator().manual_seed(7)
+    n, d, v = 40, 40, 100
+    out = {}
+    h, w, b = (torch.randn(*shape, generator=g) for shape in ((n, d), (v, d), (v,)))
+    logits = h.double() @ w.double().t() + b.double()
+    t = torch.randint(0, v, (n,), generator=g)
+    t[::2] = logits.argmax(-1)[::2]
+    ref = logits.argmax(-1) == t
+    hit = triton_token_logps(*(x.to(device) for x in (h, w, t, b)), with_stats=True,
+                             blocks=BLOCKS)[4].cpu()
+    via = token_logps(*(x.to(device) for x in (h, w, t, b)), with_stats=True,
+                      backend="triton").correct.cpu()  # default blocks, through the dispatch
+    out["gauss_mismatch"] = int((hit.bool() != ref).sum())
+    out["dispatch_mismatch"] = int((via.bool() != ref).sum())
+    out["gauss_hits"] = int(ref.sum())
+    out["argmax_tiles"] = len(set((t[::2] // BLOCKS["BLOCK_V"]).tolist()))
+    out["values_ok"] = bool(((hit == 0) | (hit == 1)).all() and hit.dtype == torch.float32)
+    h = torch.randint(-2, 3, (n, 3), generator=g).float()
+    w = torch.randint(-2, 3, (v, 3), generator=g).float()
+    logits = (h @ w.t()).double()
+    top = logits.max(-1, keepdim=True).values
+    t = torch.where(logits == top, torch.arange(v).double(), -1.0).argmax(-1)
+    t[1::2] = torch.randint(0, v, (n // 2,), generator=g)
+    ref = (logits.gather(1, t[:, None]) == top).squeeze(1)
+    hit = triton_token_logps(h.to(device), w.to(device), t.to(device), with_stats=True,
+                             blocks=BLOCKS)[4].cpu()
+    out["ties_mismatch"] = int((hit.bool() != ref).sum())
+    out["ties_exercised"] = bool((ref & (logits.argmax(-1) != t)).any())
+    return out
+
+
+EXTRA = {"filter": run_filter_case, "correct": run_correct_case}
+
+
 def run_all(device: str) -> dict:
     results = {}
-    for name in [*CASES, "filter"]:
+    for name in [*CASES, *EXTRA]:
         try:
-            results[name] = run_filter_case(device) if name == "filter" else run_case(name, device)
+            results[name] = EXTRA[name](device) if name in EXTRA else run_case(name, device)
         except Exception as e:  # reported per case by the tests below
             results[name] = {"error": f"{type(e).__name__}: {e}"}
     return results
@@ -132,6 +174,11 @@ def check(name: str, m: dict) -> None:
         assert max(m["off"]) < 1e-5, m
         assert max(m["on"]) < 1e-5, m  # the skipped part is ~1e-7 of the gradient
         assert m["skipped_rows_zero"] and m["unfiltered_rows_nonzero"] and m["kept_tiles_equal"], m
+        return
+    if name == "correct":
+        assert m["gauss_mismatch"] == m["dispatch_mismatch"] == m["ties_mismatch"] == 0, m
+        assert 20 <= m["gauss_hits"] < 40 and m["argmax_tiles"] > 1, m
+        assert m["values_ok"] and m["ties_exercised"], m
         return
     tol = TOL[CASES[name][4]]
     assert m["logps"] < tol, m
@@ -157,7 +204,7 @@ def interpreter_results():
 
 
 @needs_triton
-@pytest.mark.parametrize("name", [*CASES, "filter"])
+@pytest.mark.parametrize("name", [*CASES, *EXTRA])
 def test_interpreter_cpu(interpreter_results, name):
     check(name, interpreter_results[name])
 
@@ -177,11 +224,11 @@ def test_forced_triton_on_cpu_without_interpreter_is_refused():
 
 @needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("name", [*CASES, "filter"])
+@pytest.mark.parametrize("name", [*CASES, *EXTRA])
 def test_cuda(name):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("TRITON_INTERPRET is set in this process")
-    result = run_filter_case("cuda") if name == "filter" else run_case(name, "cuda")
+    result = EXTRA[name]("cuda") if name in EXTRA else run_case(name, "cuda")
     check(name, result)
 
 

@@ -1,8 +1,10 @@
 """Stage 2: reference log-probs of the train and eval pairs, computed once, cached to Parquet.
 
 The cache lives in the shared folder ``<state home>/cache/reference/<key>/`` (key: reference model,
-tokenizer, data and length fingerprints, dtype, engine version), so runs and experiments with the same
-key share it: a hit does zero forward passes and does not even load the model.
+tokenizer, data and length fingerprints, weights dtype, the autocast dtype ``train.precision``
+resolves to on this machine's device, engine version), so runs and experiments with the same key
+share it: a hit does zero forward passes and does not even load the model. Before the first forward
+pass every input id of the train and eval rows is checked against the model's vocabulary.
 The reference model is ``reference.model_path`` when set (a different model than the policy's base),
 else the policy's base. With ``reference.source: adapter_disabled`` or ``model`` only the eval split is
 precomputed: training gets its reference online.
@@ -18,13 +20,15 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from data_contracts.config import RunConfig, state_home
 from dpo_engine import launch
-from dpo_engine.models import (ModelError, load_reference_model, load_tokenizer, model_fingerprint,
-                               pick_device, reference_model_path)
+from dpo_engine.models import (ModelError, autocast_dtype, load_reference_model, load_tokenizer,
+                               model_fingerprint, pick_device, reference_model_path)
 from dpo_engine.refcache import (COMPLETE, ENGINE_VERSION, cached_reference_logps, compute_reference_logps,
                                  follow_shards, release_followers, shard_across_ranks)
 from dpo_engine.stages.common import Timer, crash_point, fingerprint, read_valid, record, reused, write_json
@@ -45,10 +49,20 @@ def reference_fingerprint(cfg: RunConfig, validated: dict) -> str:
     return model_fingerprint(reference_model_path(cfg.reference.model_path, validated["model_path"]))
 
 
-def cache_key(cfg: RunConfig, validated: dict, split: str) -> str:
+def compute_dtype(cfg: RunConfig, device: torch.device | str | None = None) -> str:
+    """The autocast the reference computes under on ``device`` (default: the one the precompute
+    picks): ``train.precision`` resolved as training resolves it ("auto" is bf16 on CUDA and no
+    autocast, i.e. the weights' dtype, on the CPU). "bfloat16", "float16" or "off"."""
+    amp = autocast_dtype(cfg.train.precision, pick_device() if device is None else device)
+    return "off" if amp is None else str(amp).removeprefix("torch.")
+
+
+def cache_key(cfg: RunConfig, validated: dict, split: str, device: torch.device | str | None = None) -> str:
+    """The shared cache entry of ``split``: the same config computed on a CUDA device (bf16 autocast
+    under precision "auto") and on the CPU (fp32) are different entries."""
     extra = [cfg.model.init_kwargs] if cfg.model.init_kwargs else []  # keeps older keys unchanged
-    if cfg.train.precision != "auto":  # the reference computes under the training's autocast
-        extra.append(f"precision={cfg.train.precision}")
+    # the reference computes under the training's autocast, as resolved on this device
+    extra.append(f"autocast={compute_dtype(cfg, device)}")
     return fingerprint("reference", reference_fingerprint(cfg, validated), validated["tokenizer_fingerprint"],
                        validated[split]["fingerprint"], cfg.data.max_length, cfg.data.truncation_mode,
                        cfg.model.dtype, cfg.loss.ld_alpha, ENGINE_VERSION, *extra)
@@ -102,6 +116,10 @@ def _computer(cfg: RunConfig, validated: dict, follower: bool = False):
         if model is None:
             model = load_reference_model(cfg.model, cfg.reference.model_path, validated["model_path"], device)
             _check_vocab(model, tok, cfg.reference.model_path)
+            vocab = vocab_size(model)
+            for s in ("train", "eval"):  # before any forward pass, on every rank alike
+                if validated.get(s):
+                    check_token_ids(read_valid(validated[s]["valid"]), vocab, f"{s} split {validated[s]['valid']}")
         with tqdm(total=2 * len(rows), desc=f"precompute {split}", unit="seq", disable=follower) as bar:
             return compute_reference_logps(model, rows, pad_id=tok.pad_token_id,
                                            batch_size=cfg.reference.batch_size,
@@ -123,6 +141,46 @@ def _check_vocab(model, tok, model_path: str | None) -> None:
                          f"policy's tokenizer {len(tok)}; the reference must share the policy's tokenizer")
 
 
+ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+
+
+def vocab_size(model) -> int:
+    """Rows of the model's output embedding (and of its input embedding, when smaller): the token ids
+    the model can take and score."""
+    sizes = [m.weight.shape[0] for m in (model.get_output_embeddings(), model.get_input_embeddings())
+             if m is not None and getattr(m, "weight", None) is not None]
+    return min(sizes)
+
+
+def check_token_ids(pairs: pd.DataFrame, vocab: int, where: str) -> None:
+    """Raise one ModelError (a user error: one line from the CLI, no retry) when any prompt, chosen or
+    rejected input id of the tokenized ``pairs`` (valid.parquet rows) is < 0 or >= ``vocab``, naming
+    the first such example id, column and id: the data was tokenized with a tokenizer that does not
+    match the model, and a forward pass would fail with an index error (or a CUDA assert)."""
+    bad_total, first = 0, None
+    for col in ID_COLUMNS:
+        if col not in pairs.columns or len(pairs) == 0:
+            continue
+        lists = pairs[col].to_numpy()
+        lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
+        if lengths.sum() == 0:
+            continue
+        flat = np.concatenate([np.asarray(x, dtype=np.int64) for x in lists])
+        bad = np.flatnonzero((flat < 0) | (flat >= vocab))
+        if bad.size == 0:
+            continue
+        bad_total += bad.size
+        row = int(np.searchsorted(np.cumsum(lengths), bad[0], side="right"))
+        if first is None:
+            first = (pairs["example_id"].iloc[row], col, int(flat[bad[0]]))
+    if first is not None:
+        eid, col, tid = first
+        raise ModelError(f"{where}: example_id {eid}: {col} holds token id {tid}, outside the model's "
+                         f"vocabulary of {vocab} tokens (ids 0..{vocab - 1}; {bad_total} out-of-range id(s) in all): "
+                         f"the tokenizer and the model do not match; set model.tokenizer to the model's own "
+                         f"tokenizer (or use the model the data was tokenized for) and re-run validate")
+
+
 def _run(cfg: RunConfig, run_dir: Path, validated: dict, fp: str, compute) -> dict:
     out = Path(run_dir) / STAGE
     result = {"stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False,
@@ -136,7 +194,8 @@ def _run(cfg: RunConfig, run_dir: Path, validated: dict, fp: str, compute) -> di
             meta = {"split": split, "data": validated[split]["fingerprint"], "model": ref_fp,
                     "tokenizer": validated["tokenizer_fingerprint"],
                     "max_length": cfg.data.max_length, "truncation_mode": cfg.data.truncation_mode,
-                    "dtype": cfg.model.dtype, "ld_alpha": cfg.loss.ld_alpha, "engine": ENGINE_VERSION}
+                    "dtype": f"weights={cfg.model.dtype},autocast={compute_dtype(cfg)}",
+                    "precision": cfg.train.precision, "ld_alpha": cfg.loss.ld_alpha, "engine": ENGINE_VERSION}
             _, stats = cached_reference_logps(_cache_dir(), ck, rows, meta,
                                               lambda part, s=split: _computed(compute(part, s), s))
             result[f"{split}_ref"], result[f"{split}_ref_key"] = stats["path"], ck
