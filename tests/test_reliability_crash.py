@@ -35,7 +35,7 @@ CONFIG = {
     "data": {"train_limit": 12, "eval_limit": 6, "max_length": 256},
     "reference": {"batch_size": 8},
     "train": {"per_device_train_batch_size": 2, "max_steps": STEPS, "learning_rate": 1e-3,
-              "save_steps": 1, "seed": 1},
+              "save_steps": 1, "logging_steps": 1, "seed": 1},
     "eval": {"num_prompts": 3, "max_new_tokens": 4, "batch_size": 4},
     "registry": {"model_name": MODEL_NAME, "gate": {"thresholds": {}}},
 }
