@@ -165,7 +165,8 @@ def _locked(folder: Path):
 _TMP = re.compile(r"^\..+\.tmp(\d+)$")  # ".part-00000.parquet.tmp1234", "._COMPLETE.json.tmp1234"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (another user's live process counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -186,7 +187,7 @@ def remove_leftovers(folder: Path, log: Callable[[str], None] | None = None) -> 
         return removed
     for f in entries:
         m = _TMP.match(f.name)
-        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+        if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
             continue
         try:
             f.unlink()

@@ -45,6 +45,7 @@ from dpo_engine.forward import pair_logps, unwrap_model
 from dpo_engine.losses import loss_from_config, pair_metrics
 from dpo_engine.master_weights import MasterWeights
 from dpo_engine.models import autocast, autocast_dtype, disable_dropout, set_seed
+from dpo_engine.refcache import pid_alive
 
 
 class TrainingError(RuntimeError):
@@ -289,20 +290,10 @@ def remove_crash_leftovers(ckpt_dir: Path, log: Callable[[str], None] = print) -
     """Delete ``.step-N.tmp<pid>`` folders that a killed save left behind (their writer is gone)."""
     for tmp in ckpt_dir.glob(".step-*.tmp*"):
         pid = tmp.name.rpartition(".tmp")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             continue
         shutil.rmtree(tmp, ignore_errors=True)
         log(f"removed an unfinished checkpoint write: {tmp.name}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history: list[dict],

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from data_contracts.config import BUILTIN_DATASET, project_root, state_home
+from dpo_engine.refcache import pid_alive
 
 STAGES = ("validate", "precompute", "train", "evaluate", "register")
 
@@ -135,12 +136,9 @@ def _alive(pid, host) -> bool:
     if host != socket.gethostname():
         return True  # another machine's process: cannot tell, so do not take its work over
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, TypeError, ValueError):
+        return pid_alive(int(pid))
+    except (TypeError, ValueError):
         return True
-    return True
 
 
 def claim_partial(stage: str, fp: str, out: Path, keep: tuple[str, ...] = ("checkpoints", "mlflow_run_id"),
