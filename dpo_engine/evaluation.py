@@ -143,9 +143,11 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], cfg: EvalCon
                                  top_p=cfg.top_p if cfg.do_sample else None, top_k=None,
                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         for row in gen[:, width:].tolist():
+            # generation stops at EOS and pads what follows: cut at the first EOS; a pad token before
+            # it was generated (not filler) and stays
             if tokenizer.eos_token_id in row:
                 row = row[:row.index(tokenizer.eos_token_id)]
-            outs.append([t for t in row if t != pad])
+            outs.append(row)
         if progress:
             progress(len(chunk))
     return outs
@@ -154,18 +156,50 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], cfg: EvalCon
 @torch.inference_mode()
 def sample_kl(policy: nn.Module, reference: nn.Module, prompts: list[list[int]],
               samples: list[list[int]], *, eos_id: int, pad_id: int, batch_size: int,
-              device: torch.device | str = "cpu") -> float:
-    """Monte-Carlo KL(policy || reference) on the policy's own samples: mean of
-    log pi(y|x) - log ref(y|x) over sequences (exact in expectation when samples are drawn from pi)."""
+              max_new_tokens: int | None = None, device: torch.device | str = "cpu") -> np.ndarray:
+    """Per-sequence log pi(y|x) - log ref(y|x) on ``samples`` (as :func:`generate` returns them:
+    EOS stripped); their mean is a Monte-Carlo estimate of KL(policy || reference), unbiased when
+    the samples are drawn from pi itself (temperature 1, top_p 1: see :func:`kl_sampling`). A sample
+    shorter than ``max_new_tokens`` ended with EOS, which is scored; one cut at the limit is scored
+    without it (its probability is that of the prefix)."""
     diffs = []
     for b0 in range(0, len(prompts), batch_size):
         ps = prompts[b0:b0 + batch_size]
-        cs = [list(s) + [eos_id] for s in samples[b0:b0 + batch_size]]
+        cs = [list(s) + ([] if max_new_tokens is not None and len(s) >= max_new_tokens else [eos_id])
+              for s in samples[b0:b0 + batch_size]]
         batch = collate(ps, cs, pad_id).to(device)
         lp = sequence_logps(policy, batch)["logps"]
         lr = sequence_logps(reference, batch)["logps"]
         diffs.append((lp - lr).double().cpu())
-    return float(torch.cat(diffs).mean()) if diffs else float("nan")
+    return torch.cat(diffs).numpy() if diffs else np.zeros(0)
+
+
+def kl_sampling(cfg: EvalConfig) -> EvalConfig | None:
+    """The sampling settings of a KL estimate: None when ``cfg``'s own generations are draws from
+    the policy's distribution (do_sample, temperature 1, top_p 1) and can be reused; else the same
+    settings with pure sampling (greedy or tempered outputs would bias the estimate)."""
+    if cfg.do_sample and cfg.temperature == 1.0 and cfg.top_p == 1.0:
+        return None
+    return cfg.model_copy(update={"do_sample": True, "temperature": 1.0, "top_p": 1.0})
+
+
+def kl_metrics(diffs: np.ndarray, *, seed: int = 0) -> dict[str, float]:
+    """The KL estimate with its 95% bootstrap interval."""
+    lo, hi = bootstrap_ci(diffs, seed=seed)
+    mean = float(diffs.mean()) if len(diffs) else float("nan")
+    return {"eval/kl_policy_reference": mean, "eval/kl_policy_reference_ci_low": lo,
+            "eval/kl_policy_reference_ci_high": hi}
+
+
+def length_metrics(name: str, ids: list[list[int]], max_new_tokens: int) -> dict[str, float]:
+    """Response length statistics in tokens: mean, median, max and the share cut at max_new_tokens."""
+    n = np.array([len(x) for x in ids], dtype=float)
+    if not len(n):
+        return {}
+    return {f"eval/{name}_response_tokens": float(n.mean()),
+            f"eval/{name}_response_tokens_median": float(np.median(n)),
+            f"eval/{name}_response_tokens_max": float(n.max()),
+            f"eval/{name}_response_truncated": float((n >= max_new_tokens).mean())}
 
 
 def bootstrap_ci(values: np.ndarray, *, n: int = 2000, seed: int = 0) -> tuple[float, float]:

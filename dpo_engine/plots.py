@@ -51,9 +51,12 @@ def eval_scores(table, metrics: dict[str, float], path: str | Path) -> Path | No
     if table is None or "policy_score" not in getattr(table, "columns", []) or table.empty:
         return None
     fig, (dist, win) = _figure(2)
-    bins = 10
-    dist.hist([table["policy_score"], table["reference_score"]], bins=bins, range=(0.0, 1.0),
-              label=["policy", "reference"])
+    scores = [table["policy_score"].astype(float), table["reference_score"].astype(float)]
+    lo = min(float(s.min()) for s in scores)  # any judge's scale (a reward model's is unbounded)
+    hi = max(float(s.max()) for s in scores)
+    if lo == hi:
+        lo, hi = lo - 0.5, hi + 0.5
+    dist.hist(scores, bins=10, range=(lo, hi), label=["policy", "reference"])
     dist.set(title="judge score per prompt", xlabel="score", ylabel="prompts")
     dist.legend()
     rate = metrics.get("eval/win_rate", float(table["win"].mean()) if "win" in table else None)

@@ -1,4 +1,4 @@
-"""A grid sweep: variants of one config, each trained and evaluated, the best one registered.
+"""A sweep: variants of one config (a grid of values, or a list of overrides), each trained and evaluated, the best one registered.
 
 The flow (``flows/sweep.py``) validates the data once, precomputes once per distinct reference
 cache key, and trains/evaluates every variant as a child MLflow run under one parent run.
@@ -31,15 +31,35 @@ from data_contracts.config import ConfigError, RunConfig, mlflow_uri
 SWEEPABLE = ("loss", "train", "eval", "reference")
 
 
-def expand_grid(grid: dict[str, list]) -> list[dict[str, Any]]:
-    """``{"loss.beta": [0.1, 0.2], "train.learning_rate": [1e-6]}`` -> one override dict per
-    combination, in order. Raises ConfigError for an empty grid or a non-sweepable field."""
-    if not grid:
+def _check_key(key: str) -> None:
+    if not isinstance(key, str) or key.split(".", 1)[0] not in SWEEPABLE:
+        raise ConfigError(f"sweep: {key}: only {', '.join(s + '.*' for s in SWEEPABLE)} fields can "
+                          "vary (the data is validated once for all variants)")
+
+
+def expand_grid(grid: dict[str, list] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The variants of a sweep, one override dict each, in order. A mapping is a grid:
+    ``{"loss.beta": [0.1, 0.2], "train.learning_rate": [1e-6]}`` -> every combination; a list is
+    the variants themselves: ``[{"loss.beta": 0.1, "loss.loss_type": "ipo"}, {"loss.beta": 0.3}]``.
+    Raises ConfigError for an empty grid or list, a non-sweepable field or a repeated variant."""
+    if isinstance(grid, (list, tuple)):
+        if not grid:
+            raise ConfigError("sweep: the list of variants is empty; give at least one")
+        variants = []
+        for i, v in enumerate(grid):
+            if not isinstance(v, dict) or not v:
+                raise ConfigError(f"sweep: variant {i}: needs a non-empty mapping of section.field to "
+                                  f"value (got {v!r})")
+            for key in v:
+                _check_key(key)
+            if v in variants:
+                raise ConfigError(f"sweep: variant {i} repeats variant {variants.index(v)} ({v})")
+            variants.append(dict(v))
+        return variants
+    if not isinstance(grid, dict) or not grid:
         raise ConfigError("sweep: the grid is empty; give at least one field with values")
     for key, values in grid.items():
-        if key.split(".", 1)[0] not in SWEEPABLE:
-            raise ConfigError(f"sweep: {key}: only {', '.join(s + '.*' for s in SWEEPABLE)} fields can "
-                              "vary (the data is validated once for all variants)")
+        _check_key(key)
         if not isinstance(values, (list, tuple)) or not values:
             raise ConfigError(f"sweep: {key}: needs a non-empty list of values")
     keys = list(grid)
@@ -62,7 +82,7 @@ def best_index(metrics: list[dict[str, float]], metric: str, among: list[int] | 
     return best
 
 
-def open_parent(cfg: RunConfig, name: str, grid: dict[str, list], metric: str,
+def open_parent(cfg: RunConfig, name: str, grid: dict[str, list] | list[dict], metric: str,
                 options: dict | None = None) -> str:
     """The parent MLflow run of a sweep (``options``: parallel, stop rule, logged as params)."""
     from dpo_engine import registry

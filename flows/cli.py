@@ -110,10 +110,39 @@ def parse_grid(items: list[str]) -> dict[str, list]:
     return grid
 
 
+def parse_variant(item: str) -> dict[str, object]:
+    """``"loss.beta=0.1,loss.loss_type=[sigmoid,sft]"`` -> ``{"loss.beta": 0.1, "loss.loss_type":
+    ["sigmoid", "sft"]}``: comma-separated ``section.field=value`` pairs (values are YAML, so a value
+    may itself hold commas inside brackets)."""
+    import re
+
+    import yaml
+
+    out = {}
+    for pair in re.split(r",(?=\s*[A-Za-z_][\w]*\.[\w.]+\s*=)", item):
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip() or not raw.strip():
+            raise ConfigError(f"sweep: --variant {item!r} must look like section.field=v[,section.field=v]")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"sweep: --variant {item!r}: {key.strip()}: value {raw!r} is not valid YAML") \
+                from None
+    return out
+
+
+def sweep_grid(args) -> dict[str, list] | list[dict]:
+    """The sweep's variants from ``--grid`` (every combination) or ``--variant`` (a list)."""
+    if bool(args.grid) == bool(args.variant):
+        raise ConfigError("sweep: give either --grid (every combination) or --variant (a list of "
+                          "variants), not both and not neither")
+    return parse_grid(args.grid) if args.grid else [parse_variant(v) for v in args.variant]
+
+
 def cmd_sweep(args) -> int:
     from dpo_engine.sweep import check_stop_configs, expand_grid, stop_options
 
-    grid = parse_grid(args.grid)
+    grid = sweep_grid(args)
     overrides = dict(o.split("=", 1) for o in args.set)
     variants = expand_grid(grid)
     if args.parallel < 1:
@@ -334,13 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cron", default=NIGHTLY_CRON, help=f"schedule, UTC (default {NIGHTLY_CRON!r})")
     p.set_defaults(fn=cmd_serve)
 
-    p = sub.add_parser("sweep", help="grid sweep: train+evaluate each variant, register the best",
+    p = sub.add_parser("sweep", help="sweep: train+evaluate each variant, register the best",
                        description="Validate and precompute once, train and evaluate every combination of "
-                       "the --grid values as a child MLflow run under one parent, register only the best "
-                       "by --metric.")
+                       "the --grid values (or each --variant) as a child MLflow run under one parent, "
+                       "register only the best by --metric.")
     _add_config_args(p)
-    p.add_argument("--grid", "-g", action="append", required=True, metavar="SECTION.FIELD=V1,V2",
-                   help="values to try for one field, e.g. --grid loss.beta=0.1,0.3 (repeatable)")
+    p.add_argument("--grid", "-g", action="append", default=[], metavar="SECTION.FIELD=V1,V2",
+                   help="values to try for one field, e.g. --grid loss.beta=0.1,0.3 (repeatable; every "
+                   "combination of the fields is a variant)")
+    p.add_argument("--variant", action="append", default=[], metavar="SECTION.FIELD=V[,SECTION.FIELD=V]",
+                   help="one variant's overrides, e.g. --variant loss.beta=0.1,loss.loss_type=ipo "
+                   "(repeatable; instead of --grid)")
     p.add_argument("--metric", default="eval/win_rate", help="pick the best variant by this eval "
                    "metric, higher is better (default eval/win_rate)")
     p.add_argument("--run-name", help="sweep name (default: sweep-<UTC time>)")

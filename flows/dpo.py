@@ -13,14 +13,15 @@ from tasks import stages as t
 
 @flow(name="dpo", log_prints=True)
 def dpo(config: str | None = None, overrides: dict[str, Any] | None = None,
-        run_name: str | None = None, grid: dict[str, list] | None = None,
+        run_name: str | None = None, grid: dict[str, list] | list[dict[str, Any]] | None = None,
         metric: str = "eval/win_rate", parallel: int = 1, stop_margin: float | None = None,
         stop_metric: str | None = None, stop_mode: str | None = None) -> dict:
     """Run the five stages. ``config``: a YAML file (default: built-in defaults); ``overrides``:
     ``{"train.learning_rate": 5e-6, ...}``; ``run_name``: the run folder's name. Ends early with
     status ``skipped`` when the data and config equal those of the current champion.
-    With ``grid`` (``{"loss.beta": [0.1, 0.3]}``) it runs a sweep instead: every combination is
-    trained and evaluated, and only the best by ``metric`` is registered (see flows/sweep.py):
+    With ``grid`` it runs a sweep instead: a mapping (``{"loss.beta": [0.1, 0.3]}``) tries every
+    combination, a list (``[{"loss.beta": 0.1}, {"loss.beta": 0.3, "loss.loss_type": "ipo"}]``)
+    exactly those variants; each is trained and evaluated, and only the best by ``metric`` is registered (see flows/sweep.py):
     ``parallel`` variants at a time (Prefect concurrency limit ``dpo-train``), a variant whose
     ``stop_metric`` (default eval/rewards/accuracies) lags the best at a ``train.eval_steps``
     checkpoint by more than ``stop_margin`` stopped early."""

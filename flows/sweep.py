@@ -33,7 +33,7 @@ CONCURRENCY_LIMIT = "dpo-train"  # Prefect global concurrency limit: slots = par
 
 
 def run_sweep(config: str | None, overrides: dict[str, Any] | None, run_name: str | None,
-              grid: dict[str, list], metric: str, parallel: int = 1, stop_margin: float | None = None,
+              grid: dict[str, list] | list[dict[str, Any]], metric: str, parallel: int = 1, stop_margin: float | None = None,
               stop_metric: str | None = None, stop_mode: str | None = None) -> dict:
     variants = sw.expand_grid(grid)
     parallel = check_parallel(parallel)

@@ -1,4 +1,4 @@
-"""The grid sweep: grid expansion, best pick, and a two-variant sweep on a tiny model."""
+"""Sweeps: grid and list expansion, best pick, and sweeps on a tiny model."""
 
 from __future__ import annotations
 
@@ -34,6 +34,19 @@ def test_expand_grid_is_the_cartesian_product():
         expand_grid({"loss.beta": []})
 
 
+def test_expand_a_list_of_variants():
+    variants = [{"loss.beta": 0.1}, {"loss.beta": 0.3, "loss.loss_type": "ipo"}]
+    assert expand_grid(variants) == variants
+    with pytest.raises(ConfigError, match="list of variants is empty"):
+        expand_grid([])
+    with pytest.raises(ConfigError, match="variant 1: needs a non-empty mapping"):
+        expand_grid([{"loss.beta": 0.1}, {}])
+    with pytest.raises(ConfigError, match="data.max_length: only"):
+        expand_grid([{"data.max_length": 128}])
+    with pytest.raises(ConfigError, match="variant 1 repeats variant 0"):
+        expand_grid([{"loss.beta": 0.1}, {"loss.beta": 0.1}])
+
+
 def test_best_index_ignores_missing_and_nan():
     assert best_index([{"m": 0.2}, {"m": float("nan")}, {"m": 0.5}, {}], "m") == 2
     assert best_index([{"m": 0.9}, {"m": 0.5}, {}], "m", among=[1, 2]) == 1  # 0 was stopped early
@@ -50,6 +63,22 @@ def test_parse_grid():
         parse_grid(["loss.beta"])
 
 
+def test_parse_variant_and_grid_or_variant():
+    import argparse
+
+    from flows.cli import parse_variant, sweep_grid
+
+    assert parse_variant("loss.beta=0.1,loss.loss_type=[sigmoid,sft],train.learning_rate=5.0e-6") == \
+        {"loss.beta": 0.1, "loss.loss_type": ["sigmoid", "sft"], "train.learning_rate": 5e-6}
+    with pytest.raises(ConfigError, match="section.field=v"):
+        parse_variant("loss.beta")
+    args = argparse.Namespace(grid=[], variant=["loss.beta=0.1", "loss.beta=0.2,loss.loss_type=ipo"])
+    assert sweep_grid(args) == [{"loss.beta": 0.1}, {"loss.beta": 0.2, "loss.loss_type": "ipo"}]
+    for grid, variant in (([], []), (["loss.beta=0.1,0.2"], ["loss.beta=0.3"])):
+        with pytest.raises(ConfigError, match="either --grid .* or --variant"):
+            sweep_grid(argparse.Namespace(grid=grid, variant=variant))
+
+
 def _tiny_overrides(tmp_path, name: str) -> dict:
     tiny = tiny_model_dir(tmp_path / "tiny-model")
     return {"model.name_or_path": str(tiny), "data.train_limit": 12, "data.eval_limit": 6,
@@ -60,19 +89,24 @@ def _tiny_overrides(tmp_path, name: str) -> dict:
 
 
 def test_sweep_trains_children_under_one_parent_and_registers_the_best(dpo_home, tmp_path):
+    """Three variants (a list: two betas and another loss type) share one reference cache (one
+    precompute), give three child runs under one parent and one registered version."""
     from flows.dpo import dpo
 
-    s = dpo(overrides=_tiny_overrides(tmp_path, "sweep"), run_name="sw", grid={"loss.beta": [0.1, 0.5]},
+    variants = [{"loss.beta": 0.1}, {"loss.beta": 0.5}, {"loss.beta": 0.1, "loss.loss_type": "ipo"}]
+    s = dpo(overrides=_tiny_overrides(tmp_path, "sweep"), run_name="sw", grid=variants,
             metric="eval/rewards/margins")
 
-    assert len(s["variants"]) == 2 and s["registered_version"] == 1
+    assert len(s["variants"]) == 3 and s["registered_version"] == 1
+    assert s["precomputes"] == 1
+    assert len(list((dpo_home / "runs" / "sw").glob("precompute.json"))) == 1
     margins = [v["eval/rewards/margins"] for v in s["variants"]]
     assert s["best"] == margins.index(max(margins))
     assert json.loads((Path(s["run_dir"]) / "summary.json").read_text())["best"] == s["best"]
-    _check_children(s, "loss.beta", [0.1, 0.5], "tiny-sweep")
+    _check_children(s, variants, "tiny-sweep")
 
 
-def _check_children(s: dict, field: str, values: list, model_name: str) -> None:
+def _check_children(s: dict, variants: list[dict], model_name: str) -> None:
     """One finished child MLflow run per variant under the parent; only the best registered."""
     from mlflow import MlflowClient
 
@@ -82,11 +116,13 @@ def _check_children(s: dict, field: str, values: list, model_name: str) -> None:
     registry.connect(mlflow_uri())
     client = MlflowClient()
     children = [v["mlflow_run_id"] for v in s["variants"]]
-    assert len(set(children)) == len(values)
-    for i, rid in enumerate(children):
+    assert len(set(children)) == len(variants)
+    for rid, variant in zip(children, variants):
         run = client.get_run(rid)
         assert run.data.tags["mlflow.parentRunId"] == s["mlflow_parent_run_id"]
-        assert run.data.tags[f"dpo.sweep.{field}"] == str(values[i])
+        for field, value in variant.items():
+            assert run.data.tags[f"dpo.sweep.{field}"] == str(value)
+            assert run.data.params[field] == str(value)
         assert run.info.status == "FINISHED"
     parent = client.get_run(s["mlflow_parent_run_id"])
     assert parent.data.tags["dpo.sweep.best_run_id"] == children[s["best"]]
@@ -192,7 +228,7 @@ def test_parallel_sweep_under_a_concurrency_limit(dpo_home, tmp_path):
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(CONCURRENCY_LIMIT)
     assert limit.limit == 2 and limit.active_slots == 0  # every slot released
-    _check_children(s, "loss.beta", [0.1, 0.5], "tiny-par")
+    _check_children(s, [{"loss.beta": 0.1}, {"loss.beta": 0.5}], "tiny-par")
 
 
 def test_sweep_user_errors_are_one_line(dpo_home, tmp_path, capsys):

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from data_contracts.config import RunConfig, mlflow_uri
 from dpo_engine import plots, registry
-from dpo_engine.evaluation import generate, judge_table, load_judge, preference_metrics, sample_kl
+from dpo_engine.evaluation import (generate, judge_table, kl_metrics, kl_sampling, length_metrics, load_judge,
+                                   preference_metrics, sample_kl)
 from dpo_engine.models import load_model, load_reference_model, load_tokenizer, pick_device
 from dpo_engine.refcache import read_cache
 from dpo_engine.stages.common import (Timer, atomic_path, crash_point, fingerprint, read_valid, record,
@@ -64,15 +65,24 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, train
             reference = load_reference_model(cfg.model, cfg.reference.model_path, validated["model_path"],
                                              device)
             prompts = [list(r["prompt_input_ids"]) for r in rows]
-            texts = {}
+            texts, generated = {}, {}
             for name, model in (("policy", policy), ("reference", reference)):
                 with tqdm(total=len(prompts), desc=f"generate {name}", unit="prompt") as bar:
-                    ids = generate(model, tok, prompts, cfg.eval, device=device, progress=bar.update)
-                texts[name] = [tok.decode(x, skip_special_tokens=True) for x in ids]
-                if name == "policy":
-                    metrics["eval/kl_policy_reference"] = sample_kl(
-                        policy, reference, prompts, ids, eos_id=tok.eos_token_id,
-                        pad_id=tok.pad_token_id, batch_size=cfg.eval.batch_size, device=device)
+                    generated[name] = generate(model, tok, prompts, cfg.eval, device=device,
+                                               progress=bar.update)
+                texts[name] = [tok.decode(x, skip_special_tokens=True) for x in generated[name]]
+                metrics.update(length_metrics(name, generated[name], cfg.eval.max_new_tokens))
+            # KL(policy || reference) on draws from the policy itself: its generations when they are
+            # pure samples, else a separate sample at temperature 1 (greedy outputs would bias it)
+            kl_cfg = kl_sampling(cfg.eval)
+            samples = generated["policy"]
+            if kl_cfg is not None:
+                with tqdm(total=len(prompts), desc="sample policy (KL)", unit="prompt") as bar:
+                    samples = generate(policy, tok, prompts, kl_cfg, device=device, progress=bar.update)
+            metrics.update(kl_metrics(sample_kl(policy, reference, prompts, samples, eos_id=tok.eos_token_id,
+                                                pad_id=tok.pad_token_id, batch_size=cfg.eval.batch_size,
+                                                max_new_tokens=cfg.eval.max_new_tokens, device=device),
+                                      seed=cfg.eval.seed))
             if judge is not None:
                 table, judged = judge_table(rows, texts["policy"], texts["reference"], judge)
                 metrics.update(judged)
