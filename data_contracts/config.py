@@ -8,14 +8,20 @@ max_length 1024, truncation ``keep_start``...).
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import importlib.util
 import json
 import os
+import re
+import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
+                      model_validator)
 
 BUILTIN_DATASET = "builtin:answer-format"
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
@@ -25,12 +31,64 @@ class ConfigError(ValueError):
     """A user error in the run configuration (one line, names the field)."""
 
 
+# A name the run cannot do without (a data source, a model, an MLflow name): surrounding spaces are
+# dropped, and nothing left is an error.
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+# Seeds feed torch.manual_seed, numpy and an 8-byte hash key: numpy's range, 0 .. 2**32 - 1.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+# run_name is the run folder under <state home>/runs: one plain folder name, never a path.
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float field (also inside lists and dicts) must be finite
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def peft_type_names() -> frozenset[str] | None:
+    """The names of peft's ``PeftType`` enum (what ``peft.peft_type`` may be, in any case), or None when
+    peft cannot be found. ``import peft`` takes seconds (it imports transformers), so unless it is
+    already imported the names are read from the installed peft's ``utils/peft_types.py`` without
+    running it."""
+    peft = sys.modules.get("peft")
+    if peft is not None and hasattr(peft, "PeftType"):  # also methods registered at run time
+        return frozenset(m.name for m in peft.PeftType)
+    return _peft_type_names_from_source()
+
+
+@functools.cache
+def _peft_type_names_from_source() -> frozenset[str] | None:
+    try:
+        spec = importlib.util.find_spec("peft")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        src = Path(list(spec.submodule_search_locations)[0]) / "utils" / "peft_types.py"
+        tree = ast.parse(src.read_text())
+    except (ImportError, OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "PeftType":
+            names = frozenset(t.id for st in node.body if isinstance(st, ast.Assign)
+                              for t in st.targets if isinstance(t, ast.Name) and not t.id.startswith("_"))
+            return names or None
+    return None
+
+
+# The metric names the trainer records per step in its history (train/history.json), which is what
+# train.early_stopping_metric is looked up in (dpo_engine.trainer.should_stop): TRL's pair metrics
+# (dpo_engine.losses.pair_metrics) and the step's own, and at every periodic evaluation
+# (train.eval_steps) the pair metrics of the eval split under eval/ (dpo_engine.evaluation.preference_metrics).
+PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected")
+EVAL_STEP_METRICS = tuple(f"eval/{m}" for m in PAIR_METRICS)
+TRAIN_STEP_METRICS = PAIR_METRICS + ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy",
+                                     "grad_norm", "learning_rate", "tokens_per_second", "num_tokens",
+                                     "peak_memory_mb", "mfu", "loss_scale", "overflow_skipped")
 
 
 class DataConfig(_Section):
-    source: str = Field(BUILTIN_DATASET, description="Train data: a local file/folder, a hub dataset id, "
+    source: Name = Field(BUILTIN_DATASET, description="Train data: a local file/folder, a hub dataset id, "
                         "or 'builtin:answer-format' (the bundled, generated dataset). '{date}' in a path "
                         "is replaced at run time by today's UTC date (YYYY-MM-DD), also in eval_source, "
                         "e.g. '/data/prefs/{date}.jsonl'.")
@@ -42,7 +100,7 @@ class DataConfig(_Section):
                                     "eval_fraction of source.")
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Held-out share of source when "
                                  "eval_source is not given.")
-    format: str = Field("auto", description="Input layout: auto (detected from the first rows), or a "
+    format: Name = Field("auto", description="Input layout: auto (detected from the first rows), or a "
                         "named adapter: preference (TRL columns), openai, sharegpt, hh.")
     columns: dict[str, str] = Field(default_factory=dict, description="Rename source columns before "
                                     "detection: {canonical: source}, e.g. {prompt: question, chosen: "
@@ -59,7 +117,7 @@ class DataConfig(_Section):
     truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
     invalid_policy: Literal["fail", "quarantine"] = "quarantine"
     max_invalid_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    shuffle_seed: int = 0
+    shuffle_seed: Seed = 0
     num_proc: int | None = Field(None, ge=1, exclude=True, description="Worker processes that parse and "
                                  "tokenize batches (fork). null (auto): min(CPUs, 8) when the input is "
                                  "large (>= 50,000 rows or 16 MiB of files), else 1. The output is "
@@ -94,7 +152,7 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name_or_path: str = Field(BUILTIN_MODEL, description="Hugging Face id, local folder, or "
+    name_or_path: Name = Field(BUILTIN_MODEL, description="Hugging Face id, local folder, or "
                               "'builtin:smollm2-135m-instruct'.")
     tokenizer: str | None = Field(None, description="Tokenizer id/folder (default: the model's).")
     revision: str | None = None
@@ -240,7 +298,8 @@ class LossConfig(_Section):
 
 class PeftConfig(_Section):
     enabled: bool = Field(False, description="Train a PEFT adapter instead of all weights.")
-    peft_type: str = Field("LORA", description="peft's type name: LORA, IA3, LOKR, LOHA, ...")
+    peft_type: Name = Field("LORA", description="peft's type name (PeftType, any case): LORA, IA3, LOKR, "
+                            "LOHA, ...")
     r: int = Field(16, ge=1, description="LoRA rank (LORA only).")
     lora_alpha: float = Field(32.0, gt=0.0, description="LoRA scale numerator (LORA only).")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA input dropout (LORA only).")
@@ -251,6 +310,14 @@ class PeftConfig(_Section):
     adapter_path: str | None = Field(None, description="Continue training this saved adapter folder.")
     export: Literal["merged", "adapter"] = Field("merged", description="train/model/: merged full "
                                                  "weights (downstream unchanged) or the adapter only.")
+
+    @field_validator("peft_type")
+    @classmethod
+    def _known_peft_type(cls, v: str) -> str:
+        known = peft_type_names()
+        if known is not None and v.upper() not in known:
+            raise ValueError(f"unknown PEFT type {v!r}; the installed peft knows {', '.join(sorted(known))}")
+        return v
 
 
 class TrainConfig(_Section):
@@ -265,7 +332,7 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
     num_train_epochs: float = Field(1.0, gt=0.0)
     max_steps: int = Field(-1, description="Optimizer steps; -1 derives them from num_train_epochs.")
-    seed: int = 42
+    seed: Seed = 42
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="fp16: float16 autocast "
                                                                "with dynamic loss scaling (GPUs without bf16, "
                                                                "e.g. T4/V100; a step whose gradients overflow "
@@ -330,11 +397,20 @@ class TrainConfig(_Section):
             raise ValueError("must be -1 (use num_train_epochs) or a positive number of steps")
         return v
 
+    @field_validator("early_stopping_metric")
+    @classmethod
+    def _logged_metric(cls, v: str | None) -> str | None:
+        if v is not None and v not in EVAL_STEP_METRICS + TRAIN_STEP_METRICS:
+            raise ValueError(f"the trainer logs no metric {v!r}; use one measured at each train.eval_steps "
+                             f"evaluation: {', '.join(EVAL_STEP_METRICS)}; or a train step metric: "
+                             f"{', '.join(TRAIN_STEP_METRICS)}; or null (no early stopping)")
+        return v
+
     @model_validator(mode="after")
     def _early_stopping(self) -> "TrainConfig":
         m = self.early_stopping_metric
         if m and m.startswith("eval/") and self.eval_steps == 0:
-            raise ValueError(f"early_stopping_metric {m!r} needs train.eval_steps > 0")
+            raise ValueError(f"train.early_stopping_metric={m!r} needs train.eval_steps > 0")
         return self
 
 
@@ -345,7 +421,7 @@ class EvalConfig(_Section):
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = 0
+    seed: Seed = 0
     judge: str | None = Field("data_contracts.builtin:judge", description="'module:function' scoring "
                               "(prompt, response, row) -> float (higher is better), or "
                               "'reward_model:<folder or hub id>' (a sequence-classification reward "
@@ -363,8 +439,9 @@ class GateConfig(_Section):
 
 class RegistryConfig(_Section):
     enabled: bool = True
-    experiment: str = "dpo"
-    model_name: str = "dpo-policy"
+    experiment: Name = Field("dpo", max_length=500, description="MLflow experiment of the runs.")
+    model_name: Name = Field("dpo-policy", description="MLflow registered model name (no '/', ':' or "
+                             "quote; MLflow rejects them at registration).")
     gate: GateConfig = Field(default_factory=GateConfig)
     skip_unchanged: bool = Field(False, description="End the flow early ('skipped: nothing new') when "
                                  "the data fingerprint and config hash equal those tagged on the current "
@@ -378,6 +455,16 @@ class RegistryConfig(_Section):
                                    "each failure up to retry_max_backoff_s.")
     retry_max_backoff_s: float = Field(60.0, gt=0, description="Longest wait between MLflow retries.")
 
+    @field_validator("model_name")
+    @classmethod
+    def _registrable(cls, v: str) -> str:
+        bad = sorted({c for c in v if c in "/:'\""})
+        if bad:
+            raise ValueError(f"may not contain {' or '.join(repr(c) for c in bad)} (MLflow model names)")
+        if v == "." or v.startswith(".."):
+            raise ValueError("may not be '.' or start with '..' (MLflow model names)")
+        return v
+
 
 class TrackingConfig(_Section):
     mlflow_tracking_uri: str | None = Field(None, description="Default: SQLite store under the state "
@@ -385,7 +472,9 @@ class TrackingConfig(_Section):
 
 
 class RunConfig(_Section):
-    run_name: str | None = Field(None, description="Run folder name (default: time stamp + config hash).")
+    run_name: str | None = Field(None, description="Run folder name under <state home>/runs (default: time "
+                                 "stamp + config hash): 1-128 letters, digits, '.', '_' or '-', not starting "
+                                 "with '.'.")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
@@ -395,6 +484,14 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("run_name")
+    @classmethod
+    def _folder_name(cls, v: str | None) -> str | None:
+        if v is not None and not RUN_NAME_RE.fullmatch(v):
+            raise ValueError("must be one folder name: 1-128 letters, digits, '.', '_' or '-', not starting "
+                             "with '.' (no path separators or spaces)")
+        return v
 
     @model_validator(mode="after")
     def _cross(self) -> "RunConfig":

@@ -54,10 +54,33 @@ def preflight(cfg: RunConfig) -> None:
     from data_contracts.formats import ADAPTERS
     if cfg.data.format not in ("auto", *ADAPTERS):
         raise ConfigError(f"data.format: unknown format {cfg.data.format!r}; known: auto, {', '.join(ADAPTERS)}")
+    _check_local_paths(cfg)
     if cfg.eval.judge:
         load_judge(cfg.eval.judge)
     if cfg.registry.enabled:
         registry.connect(mlflow_uri(cfg))
+
+
+def _looks_local(path: str) -> bool:
+    """A path written as one (./x, ../x, /x, ~/x), not a hub id: it must exist on this machine."""
+    return path.startswith((".", "/", "~"))
+
+
+def _check_local_paths(cfg: RunConfig) -> None:
+    """The files and folders the run will read exist on this machine (checked here, not when the config
+    is loaded, so a saved config still loads on another machine)."""
+    from dpo_engine.adapters import check_config
+    from dpo_engine.launch import _accelerate_config
+
+    for field, value in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer),
+                         ("reference.model_path", cfg.reference.model_path)):
+        if value and _looks_local(value) and not Path(value).expanduser().exists():
+            raise ConfigError(f"{field}: folder not found: {value}")
+    tmpl = cfg.model.chat_template_path  # a template file, or a tokenizer folder that has one
+    if tmpl and not Path(tmpl).expanduser().exists():
+        raise ConfigError(f"model.chat_template_path: file not found: {tmpl}")
+    _accelerate_config(cfg)  # train.accelerate_config: file not found / not YAML / not a mapping
+    check_config(cfg)  # peft.adapter_path holds an adapter; adapter_disabled needs peft.enabled
 
 
 def nothing_new(cfg: RunConfig) -> str | None:

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from data_contracts.config import ConfigError, RunConfig, mlflow_uri
+from data_contracts.config import EVAL_STEP_METRICS, ConfigError, RunConfig, mlflow_uri
 
 # Sections a variant may change: validation (data, model) is shared by all variants.
 SWEEPABLE = ("loss", "train", "eval", "reference")
@@ -120,9 +120,7 @@ def close_parent(parent_id: str, children: list[str], best: int, metric: str,
 
 # What the periodic evaluation logs (dpo_engine.evaluation.preference_metrics): the metrics a stop
 # rule can compare at a checkpoint. Generation metrics (eval/win_rate) exist only after training.
-STOP_METRICS = tuple(f"eval/{k}" for k in ("loss", "rewards/accuracies", "rewards/margins",
-                                           "rewards/chosen", "rewards/rejected", "logps/chosen",
-                                           "logps/rejected"))
+STOP_METRICS = EVAL_STEP_METRICS
 DEFAULT_STOP_METRIC = "eval/rewards/accuracies"  # comparable across beta and loss types
 BOARD = "board.json"
 STOP_SPEC = "sweep_stop.json"

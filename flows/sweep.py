@@ -44,7 +44,8 @@ def run_sweep(config: str | None, overrides: dict[str, Any] | None, run_name: st
     if stop:
         sw.check_stop_configs(cfgs)
     base = load_config(config, {**(overrides or {}), "run_name": name})
-    preflight(base)
+    for cfg in [base, *cfgs]:  # a variant may name its own files (reference.model_path, ...)
+        preflight(cfg)
     sweep_dir = str(new_run_dir(base))
     parent = sw.open_parent(base, name, grid, metric, {"parallel": parallel, **(stop or {})})
     board = Path(sweep_dir) / sw.BOARD if stop else None
