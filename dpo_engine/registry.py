@@ -11,6 +11,14 @@ hold ``model/`` (config.json, generation_config.json, model.safetensors) and
 ``components/tokenizer/`` (tokenizer files and chat_template.jinja). ``download_hf_folder`` puts
 them back together as one Hugging Face folder; ``load_registered`` loads (model, tokenizer).
 
+A PEFT adapter export (``peft.export: adapter``) is registered as base + adapter in MLflow's own
+PEFT layout: ``model/`` holds the base model's weights (read from the folder named by the
+adapter's ``base_model_name_or_path``), ``peft/`` the adapter (adapter_config.json,
+adapter_model.safetensors) and the flavor's ``peft_adaptor`` key points at it, so
+``mlflow.pyfunc.load_model`` and ``mlflow.transformers.load_model`` apply the adapter to the base.
+The version is self-contained: the base folder is needed when registering, not when loading.
+Its tags say ``model_format=adapter`` with the base (``adapter_base_model``).
+
 An unreachable tracking server is survived, not fatal (RELIABILITY.md, drill 2): every write goes
 through :func:`call`, which retries transient failures (connection refused, time-outs, HTTP 5xx,
 a locked SQLite store) with exponential back-off for up to ``RetryPolicy.timeout_s`` and then
@@ -538,11 +546,12 @@ def win_rate(run_id: str) -> tuple[float, float, float] | None:
 
 # -------------------------------------------------------------------------------------- registry
 
-def _pip_requirements() -> list[str]:
+def _pip_requirements(adapter: bool = False) -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for pkg in ("transformers", "torch", "tokenizers", "safetensors", "accelerate"):
+    packages = ("transformers", "torch", "tokenizers", "safetensors", "accelerate")
+    for pkg in packages + (("peft",) if adapter else ()):
         try:
             reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
         except PackageNotFoundError:
@@ -551,29 +560,124 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
-def _log_hf_model(run_id: str, model_dir: Path) -> tuple[str, str]:
-    """Log ``model_dir`` to the run as an MLflow transformers model; returns (model_uri, model_id)."""
-    from mlflow.models import infer_signature
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FULL, ADAPTER = "full", "adapter"  # version tag model_format
+
+
+def model_format(model_dir: str | Path) -> str:
+    """``adapter`` for a PEFT adapter folder (adapter_config.json; safetensors weights required),
+    ``full`` for a Hugging Face model folder (config.json); FileNotFoundError otherwise."""
+    model_dir = Path(model_dir)
+    if (model_dir / ADAPTER_CONFIG).is_file():
+        if not (model_dir / ADAPTER_WEIGHTS).is_file():
+            raise FileNotFoundError(f"{model_dir} is a PEFT adapter folder without {ADAPTER_WEIGHTS} "
+                                    "(only safetensors adapter weights are registered)")
+        return ADAPTER
+    if (model_dir / "config.json").is_file():
+        return FULL
+    raise FileNotFoundError(f"{model_dir} is neither a Hugging Face model folder (no config.json) "
+                            f"nor a PEFT adapter folder (no {ADAPTER_CONFIG})")
+
+
+def adapter_base(adapter_dir: str | Path) -> tuple[str, str | None]:
+    """(base model folder or hub id, revision) an adapter folder was trained on, from its
+    adapter_config.json. A local base must exist (its weights are logged with the adapter)."""
+    adapter_dir = Path(adapter_dir)
+    conf = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    base = conf.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter_dir / ADAPTER_CONFIG} names no base_model_name_or_path")
+    path = Path(base).expanduser()
+    if path.is_absolute() or base.startswith((".", "~")) or path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"base model folder {base} of adapter {adapter_dir} not found (no "
+                                    "config.json): the adapter is registered with its base's weights")
+        return str(path.resolve()), None
+    return base, conf.get("revision")
+
+
+def _adapter_tags(adapter_dir: Path) -> dict[str, str]:
+    conf = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    tags = {"model_format": ADAPTER, "adapter_base_model": conf.get("base_model_name_or_path"),
+            "adapter_peft_type": conf.get("peft_type")}
+    if conf.get("revision"):
+        tags["adapter_base_revision"] = conf["revision"]
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+class _TransformersWithAdapter:
+    """A flavor for ``Model.log``: ``mlflow.transformers.save_model`` of the plain base model, then
+    the adapter added where MLflow keeps a PEFT model's (``peft/`` and the flavor key
+    ``peft_adaptor``): MLflow's loaders build ``PeftModel.from_pretrained(base, peft/)``.
+
+    Not ``mlflow.transformers.log_model(PeftModel)``: for a base that is a local folder (no hub
+    id) it saves the base's state dict with the LoRA layers injected (``...q_proj.base_layer.weight``
+    and ``lora_A``/``lora_B``), which loads back with those projections newly initialised; and with
+    ``base_model_path`` it only references a folder that every machine loading it must have."""
+
+    __name__ = "mlflow.transformers"  # the flavor named on a LoggedModel that Model.log creates
+
+    def __init__(self, adapter_dir: Path):
+        self.adapter_dir = adapter_dir
+
+    def save_model(self, path, mlflow_model, **kwargs):
+        from mlflow.transformers.flavor_config import FlavorKey
+        from mlflow.transformers.peft import _PEFT_ADAPTOR_DIR_NAME
+        from mlflow.utils.file_utils import get_total_file_size
+        from peft import PeftModel
+
+        mlflow.transformers.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+        path = Path(path)
+        dest = path / _PEFT_ADAPTOR_DIR_NAME
+        dest.mkdir()
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            shutil.copy2(self.adapter_dir / name, dest / name)
+        mlflow_model.flavors["transformers"][FlavorKey.PEFT] = _PEFT_ADAPTOR_DIR_NAME
+        if size := get_total_file_size(str(path)):
+            mlflow_model.model_size_bytes = size
+        mlflow_model.save(str(path / "MLmodel"))
+        # the base's weights are saved: the adapter must apply to it (shape mismatches raise here,
+        # before anything is uploaded; MLflow's own input-example check would only warn)
+        with LOAD_LOCK:
+            PeftModel.from_pretrained(kwargs["transformers_model"]["model"], str(dest))
+
+
+def _log_hf_model(run_id: str, model_dir: Path, base_model_revision: str | None = None) -> tuple[str, str]:
+    """Log ``model_dir`` to the run as an MLflow transformers model; returns (model_uri, model_id).
+    An adapter folder is logged with its base model (see :class:`_TransformersWithAdapter`)."""
+    from mlflow.models import Model, infer_signature
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    adapter = model_format(model_dir) == ADAPTER
+    weights_dir, revision = adapter_base(model_dir) if adapter else (str(model_dir), None)
+    if adapter and not Path(weights_dir).is_dir():  # a hub id: the revision it was trained on
+        revision = revision or base_model_revision
     client = _client()
     run = client.get_run(run_id)
+    with LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(weights_dir, revision=revision, use_safetensors=True,
+                                                     trust_remote_code=False)
+    # the trained folder's tokenizer (chat template included); an adapter folder without one: the base's
+    if (model_dir / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(weights_dir, revision=revision, trust_remote_code=False)
     # Create the LoggedModel in the run's experiment ourselves: left to MLflow it would land in the
     # default experiment (./mlruns) since there is no active run.
     logged = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id)
-    with LOAD_LOCK:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True,
-                                                     trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     example = "Hello"
     signature = infer_signature(example, ["text"],
                                 params={"max_new_tokens": 64, "do_sample": False,
                                         "temperature": 1.0, "top_p": 1.0})
-    info = mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tokenizer},
-        name="model", task="text-generation", run_id=run_id, model_id=logged.model_id,
-        pip_requirements=_pip_requirements(), signature=signature, input_example=example,
-        model_config={"max_new_tokens": 64}, tags={"run_id": run_id})
+    kw = dict(transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
+              task="text-generation", run_id=run_id, model_id=logged.model_id,
+              pip_requirements=_pip_requirements(adapter), signature=signature, input_example=example,
+              model_config={"max_new_tokens": 64}, tags={"run_id": run_id})
+    if adapter:
+        info = Model.log(artifact_path=None, flavor=_TransformersWithAdapter(model_dir), **kw)
+    else:
+        info = mlflow.transformers.log_model(**kw)
     return info.model_uri, info.model_id
 
 
@@ -669,22 +773,30 @@ def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
                    metrics: dict[str, float], gate_thresholds: dict[str, float],
                    tags: dict[str, str] | None = None, beat_champion_metric: str | None = None,
                    min_improvement: float = 0.0,
-                   on_step: Callable[[str], None] | None = None) -> dict:
+                   on_step: Callable[[str], None] | None = None,
+                   base_model_revision: str | None = None) -> dict:
     """Log the Hugging Face folder ``model_dir`` to the run, register it as a new version of
     ``model_name`` with alias ``challenger``, and make it ``champion`` when every gate metric
     is >= its threshold and, with ``beat_champion_metric``, it beats the current champion on that
     metric by at least ``min_improvement``. The version is tagged with ``tags``, the key eval
     metrics (``metric.<name>``) and the gate's outcome. Idempotent per (model_name, run_id), so a
     retry after an outage or a crash at any point leaves exactly one version. ``on_step(point)``
-    is called at ``model-logged``, ``version-created`` and ``aliases-set`` (crash drills)."""
+    is called at ``model-logged``, ``version-created`` and ``aliases-set`` (crash drills).
+
+    ``model_dir`` may also be a PEFT adapter folder (adapter_config.json + adapter_model.safetensors):
+    it is logged with the weights of the base model its adapter_config.json names (a local folder,
+    or a hub id read from the local cache at ``base_model_revision``), and tagged ``model_format``
+    ``adapter``, ``adapter_base_model``, ``adapter_peft_type`` (``base_model`` too unless given)."""
     on_step = on_step or (lambda point: None)
+    model_dir = Path(model_dir)
+    model_format(model_dir)  # a folder that cannot be registered fails before anything is logged
     client = _client()
     reasons = _gate(metrics, gate_thresholds)
     if beat_champion_metric:
         reasons += _champion_gate(model_name, run_id, metrics, beat_champion_metric, min_improvement)
     with _registration_lock(model_name, run_id):
         mv, newest = _create_version_once(client, model_name, run_id, model_dir, metrics, reasons, tags,
-                                          on_step)
+                                          on_step, base_model_revision)
     if newest:
         client.set_registered_model_alias(model_name, CHALLENGER, mv.version)
         if not reasons:
@@ -698,17 +810,22 @@ def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
             "champion_version": int(champ.version) if champ else None}
 
 
-def _create_version_once(client, model_name, run_id, model_dir, metrics, reasons, tags, on_step):
+def _create_version_once(client, model_name, run_id, model_dir, metrics, reasons, tags, on_step,
+                         base_model_revision=None):
     """(version, newest): the run's version, created unless it exists. Two registrations of one run
     that race past the lock (processes on other machines) both create; each then keeps the lowest
     version of the run and deletes its own if it is not that one, so exactly one remains."""
     mv = _version_of_run(model_name, run_id)
     if mv is None:
         model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{model_dir} is not a Hugging Face model folder "
-                                    "(no config.json)")
-        model_uri, model_id = _log_hf_model(run_id, model_dir)
+        tags = dict(tags or {})
+        if model_format(model_dir) == ADAPTER:
+            adapter_tags = _adapter_tags(model_dir)
+            tags.setdefault("base_model", adapter_tags.get("adapter_base_model"))
+            tags.update(adapter_tags)
+        else:
+            tags["model_format"] = FULL
+        model_uri, model_id = _log_hf_model(run_id, model_dir, base_model_revision)
         on_step("model-logged")
         try:
             client.create_registered_model(model_name)
@@ -728,25 +845,86 @@ def _create_version_once(client, model_name, run_id, model_dir, metrics, reasons
     return mv, int(mv.version) == latest
 
 
-def download_hf_folder(model_uri: str, dst: str | Path) -> Path:
-    """Download a registered model and lay it out as one Hugging Face folder at ``dst``
-    (config, safetensors weights, tokenizer files, chat_template.jinja)."""
-    dst = Path(dst)
-    with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
-        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-        dst.mkdir(parents=True, exist_ok=True)
-        for sub in (root / "model", root / "components" / "tokenizer"):
-            if sub.is_dir():
-                shutil.copytree(sub, dst, dirs_exist_ok=True)
+def _is_adapter_artifact(root: Path) -> bool:
+    from mlflow.transformers.peft import _PEFT_ADAPTOR_DIR_NAME
+
+    return (root / _PEFT_ADAPTOR_DIR_NAME / ADAPTER_CONFIG).is_file()
+
+
+def _copy_full(root: Path, dst: Path) -> Path:
+    """A downloaded full-model artifact as one Hugging Face folder: model/ + components/tokenizer/."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for sub in (root / "model", root / "components" / "tokenizer"):
+        if sub.is_dir():
+            shutil.copytree(sub, dst, dirs_exist_ok=True)
     return dst
 
 
-def load_registered(model_uri: str):
-    """(model, tokenizer) from a ``models:/name/version`` or ``models:/name@alias`` URI."""
+def download_hf_folder(model_uri: str, dst: str | Path, merge: bool = False) -> Path:
+    """Download a registered model and lay it out as one Hugging Face folder at ``dst``
+    (config, safetensors weights, tokenizer files, chat_template.jinja).
+
+    A base + adapter version becomes an adapter folder as the train stage writes one: ``dst`` holds
+    adapter_config.json, adapter_model.safetensors and the tokenizer, ``dst/base/`` the base model
+    (its tokenizer included), and adapter_config.json's ``base_model_name_or_path`` is that folder,
+    so ``AutoModelForCausalLM.from_pretrained(dst)`` (peft installed) or
+    ``PeftModel.from_pretrained`` load base + adapter. ``merge=True``: the adapter merged into the
+    base weights instead, written as a plain model folder (for consumers that take no adapters)."""
+    from mlflow.transformers.peft import _PEFT_ADAPTOR_DIR_NAME
+
+    dst = Path(dst)
+    with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as tmp:
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        if not _is_adapter_artifact(root):
+            return _copy_full(root, dst)
+        dst.mkdir(parents=True, exist_ok=True)
+        tok_dir = root / "components" / "tokenizer"
+        if merge:
+            model, tokenizer = _load_adapter_artifact(root, merge=True)
+            model.save_pretrained(dst, safe_serialization=True)
+            tokenizer.save_pretrained(dst)
+            return dst
+        base = dst / "base"
+        for sub in (root / "model", tok_dir):
+            shutil.copytree(sub, base, dirs_exist_ok=True)
+        for sub in (root / _PEFT_ADAPTOR_DIR_NAME, tok_dir):
+            shutil.copytree(sub, dst, dirs_exist_ok=True)
+    conf = json.loads((dst / ADAPTER_CONFIG).read_text())
+    conf["base_model_name_or_path"] = str(base.resolve())
+    conf.pop("revision", None)  # the base is that folder now
+    (dst / ADAPTER_CONFIG).write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+    return dst
+
+
+def _load_adapter_artifact(root: Path, merge: bool = False):
+    """(PeftModel, or the adapter merged into a plain model, tokenizer) from a downloaded
+    base + adapter artifact (``model/``, ``peft/``, ``components/tokenizer/``)."""
+    from mlflow.transformers.peft import _PEFT_ADAPTOR_DIR_NAME
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = root / _PEFT_ADAPTOR_DIR_NAME
+    if not (adapter / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"registered adapter has no {ADAPTER_WEIGHTS} (safetensors only)")
+    with LOAD_LOCK:
+        base = AutoModelForCausalLM.from_pretrained(root / "model", use_safetensors=True,
+                                                    trust_remote_code=False)
+        model = PeftModel.from_pretrained(base, str(adapter))
+    tokenizer = AutoTokenizer.from_pretrained(root / "components" / "tokenizer", trust_remote_code=False)
+    return (model.merge_and_unload() if merge else model), tokenizer
+
+
+def load_registered(model_uri: str, merge: bool = False):
+    """(model, tokenizer) from a ``models:/name/version`` or ``models:/name@alias`` URI. A base +
+    adapter version loads as a ``peft.PeftModel`` (the base with its adapter applied), or with
+    ``merge=True`` as a plain model with the adapter merged into its weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = download_hf_folder(model_uri, Path(tmp) / "hf")
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        if _is_adapter_artifact(root):
+            return _load_adapter_artifact(root, merge=merge)
+        folder = _copy_full(root, Path(tmp) / "hf")
         with LOAD_LOCK:
             model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True,
                                                          trust_remote_code=False)

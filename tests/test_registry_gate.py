@@ -44,6 +44,7 @@ def test_champion_must_be_beaten_by_min_improvement(store, tmp_path):
     assert v1["gate_passed"] and v1["aliases"] == ["challenger", "champion"]  # no champion yet
     tags = client.get_model_version("tiny-gate", "1").tags
     assert tags["code_version"] == "abc123" and tags["gate_passed"] == "true"
+    assert tags["model_format"] == "full"  # not a PEFT adapter (tests/test_registry_adapter.py)
     assert float(tags["metric.eval/win_rate"]) == 0.6
     assert float(tags["metric.eval/rewards/accuracies"]) == 0.7
 
@@ -91,6 +92,26 @@ def test_pyfunc_predicts_through_champion_alias(store, tmp_path):
     model = mlflow.pyfunc.load_model("models:/tiny-gate@champion")
     out = model.predict(["Hi"], params={"max_new_tokens": 3})
     assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_config_hash_covers_what_decides_the_model_and_its_evaluation():
+    """The nightly skip compares config_hash with the champion's: a change of the model's training
+    or evaluation (peft, reference, eval included) is something new; where it is registered or
+    logged, the run's name and excluded fields (data.num_proc) are not."""
+    from data_contracts.config import RunConfig, load_config
+    from dpo_engine.stages.register import CONFIG_HASH_SECTIONS, config_hash
+
+    assert set(RunConfig.model_fields) - set(CONFIG_HASH_SECTIONS) == {"run_name", "registry", "tracking"}
+    base = config_hash(load_config())
+    for changed in ({"peft.enabled": True}, {"peft.r": 8}, {"peft.export": "adapter"},
+                    {"reference.source": "model"}, {"reference.batch_size": 4},
+                    {"eval.max_new_tokens": 7}, {"eval.judge": None}, {"data.max_length": 512},
+                    {"model.dtype": "float32"}, {"loss.beta": 0.2}, {"train.learning_rate": 1e-5}):
+        assert config_hash(load_config(overrides=changed)) != base, changed
+    for same in ({"registry.model_name": "other"}, {"registry.gate.thresholds": {"eval/win_rate": 0.9}},
+                 {"registry.skip_unchanged": True}, {"run_name": "nightly-x"},
+                 {"tracking.mlflow_tracking_uri": "sqlite:////tmp/x.db"}, {"data.num_proc": 4}):
+        assert config_hash(load_config(overrides=same)) == base, same
 
 
 def test_code_version_reads_git_without_git(tmp_path):

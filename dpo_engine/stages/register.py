@@ -17,9 +17,15 @@ def key(cfg: RunConfig, trained: dict, evaluated: dict) -> str:
                        cfg.section_hash("registry"), mlflow_uri(cfg))
 
 
+# Every section that changes the trained model or how it is evaluated (and so the gate's verdict):
+# not registry (where it is registered), tracking (where it is logged) nor run_name.
+CONFIG_HASH_SECTIONS = ("data", "model", "reference", "peft", "loss", "train", "eval")
+
+
 def config_hash(cfg: RunConfig) -> str:
-    """The training-relevant config (as given: a ``{date}`` template stays a template)."""
-    return cfg.section_hash("data", "model", "loss", "train")
+    """Hash of the config that decides the trained model and its evaluation, as given (a ``{date}``
+    template stays a template; fields marked ``exclude``, e.g. data.num_proc, are left out)."""
+    return cfg.section_hash(*CONFIG_HASH_SECTIONS)
 
 
 def version_tags(cfg: RunConfig, run_dir: Path, validated: dict) -> dict:
@@ -57,7 +63,8 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, trained: dict, evaluated
                 run_id, trained["model_dir"], cfg.registry.model_name,
                 metrics=metrics, gate_thresholds=gate.thresholds, tags=tags,
                 beat_champion_metric=gate.beat_champion_metric, min_improvement=gate.min_improvement,
-                on_step=lambda point: crash_point(STAGE, point))
+                on_step=lambda point: crash_point(STAGE, point),
+                base_model_revision=cfg.model.revision)  # an adapter's base, when a hub id
             registry.end_run(run_id)
         except registry.TrackingUnavailable as e:
             raise registry.TrackingUnavailable(
