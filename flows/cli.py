@@ -290,8 +290,11 @@ def cmd_compare(args) -> int:
 
     cfg = load_config(args.config, args.set)
     registry.connect(mlflow_uri(cfg))
-    df = registry.compare_runs(args.experiment or cfg.registry.experiment, last=args.last,
-                               metrics=args.metric or None)
+    try:
+        df = registry.compare_runs(args.experiment or cfg.registry.experiment, last=args.last,
+                                   metrics=args.metric or None, sweep=args.sweep)
+    except ValueError as e:
+        raise ConfigError(f"compare: {e}") from None
     if df.empty:
         print(f"no runs in experiment {args.experiment or cfg.registry.experiment!r}")
         return 0
@@ -398,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--experiment", help="experiment name (default: the config's registry.experiment)")
     p.add_argument("--last", type=int, default=10)
+    p.add_argument("--sweep", metavar="NAME", help="one sweep as one table: its variants (overrides, "
+                   "status, best marked *), by the sweep's name (--run-name of dpo sweep) or parent run id")
     p.add_argument("--metric", action="append", help="metric to show (repeatable)")
     p.add_argument("--plot", help="where to write the comparison PNG (default: "
                    "$DPO_HOME/compare/compare-<UTC time>.png)")

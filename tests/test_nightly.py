@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -117,23 +118,45 @@ def test_nightly_skips_when_nothing_new_and_compares_runs(dpo_home, tmp_path, ca
     assert json.loads((Path(s2["run_dir"]) / "summary.json").read_text())["status"] == "skipped"
     assert all(s["status"] == "not run" for s in s2["stages"].values())
 
-    # another beta trains again; it must beat the champion's win-rate by 2: it cannot
-    gate = {"registry.gate.beat_champion_metric": "eval/win_rate", "registry.gate.min_improvement": 2.0}
-    s3 = dpo(overrides={**base, "loss.beta": 0.5, **gate}, run_name="night-3")
+    # the gate compares trained models: each new version must beat the champion's held-out reward
+    # margin. A barely trained one (lr 1e-7: margin ~0) does not take champion...
+    gate = {"registry.gate.beat_champion_metric": "eval/rewards/margins", "registry.gate.min_improvement": 0.0}
+    champion_margin = s1["stages"]["evaluate"]["metrics"]["eval/rewards/margins"]
+    assert champion_margin > 0.01
+    s3 = dpo(overrides={**base, "train.learning_rate": 1e-7, **gate}, run_name="night-3")
     assert s3["status"] == "completed" and s3["registered_version"] == 2
+    assert s3["stages"]["evaluate"]["metrics"]["eval/rewards/margins"] < champion_margin
     assert s3["aliases"] == ["challenger"] and s3["gate_passed"] is False
     assert "does not beat champion version 1" in s3["stages"]["register"]["summary"]
     assert "champion stays version 1" in s3["stages"]["register"]["summary"]
+    # ...a better one (beta 0.5, twice the steps) does, and the champion loads and generates
+    s4 = dpo(overrides={**base, "loss.beta": 0.5, "train.max_steps": 6, **gate}, run_name="night-4")
+    assert s4["stages"]["evaluate"]["metrics"]["eval/rewards/margins"] > champion_margin
+    assert s4["registered_version"] == 3 and s4["aliases"] == ["challenger", "champion"]
+    assert int(client.get_model_version_by_alias("tiny-nightly", "champion").version) == 3
+    text = mlflow.pyfunc.load_model("models:/tiny-nightly@champion").predict(["Hi"], params={"max_new_tokens": 3})
+    assert isinstance(text[0], str)
 
     # a new partition is new data for the champion's config
-    assert nothing_new(load_config(None, base)) is not None
+    base4 = {**base, "loss.beta": 0.5, "train.max_steps": 6}
+    assert nothing_new(load_config(None, base4)) is not None
     _write(data / "2026-11-23.jsonl", rows[12:24])
-    assert nothing_new(load_config(None, base)) is None
+    assert nothing_new(load_config(None, base4)) is None
 
-    # compare: table of both runs and a PNG of their curves and win-rates
+    # compare: the runs with their params, metrics, versions and aliases, and a PNG of their curves
+    # and win-rates
     capsys.readouterr()
     plot = tmp_path / "cmp.png"
-    assert main(["compare", "--experiment", "nightly", "--last", "2", "--plot", str(plot)]) == 0
+    assert main(["compare", "--experiment", "nightly", "--last", "3", "--plot", str(plot),
+                 "--metric", "eval/rewards/margins", "--metric", "loss"]) == 0
     out = capsys.readouterr().out
-    assert "night-1" in out and "night-3" in out and "0.5" in out
+    lines = {name: next(line for line in out.splitlines() if name in line)
+             for name in ("night-1", "night-3", "night-4")}
+    for name, s in (("night-1", s1), ("night-3", s3), ("night-4", s4)):
+        margin = s["stages"]["evaluate"]["metrics"]["eval/rewards/margins"]
+        numbers = [float(x) for x in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", lines[name])]
+        assert any(abs(x - margin) <= 1e-5 * max(1.0, abs(margin)) for x in numbers), (name, margin, lines[name])
+    assert "0.5" in lines["night-4"] and "0.1" in lines["night-1"]  # loss.beta
+    assert "tiny-nightly/1" in lines["night-1"] and "tiny-nightly/3" in lines["night-4"]
+    assert "tiny-nightly@champion" in lines["night-4"] and "champion" not in lines["night-1"]
     assert f"plot: {plot}" in out and plot.read_bytes().startswith(PNG)

@@ -105,6 +105,20 @@ def test_sweep_trains_children_under_one_parent_and_registers_the_best(dpo_home,
     assert json.loads((Path(s["run_dir"]) / "summary.json").read_text())["best"] == s["best"]
     _check_children(s, variants, "tiny-sweep")
 
+    # dpo compare shows the sweep as one table: its variants with their overrides, the best marked
+    from dpo_engine import registry
+
+    df = registry.compare_runs("sweep-test", sweep="sw", metrics=["eval/rewards/margins"])
+    assert list(df["run_name"]) == ["sw-00", "sw-01", "sw-02"]
+    assert list(df["variant"]) == ["loss.beta=0.1", "loss.beta=0.5", "loss.beta=0.1, loss.loss_type=ipo"]
+    assert list(df["best"]) == ["*" if i == s["best"] else "" for i in range(3)]
+    assert list(df["eval/rewards/margins"]) == pytest.approx(margins)
+    assert df["model_versions"].tolist()[s["best"]] == "tiny-sweep/1"
+    plain = registry.compare_runs("sweep-test")  # the parent (no training of its own) is left out
+    assert sorted(plain["run_name"]) == ["sw-00", "sw-01", "sw-02"] and set(plain["sweep"]) == {"sw"}
+    with pytest.raises(ValueError, match="no sweep 'nope' in this experiment \\(sweeps: sw\\)"):
+        registry.compare_runs("sweep-test", sweep="nope")
+
 
 def _check_children(s: dict, variants: list[dict], model_name: str) -> None:
     """One finished child MLflow run per variant under the parent; only the best registered."""
