@@ -244,6 +244,23 @@ def start_local_server(port: int) -> "subprocess.Popen":
     raise PrefectUnavailable(f"the Prefect server did not answer on {url} within 120 s; see {log}")
 
 
+def served_deployments(config: str | None, cron: str = NIGHTLY_CRON) -> list:
+    """What ``dpo serve`` serves: ``dpo/full`` on the nightly schedule (UTC; scheduled runs skip
+    when nothing changed) and ``dpo/sweep``, each at most one run at a time."""
+    from prefect.schedules import Cron
+
+    from flows.dpo import dpo
+
+    params = {"config": str(Path(config).resolve())} if config else {}
+    nightly = Cron(cron, timezone="UTC",
+                   parameters={**params, "overrides": {"registry.skip_unchanged": True}})
+    return [dpo.to_deployment(name="full", schedules=[nightly], parameters=params, concurrency_limit=1,
+                              description="DPO pipeline: validate, precompute, train, evaluate, register"),
+            dpo.to_deployment(name="sweep", parameters={**params, "grid": SWEEP_GRID}, concurrency_limit=1,
+                              description="DPO sweep: each variant trained and evaluated as a child MLflow "
+                              "run, only the best registered")]
+
+
 def cmd_serve(args) -> int:
     import signal
 
@@ -261,23 +278,11 @@ def cmd_serve(args) -> int:
         check_prefect_api()
     try:
         from prefect import serve
-        from prefect.schedules import Cron
 
-        from flows.dpo import dpo
-
-        params = {"config": str(Path(args.config).resolve())} if args.config else {}
         print(f"serving deployments dpo/full (schedule {args.cron!r} UTC) and dpo/sweep; in another shell:\n"
               f"  export PREFECT_API_URL={os.environ['PREFECT_API_URL']}\n"
               f"  prefect deployment run dpo/full --watch\nCtrl-C stops")
-        nightly = Cron(args.cron, timezone="UTC",  # scheduled runs skip when nothing changed
-                       parameters={**params, "overrides": {"registry.skip_unchanged": True}})
-        serve(dpo.to_deployment(name="full", schedules=[nightly],
-                                parameters=params, concurrency_limit=1,
-                                description="DPO pipeline: validate, precompute, train, evaluate, register"),
-              dpo.to_deployment(name="sweep", parameters={**params, "grid": SWEEP_GRID},
-                                concurrency_limit=1,
-                                description="DPO grid sweep: each variant trained and evaluated as a "
-                                "child MLflow run, only the best registered"))
+        serve(*served_deployments(args.config, args.cron))
     finally:
         if server is not None:
             server.terminate()

@@ -103,6 +103,16 @@ def test_nightly_skips_when_nothing_new_and_compares_runs(dpo_home, tmp_path, ca
     logged = {a.path for a in client.list_artifacts(s1["mlflow_run_id"], "evaluation")}
     assert {"evaluation/training_curves.png", "evaluation/eval_scores.png",
             "evaluation/samples_table.json"} <= logged
+    # the samples table is also a Prefect table artifact (prompt, both responses, both scores)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as pc:
+        (art,) = pc.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["dpo-evaluate-samples"])))
+    table = json.loads(art.data) if isinstance(art.data, str) else art.data
+    assert art.type == "table" and len(table) == 3
+    assert {"prompt", "policy_response", "reference_response", "policy_score", "reference_score"} <= set(table[0])
     tags = client.get_model_version("tiny-nightly", "1").tags
     assert {"data_fingerprint", "config_hash", "code_version", "metric.eval/win_rate"} <= set(tags)
 
