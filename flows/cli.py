@@ -152,18 +152,21 @@ def cmd_sweep(args) -> int:
             for v in variants]  # fail fast on user errors, before Prefect starts
     if stop:
         check_stop_configs(cfgs)
+    if args.workers:
+        require_prefect_server("dpo sweep --workers")
     check_prefect_api()
     from flows.dpo import dpo
 
     summary = dpo(config=args.config, overrides=overrides or None, run_name=args.run_name,
                   grid=grid, metric=args.metric, parallel=args.parallel, stop_margin=args.stop_margin,
-                  stop_metric=args.stop_metric, stop_mode=args.stop_mode)
+                  stop_metric=args.stop_metric, stop_mode=args.stop_mode, workers=args.workers)
     print("\n" + "=" * 60)
     for i, v in enumerate(summary["variants"]):
         mark = "*" if i == summary["best"] else " "
         status = "" if v.get("status", "completed") == "completed" else f"  {v['status']}"
+        where = f"  on {v['ran_on']}" if summary.get("workers") else ""
         print(f"{mark} {i:02d} {v['overrides']}  {summary['metric']}={v[summary['metric']]}  "
-              f"{v['run_dir']}{status}")
+              f"{v['run_dir']}{status}{where}")
     print("=" * 60)
     print(f"sweep folder:      {summary['run_dir']}")
     print(f"MLflow parent run: {summary['mlflow_parent_run_id']}")
@@ -259,6 +262,29 @@ def served_deployments(config: str | None, cron: str = NIGHTLY_CRON) -> list:
             dpo.to_deployment(name="sweep", parameters={**params, "grid": SWEEP_GRID}, concurrency_limit=1,
                               description="DPO sweep: each variant trained and evaluated as a child MLflow "
                               "run, only the best registered")]
+
+
+def require_prefect_server(what: str) -> None:
+    """Task workers and the flows that feed them must share one Prefect server (not a temporary one)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError(f"{what} needs a Prefect server shared with the sweep: set PREFECT_API_URL "
+                          "(e.g. http://127.0.0.1:4200/api, the server `dpo serve` starts)")
+    check_prefect_api()
+
+
+def cmd_sweep_worker(args) -> int:
+    if args.limit < 1:
+        raise ConfigError(f"sweep-worker: --limit must be >= 1 (got {args.limit})")
+    require_prefect_server("dpo sweep-worker")
+    from flows.sweep import serve_variants
+
+    print(f"sweep worker {os.uname().nodename}:{os.getpid()}: serving sweep variants ({args.limit} at a "
+          f"time) from {os.environ['PREFECT_API_URL']}; Ctrl-C stops", flush=True)
+    try:
+        serve_variants(limit=args.limit)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def cmd_serve(args) -> int:
@@ -398,7 +424,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-mode", choices=("max", "min"),
                    help="whether higher or lower --stop-metric is better (default: min for eval/loss, "
                    "else max)")
+    p.add_argument("--workers", action="store_true",
+                   help="run the variants on Prefect task workers (`dpo sweep-worker`, e.g. one per GPU "
+                   "or machine) instead of in this process; needs PREFECT_API_URL and a state home "
+                   "($DPO_HOME) the workers share; --parallel still bounds how many run at once")
     p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("sweep-worker", help="a Prefect task worker that runs sweep variants",
+                       description="Serve sweep variants submitted by `dpo sweep --workers` (or the dpo/sweep "
+                       "deployment with workers=true): each is trained and evaluated in this process, on "
+                       "its device (set CUDA_VISIBLE_DEVICES to give each worker its own GPU). Needs "
+                       "PREFECT_API_URL and the sweep's state home ($DPO_HOME).")
+    p.add_argument("--limit", type=int, default=1, metavar="N", help="variants at a time (default 1)")
+    p.set_defaults(fn=cmd_sweep_worker)
 
     p = sub.add_parser("compare", help="table and plot of runs of an MLflow experiment",
                        description="Print key params and metrics of the latest runs of an experiment and "

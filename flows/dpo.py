@@ -15,7 +15,7 @@ from tasks import stages as t
 def dpo(config: str | None = None, overrides: dict[str, Any] | None = None,
         run_name: str | None = None, grid: dict[str, list] | list[dict[str, Any]] | None = None,
         metric: str = "eval/win_rate", parallel: int = 1, stop_margin: float | None = None,
-        stop_metric: str | None = None, stop_mode: str | None = None) -> dict:
+        stop_metric: str | None = None, stop_mode: str | None = None, workers: bool = False) -> dict:
     """Run the five stages. ``config``: a YAML file (default: built-in defaults); ``overrides``:
     ``{"train.learning_rate": 5e-6, ...}``; ``run_name``: the run folder's name. Ends early with
     status ``skipped`` when the data and config equal those of the current champion.
@@ -24,12 +24,14 @@ def dpo(config: str | None = None, overrides: dict[str, Any] | None = None,
     exactly those variants; each is trained and evaluated, and only the best by ``metric`` is registered (see flows/sweep.py):
     ``parallel`` variants at a time (Prefect concurrency limit ``dpo-train``), a variant whose
     ``stop_metric`` (default eval/rewards/accuracies) lags the best at a ``train.eval_steps``
-    checkpoint by more than ``stop_margin`` stopped early."""
+    checkpoint by more than ``stop_margin`` stopped early; ``workers``: the variants run on Prefect
+    task workers (``dpo sweep-worker``: one per GPU or machine) instead of in this process."""
     if grid:
         from flows.sweep import run_sweep
 
         return run_sweep(config, overrides, run_name, grid, metric, parallel=parallel,
-                         stop_margin=stop_margin, stop_metric=stop_metric, stop_mode=stop_mode)
+                         stop_margin=stop_margin, stop_metric=stop_metric, stop_mode=stop_mode,
+                         workers=workers)
     cfg = load_config(config, {**(overrides or {}), **({"run_name": run_name} if run_name else {})})
     preflight(cfg)
     run_dir = str(new_run_dir(cfg))

@@ -6,6 +6,13 @@ variant's train + evaluate is a Prefect task submitted to the flow's thread-pool
 holds one slot of the global concurrency limit ``dpo-train`` (created or resized to N slots), so
 the limit bounds the sweep's variants, and those of any other flow run using the same limit.
 
+With ``workers=True`` the variants run on Prefect task workers instead (``dpo sweep-worker``, each
+serving :data:`remote_variant_task`: e.g. one per GPU, or on other machines): each variant is a
+background task run (``Task.delay``) that a worker picks up, still holding a slot of ``dpo-train``
+(``parallel`` slots). Workers need the same state home (run folders, reference cache, the early-stop
+board: one machine or a shared file system), the same MLflow store and Prefect API, and read/write
+the task parameters and results through Prefect's result storage (under the state home by default).
+
 With ``stop_margin`` a variant whose periodic eval metric (``train.eval_steps``) falls behind the
 best value of any variant at the same step by more than the margin stops there (see
 dpo_engine/sweep.py): it keeps its last checkpoint and weights, is not evaluated, is tagged
@@ -16,6 +23,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +43,8 @@ CONCURRENCY_LIMIT = "dpo-train"  # Prefect global concurrency limit: slots = par
 
 def run_sweep(config: str | None, overrides: dict[str, Any] | None, run_name: str | None,
               grid: dict[str, list] | list[dict[str, Any]], metric: str, parallel: int = 1, stop_margin: float | None = None,
-              stop_metric: str | None = None, stop_mode: str | None = None) -> dict:
+              stop_metric: str | None = None, stop_mode: str | None = None, workers: bool = False,
+              worker_wait_s: float = 600.0) -> dict:
     variants = sw.expand_grid(grid)
     parallel = check_parallel(parallel)
     stop = sw.stop_options(stop_margin, stop_metric, stop_mode)
@@ -64,7 +74,15 @@ def run_sweep(config: str | None, overrides: dict[str, Any] | None, run_name: st
                      "precomputed": precomputed[pkey]})
     common = {"parent": parent, "validated": validated, "stop": stop, "board": board}
 
-    if parallel == 1 or len(jobs) == 1:
+    if workers:  # background task runs picked up by `dpo sweep-worker` processes
+        from prefect.futures import wait
+
+        ensure_concurrency_limit(CONCURRENCY_LIMIT, parallel)
+        wait_for_task_workers(remote_variant_task.task_key, worker_wait_s)
+        futures = [remote_variant_task.delay(**job, **common, limit=CONCURRENCY_LIMIT) for job in jobs]
+        wait(futures)  # every variant finishes (or fails) before the first failure is raised
+        rows = [f.result() for f in futures]
+    elif parallel == 1 or len(jobs) == 1:
         rows = [train_and_evaluate(**job, **common) for job in jobs]
     else:
         from prefect.futures import wait
@@ -89,11 +107,11 @@ def run_sweep(config: str | None, overrides: dict[str, Any] | None, run_name: st
     sw.close_parent(parent, [r["trained"]["mlflow_run_id"] for r in rows], best, metric, value)
     summary = {
         "run_dir": sweep_dir, "status": "completed", "mlflow_parent_run_id": parent, "metric": metric,
-        "parallel": parallel, **(stop or {}), "board": str(board) if board else None,
+        "parallel": parallel, "workers": workers, **(stop or {}), "board": str(board) if board else None,
         "precomputes": len(precomputed), "best": best, "best_value": value,
         "variants": [{"overrides": r["variant"], "run_dir": r["run_dir"],
                       "mlflow_run_id": r["trained"]["mlflow_run_id"], "steps": r["trained"]["steps"],
-                      "status": r["stop_reason"] or "completed",
+                      "status": r["stop_reason"] or "completed", "ran_on": r["ran_on"],
                       metric: m.get(metric)} for r, m in zip(rows, metrics)],
         "registered_model": registered.get("model_name"), "registered_version": registered.get("version"),
         "aliases": registered.get("aliases"), "gate_passed": registered.get("gate_passed"),
@@ -122,7 +140,8 @@ def train_and_evaluate(index: int, cfg, variant: dict, run_dir: str, precomputed
     sw.adopt(parent, trained["mlflow_run_id"], variant, status=reason or "completed")
     evaluated = None if reason else t.evaluate(cfg, run_dir, validated, precomputed, trained)
     return {"cfg": cfg, "variant": variant, "run_dir": run_dir, "precomputed": precomputed,
-            "trained": trained, "evaluated": evaluated, "stop_reason": reason}
+            "trained": trained, "evaluated": evaluated, "stop_reason": reason,
+            "ran_on": f"{socket.gethostname()}:{os.getpid()}"}
 
 
 @task(name="sweep-variant", cache_policy=NO_CACHE, persist_result=False, log_prints=True)
@@ -134,6 +153,48 @@ def variant_task(index: int, cfg, variant: dict, run_dir: str, precomputed: dict
     with concurrency(limit, occupy=1, strict=True):
         return train_and_evaluate(index, cfg, variant, run_dir, precomputed, parent, validated, stop,
                                   board)
+
+
+# What `dpo sweep-worker` serves: the same task, its result persisted (the flow reads it back
+# from Prefect's result storage, since it ran in another process).
+remote_variant_task = variant_task.with_options(name="sweep-variant-remote", persist_result=True)
+
+
+def task_workers(task_key: str) -> int:
+    """How many task workers the Prefect API knows serving ``task_key``."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        resp = client.request("POST", "/task_workers/filter",
+                              json={"task_worker_filter": {"task_keys": [task_key]}})
+    return len(resp.json())
+
+
+def wait_for_task_workers(task_key: str, timeout_s: float) -> int:
+    """Wait up to ``timeout_s`` for a task worker serving ``task_key``; ConfigError if none comes."""
+    import time
+
+    deadline, said = time.monotonic() + timeout_s, False
+    while True:
+        n = task_workers(task_key)
+        if n:
+            print(f"sweep: {n} task worker(s) serve the variants")
+            return n
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"sweep: no task worker served the sweep variants within {timeout_s:.0f}s; "
+                              "start one per GPU or machine with `dpo sweep-worker` (same PREFECT_API_URL "
+                              "and DPO_HOME), or run without --workers")
+        if not said:
+            print("sweep: waiting for a task worker (`dpo sweep-worker`) to serve the variants")
+            said = True
+        time.sleep(2.0)
+
+
+def serve_variants(limit: int = 1) -> None:
+    """Run a task worker for sweep variants (``dpo sweep-worker``): ``limit`` at a time."""
+    from prefect.task_worker import serve
+
+    serve(remote_variant_task, limit=limit)
 
 
 def ensure_concurrency_limit(name: str, slots: int) -> None:

@@ -18,7 +18,8 @@ def dpo(*args, env_extra=None, timeout=120):
 def test_help_explains_every_command():
     out = dpo("--help")
     assert out.returncode == 0
-    for cmd in ("run", "validate", "precompute", "train", "evaluate", "register", "serve", "compare", "sweep"):
+    for cmd in ("run", "validate", "precompute", "train", "evaluate", "register", "serve", "compare", "sweep",
+                "sweep-worker"):
         assert cmd in out.stdout
         sub = dpo(cmd, "--help")
         assert sub.returncode == 0 and "usage: dpo " + cmd in sub.stdout

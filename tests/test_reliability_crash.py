@@ -15,16 +15,14 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from servers import prefect_server
 from tiny import tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,31 +122,8 @@ def _tail(p: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
     """A Prefect server on 127.0.0.1 (its own home and database) for the module's runs."""
-    home = tmp_path_factory.mktemp("crash-prefect")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in _env(home).items() if k != "PREFECT_API_URL"}
-    env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "PREFECT_UI_ENABLED": "false", "HOME": str(home)})
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=open(home / "server.log", "wb"),
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        t0 = time.time()
-        while True:
-            assert proc.poll() is None, (home / "server.log").read_text()[-2000:]
-            assert time.time() - t0 < 180, "Prefect server did not start"
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
+    with prefect_server(tmp_path_factory.mktemp("crash-prefect"), _env(Path("."))) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
