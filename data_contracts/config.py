@@ -466,9 +466,26 @@ class RegistryConfig(_Section):
         return v
 
 
+def redact_credentials(text: str) -> str:
+    """``text`` with the user:password of every URL in it replaced by ``***`` (never printed or logged)."""
+    import re
+
+    return re.sub(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@", r"\1***@", str(text))
+
+
 class TrackingConfig(_Section):
     mlflow_tracking_uri: str | None = Field(None, description="Default: SQLite store under the state "
-                                            "home. Or set MLFLOW_TRACKING_URI.")
+                                            "home. Or set MLFLOW_TRACKING_URI. No password in it (the config "
+                                            "is saved with the run): MLflow reads MLFLOW_TRACKING_USERNAME "
+                                            "and MLFLOW_TRACKING_PASSWORD from the environment.")
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _no_password(cls, v: str | None) -> str | None:
+        if v is not None and redact_credentials(v) != v:
+            raise ValueError("holds credentials (user:password@); the config is saved with every run: set "
+                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment instead")
+        return v
 
 
 class RunConfig(_Section):
@@ -515,8 +532,12 @@ def _format_error(err: ValidationError) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            if "input" in e and not isinstance(e["input"], (dict, list)):
+                msg = f"{msg} (got {redact_credentials(repr(e['input']))})"
         elif "input" in e and not isinstance(e["input"], (dict, list)):
-            msg = f"{msg} (got {e['input']!r})"
+            msg = f"{msg} (got {redact_credentials(repr(e['input']))})"
         parts.append(f"{loc}: {msg}")
     return "config error: " + "; ".join(parts)
 

@@ -13,7 +13,10 @@ from torch import nn
 
 from data_contracts.config import ConfigError, PeftConfig, RunConfig
 from dpo_engine.forward import unwrap_model
-from dpo_engine.models import LOAD_LOCK, seeded
+from dpo_engine.models import LOAD_LOCK, ModelError, seeded
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def is_peft(model: nn.Module) -> bool:
@@ -32,6 +35,20 @@ def check_config(cfg: RunConfig) -> None:
         raise ConfigError("config error: peft.adapter_path is set but peft.enabled is false")
     if cfg.peft.adapter_path and not (Path(cfg.peft.adapter_path).expanduser() / "adapter_config.json").is_file():
         raise ConfigError(f"config error: peft.adapter_path: no adapter_config.json in {cfg.peft.adapter_path}")
+    if cfg.peft.adapter_path and (problem := adapter_weights_problem(Path(cfg.peft.adapter_path).expanduser())):
+        raise ConfigError(f"config error: peft.adapter_path: {problem}")
+
+
+def adapter_weights_problem(folder: Path) -> str | None:
+    """Safetensors only: why the adapter folder ``folder`` cannot be continued (its weights are
+    pickles, e.g. adapter_model.bin, or missing), or None."""
+    if (folder / ADAPTER_WEIGHTS).is_file():
+        return None
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if pickles:
+        return (f"adapter folder {folder} holds only pickle weights ({', '.join(pickles[:3])}); only safetensors "
+                f"are loaded: convert them to {ADAPTER_WEIGHTS} (save_pretrained with safe_serialization=True) first")
+    return f"adapter folder {folder} has no {ADAPTER_WEIGHTS}"
 
 
 def peft_config(cfg: PeftConfig):
@@ -55,13 +72,24 @@ def peft_config(cfg: PeftConfig):
 def apply_adapter(model: nn.Module, cfg: PeftConfig, seed: int = 0) -> nn.Module:
     """Wrap ``model`` in a trainable PeftModel: the saved adapter at ``cfg.adapter_path`` (continued),
     or a fresh one built from ``cfg``, initialised from ``seed`` (the run's train.seed). Only adapter
-    parameters require grad afterwards."""
+    parameters require grad afterwards. A saved adapter is read from adapter_model.safetensors only
+    (a folder with pickle weights alone is refused: ModelError)."""
     from peft import PeftModel, get_peft_model
 
     if cfg.adapter_path:
-        with LOAD_LOCK:
-            return PeftModel.from_pretrained(model, str(Path(cfg.adapter_path).expanduser()),
-                                             is_trainable=True)
+        folder = Path(cfg.adapter_path).expanduser()
+        problem = adapter_weights_problem(folder)
+        if problem:
+            raise ModelError(problem)
+        try:  # peft reads adapter_model.safetensors when it is there, the pickle only without it
+            with LOAD_LOCK:
+                return PeftModel.from_pretrained(model, str(folder), is_trainable=True, use_safetensors=True)
+        except Exception as e:
+            if type(e).__name__ != "SafetensorError":
+                raise
+            text = str(e).strip()
+            raise ModelError(f"cannot load adapter {folder}: {folder / ADAPTER_WEIGHTS} is corrupted "
+                             f"({text.splitlines()[0] if text else type(e).__name__})") from None
     with seeded(seed):
         return get_peft_model(model, peft_config(cfg))
 

@@ -50,7 +50,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from data_contracts.config import state_home
+from data_contracts.config import redact_credentials, state_home
 from dpo_engine.models import LOAD_LOCK
 
 CHALLENGER = "challenger"
@@ -125,13 +125,11 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _redact(uri: str) -> str:
-    import re
-    return re.sub(r"//[^/@]*@", "//***@", uri)  # user:password in a URI is not printed
+_redact = redact_credentials  # user:password in a URI is never printed
 
 
 def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = _redact(" ".join(str(exc).split()) or type(exc).__name__)
     for marker in ("Connection refused", "timed out", "Read timed out", "database is locked"):
         if marker in text:
             return marker
@@ -166,8 +164,8 @@ def call(what: str, fn: Callable, *args, policy: RetryPolicy | None = None,
 
 def _unavailable(uri: str, reason: Any) -> TrackingUnavailable:
     reason = " ".join(str(reason).split()) or type(reason).__name__
-    return TrackingUnavailable(f"cannot reach MLflow tracking server at {uri}: {reason}; "
-                               "start it or set tracking.mlflow_tracking_uri")
+    return TrackingUnavailable(_redact(f"cannot reach MLflow tracking server at {uri}: {reason}; "
+                                       "start it or set tracking.mlflow_tracking_uri"))
 
 
 def _sqlite_path(uri: str) -> Path | None:

@@ -2,7 +2,8 @@
 
 A plain loop: micro-batches of pairs, gradient accumulation with the loss normalised by the number
 of pairs in the optimizer step (exact under accumulation), AdamW, warmup + linear/cosine schedule,
-gradient clipping, atomic checkpoints that a re-run resumes from, and TRL's metric names.
+gradient clipping, atomic checkpoints that a re-run resumes from (dpo_engine/checkpoints.py: sizes and sha256 in
+state.json: a damaged checkpoint is named and the previous one resumed), and TRL's metric names.
 
 Only parameters that require grad are optimised (a PeftModel trains its adapter). The reference is
 a frame of precomputed log-probs, ``None`` (the same PeftModel with its adapter disabled) or a frozen
@@ -21,7 +22,6 @@ and early stopping on any logged metric.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -40,12 +40,13 @@ from torch import nn
 
 from data_contracts.config import LossConfig, ReferenceConfig, TrainConfig
 from dpo_engine.adapters import is_peft, reference_mode
+from dpo_engine.checkpoints import (apply_trainer_state, latest_checkpoint, read_checkpoint, remove_crash_leftovers,
+                                    resume, rng_state, save_checkpoint)
 from dpo_engine import forward
 from dpo_engine.forward import pair_logps, unwrap_model
 from dpo_engine.losses import loss_from_config, pair_metrics
 from dpo_engine.master_weights import MasterWeights
 from dpo_engine.models import autocast, autocast_dtype, disable_dropout, set_seed
-from dpo_engine.refcache import pid_alive
 
 
 class TrainingError(RuntimeError):
@@ -230,148 +231,6 @@ def should_stop(history: list[dict], cfg: TrainConfig) -> bool:
     return since >= cfg.early_stopping_patience
 
 
-# ------------------------------------------------------------------------------ checkpoints
-
-REF_WEIGHTS = "reference/model.safetensors"  # TR-DPO: the synced reference, next to the policy
-
-
-def _checkpoint_problem(path: Path, with_reference: bool = False) -> str | None:
-    """What a checkpoint folder lacks (state.json, trainer.pt, weights, the synced reference's
-    weights with TR-DPO), or None when complete."""
-    for name in ("state.json", "trainer.pt") + ((REF_WEIGHTS,) if with_reference else ()):
-        if not (path / name).is_file():
-            return f"{path.name}/{name} is missing"
-    if not any(path.glob("*.safetensors")):
-        return f"{path.name}/model.safetensors is missing"
-    return None
-
-
-def _latest_checkpoint(ckpt_dir: Path, log: Callable[[str], None] = print,
-                       with_reference: bool = False) -> Path | None:
-    """The newest complete checkpoint; incomplete ones are reported by name and skipped."""
-    for p in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True):
-        problem = _checkpoint_problem(p, with_reference)
-        if problem is None:
-            return p
-        log(f"checkpoint skipped: {problem}")
-    return None
-
-
-def rng_state() -> dict:
-    """This process's random generators (torch CPU and CUDA, Python, NumPy) in a form that
-    ``torch.load(weights_only=True)`` reads back: dropout (e.g. LoRA's) draws from them, so a resumed
-    run continues their streams where the checkpoint left them."""
-    import random
-
-    import numpy as np
-
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss))}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def remove_crash_leftovers(ckpt_dir: Path, log: Callable[[str], None] = print) -> None:
-    """Delete ``.step-N.tmp<pid>`` folders that a killed save left behind (their writer is gone)."""
-    for tmp in ckpt_dir.glob(".step-*.tmp*"):
-        pid = tmp.name.rpartition(".tmp")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
-            continue
-        shutil.rmtree(tmp, ignore_errors=True)
-        log(f"removed an unfinished checkpoint write: {tmp.name}")
-
-
-def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history: list[dict],
-                    ref_model: nn.Module | None = None, full_state: tuple[dict, dict] | None = None,
-                    master: MasterWeights | None = None, scaler: torch.amp.GradScaler | None = None,
-                    rng: list[dict] | None = None) -> None:
-    """``full_state``: (model, optimizer) state dicts gathered from FSDP shards, written instead of
-    ``model``'s and ``opt``'s own (same files; the optimizer's keyed by parameter name). ``master``:
-    fp32 master copies of 16-bit weights, ``scaler``: the fp16 loss scale, and ``rng``: every rank's
-    random generator states (``rng_state``, in rank order), kept in trainer.pt."""
-    final = ckpt_dir / f"step-{step}"
-    tmp = ckpt_dir / f".step-{step}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": full_state[0]} if full_state else {}))
-    if ref_model is not None:  # TR-DPO changes the reference: a resumed run needs its weights too
-        from safetensors.torch import save_model
-        (tmp / REF_WEIGHTS).parent.mkdir()
-        save_model(ref_model, str(tmp / REF_WEIGHTS))
-    torch.save({"optimizer": full_state[1] if full_state else opt.state_dict(), "scheduler": sched.state_dict(),
-                "fsdp": full_state is not None, "master": master.state() if master else [],
-                "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
-                "rng": rng or []},
-               tmp / "trainer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-
-
-def load_checkpoint(path: Path, model, opt, sched, ref_model: nn.Module | None = None,
-                    fsdp_root: nn.Module | None = None, master: MasterWeights | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> tuple[int, list[dict]]:
-    """Weights (``model``; None: already loaded), reference, optimizer, scheduler; returns (step,
-    history). ``fsdp_root``: the optimizer state is a gathered one, scattered to this rank's shards."""
-    from safetensors.torch import load_model
-
-    if model is not None:
-        _load_weights(path, model)
-    if ref_model is not None:
-        load_model(ref_model, str(path / REF_WEIGHTS))
-    blob = torch.load(path / "trainer.pt", weights_only=True)
-    if bool(blob.get("fsdp")) != (fsdp_root is not None):
-        raise TrainingError(f"checkpoint {path} was written {'with' if blob.get('fsdp') else 'without'} FSDP; "
-                            f"resume it the same way or delete {path.parent} to start over")
-    if fsdp_root is None:
-        opt.load_state_dict(blob["optimizer"])
-    else:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(fsdp_root, opt, blob["optimizer"], options=StateDictOptions(full_state_dict=True))
-    sched.load_state_dict(blob["scheduler"])
-    if master is not None and master.active:  # a checkpoint without them: start from its weights
-        master.load_state(blob["master"]) if blob.get("master") else master.from_model()
-    if scaler is not None and scaler.is_enabled() and blob.get("scaler"):
-        scaler.load_state_dict(blob["scaler"])
-    rank, n_ranks = world()
-    if len(blob.get("rng") or []) == n_ranks:  # another world size cannot continue the same streams
-        set_rng_state(blob["rng"][rank])
-    meta = json.loads((path / "state.json").read_text())
-    return meta["step"], meta["history"]
-
-
-def _load_weights(path: Path, model) -> None:
-    from safetensors.torch import load_file
-
-    state = {}
-    for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(f))
-    if is_peft(model):  # an adapter checkpoint: adapter weights only
-        from peft import set_peft_model_state_dict
-        res = set_peft_model_state_dict(model, state)
-        missing, unexpected = [], list(res.unexpected_keys)
-    else:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if "lm_head" in k}
-    if unexpected or set(missing) - tied:
-        raise TrainingError(f"checkpoint {path} does not match the model "
-                            f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
-
-
 # ------------------------------------------------------------------------------ the loop
 
 def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module | None, *, loss_cfg: LossConfig,
@@ -420,11 +279,12 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
     if rank == 0:
         remove_crash_leftovers(ckpt_dir)
     synced = ref if sync else None  # a reference that changes is checkpointed with the policy
-    last = _latest_checkpoint(ckpt_dir, with_reference=synced is not None)
+    say = print if rank == 0 else (lambda _: None)
+    last, loaded = None, None  # the checkpoint resumed from, (state, trainer.pt) read from it
     if fsdp is not None:  # shards in place; ``model`` becomes the root unit that runs the forward
         _check_fsdp(cfg, sync, evaluate_fn)
-        if last is not None:  # full weights into the plain policy, then sharded
-            _load_weights(last, policy)
+        # the checkpoint's full weights into the plain policy, sharded next; trainer.pt applied below
+        last, loaded = resume(ckpt_dir, lambda p: read_checkpoint(p, policy), say)
         model = _fsdp_wrap(model, fsdp)
         params = [p for p in model.parameters() if p.requires_grad]
     master = MasterWeights(params, cfg.master_weights)  # fp32 copies of 16-bit weights
@@ -447,9 +307,21 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
     n_params = sum(p.numel() for p in model.parameters())
 
     start, history = 0, []
+    if fsdp is None:  # a damaged checkpoint is named and the next older one loaded instead
+        last, loaded = resume(ckpt_dir, lambda p: read_checkpoint(p, _unwrap_ddp(model), synced), say,
+                               with_reference=synced is not None)
     if last is not None:
-        start, history = load_checkpoint(last, None if fsdp else _unwrap_ddp(model), opt, sched, synced,
-                                         fsdp_root=model if fsdp else None, master=master, scaler=scaler)
+        state, blob = loaded
+        apply_trainer_state(last, blob, opt, sched, fsdp_root=model if fsdp else None, master=master,
+                            scaler=scaler)
+        start, history = state["step"], state["history"]
+        del loaded, blob
+    if n_ranks > 1:  # every rank read the same files; ranks that saw them differently must not go on
+        starts = [None] * n_ranks
+        dist.all_gather_object(starts, start)
+        if len(set(starts)) > 1:
+            raise TrainingError(f"the ranks resumed from different checkpoints in {ckpt_dir} (steps {starts}); "
+                                "check that every rank sees the same files")
     seen = int(history[-1]["num_tokens"]) if history else 0  # cumulative, as TRL logs num_tokens
     stopped = _agree(should_stop(history, cfg), n_ranks)
     model.train()
@@ -487,7 +359,7 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
         if not math.isfinite(loss_val) or (not torch.isfinite(grad_norm) and not overflow) \
                 or overflows > MAX_OVERFLOW_SKIPS:
             why = f" ({overflows} steps in a row skipped for fp16 overflow)" if overflows else ""
-            kept = _latest_checkpoint(ckpt_dir, log=lambda _: None) if rank == 0 else None
+            kept = latest_checkpoint(ckpt_dir, log=lambda _: None) if rank == 0 else None
             raise TrainingError(f"non-finite loss/gradient at step {step + 1} (loss={loss_val}, "
                                 f"grad_norm={grad_norm.item()}){why}; "
                                 + (f"last good checkpoint kept: {kept}" if kept else

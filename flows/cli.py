@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import flows  # noqa: F401  (sets the project-local state environment before prefect is imported)
-from data_contracts.config import ConfigError, load_config, mlflow_uri, project_root
+from data_contracts.config import ConfigError, load_config, mlflow_uri, project_root, redact_credentials
 
 NIGHTLY_CRON = "0 2 * * *"
 SWEEP_GRID = {"loss.beta": [0.05, 0.1, 0.2]}  # default grid of the dpo/sweep deployment
@@ -88,7 +88,7 @@ def cmd_run(args) -> int:
     print("=" * 60)
     print(f"run folder:        {summary['run_dir']}")
     print(f"summary:           {Path(summary['run_dir']) / 'summary.json'}")
-    print(f"MLflow:            {mlflow_uri(cfg)}  (experiment {cfg.registry.experiment!r}, run {summary['mlflow_run_id']})")
+    print(f"MLflow:            {redact_credentials(mlflow_uri(cfg))}  (experiment {cfg.registry.experiment!r}, run {summary['mlflow_run_id']})")
     if summary.get("registered_version"):
         print(f"registered model:  models:/{summary['registered_model']}/{summary['registered_version']} "
               f"(aliases: {', '.join(summary.get('aliases') or []) or 'none'})")

@@ -306,6 +306,7 @@ def test_preflight_passes_when_the_local_files_exist(dpo_home, tmp_path):
     (tmp_path / "acc.yaml").write_text("distributed_type: NO\nnum_processes: 1\n")
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")  # presence is what preflight checks
     preflight(load_config(None, {"model.chat_template_path": str(tmp_path / "t.jinja"),
                                  "train.accelerate_config": str(tmp_path / "acc.yaml"),
                                  "model.tokenizer": str(tmp_path), "peft.enabled": True,

@@ -52,11 +52,39 @@ def test_init_kwargs_cannot_override_the_security_defaults(key):
         load_config(None, {f"model.init_kwargs.{key}": key == "trust_remote_code"})
 
 
+def test_trust_remote_code_on_is_recorded(dpo_home, monkeypatch):
+    """A run with model.trust_remote_code=true says so where it is recorded: the run folder's
+    config.yaml and the train stage's MLflow params (``train.run`` logs ``logged_params`` through
+    ``registry.log_params``, here into a stand-in client; the planted-credential test below reads
+    the real params of a run with it off)."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from dpo_engine import registry
+    from dpo_engine.run import new_run_dir
+    from dpo_engine.stages.train import logged_params
+
+    cfg = load_config(None, {"model.trust_remote_code": True, "run_name": "trc"})
+    run_dir = new_run_dir(cfg)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["trust_remote_code"] is True
+    sent = {}
+    client = SimpleNamespace(get_run=lambda run_id: SimpleNamespace(data=SimpleNamespace(params={})),
+                             log_batch=lambda run_id, params: sent.update({p.key: p.value for p in params}))
+    monkeypatch.setattr(registry, "_client", lambda: client)
+    registry.log_params("run", logged_params(cfg))
+    assert sent["model.trust_remote_code"] == "True"
+    sent.clear()
+    registry.log_params("run", logged_params(load_config(None, {})))
+    assert sent["model.trust_remote_code"] == "False"
+
+
 def test_other_loaders_hardcode_trust_remote_code_off():
     for f in ("dpo_engine/registry.py", "dpo_engine/evaluation.py"):
         text = (ROOT / f).read_text()
         assert "trust_remote_code=True" not in text
-        for call in re.findall(r"AutoModel\w*\.from_pretrained\([^)]*\)", text, re.S):
+        # every call; a ``literal`` in a docstring (e.g. showing users how to load a folder) is not one
+        for call in re.findall(r"(?<!``)AutoModel\w*\.from_pretrained\([^)]*\)", text, re.S):
             assert "trust_remote_code=False" in call and "use_safetensors=True" in call, (f, call)
 
 
@@ -74,6 +102,41 @@ def test_pickle_only_model_folder_is_refused(tiny, tmp_path):
     with pytest.raises(ModelError, match=r"pytorch_model\.bin.*only safetensors") as err:
         load_model(ModelConfig(name_or_path=str(d)), str(d))
     assert "\n" not in str(err.value)
+
+
+def test_pickle_only_adapter_folder_is_refused(tiny, tmp_path, monkeypatch):
+    """peft.adapter_path (continuing a saved adapter): adapter_model.safetensors only. A folder with
+    adapter_model.bin alone is refused in one line naming it (at the config check and at load); with
+    both, the pickle is never read."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from data_contracts.config import PeftConfig
+    from dpo_engine.adapters import apply_adapter, check_config
+
+    base = lambda: load_model(ModelConfig(name_or_path=str(tiny)), str(tiny))  # noqa: E731
+    saved = tmp_path / "adapter"
+    get_peft_model(base(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(saved)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(saved, pickled)
+    torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    with pytest.raises(ModelError) as err:
+        apply_adapter(base(), PeftConfig(enabled=True, adapter_path=str(pickled)))
+    msg = str(err.value)
+    assert str(pickled) in msg and "adapter_model.bin" in msg and "convert" in msg and "safetensors" in msg, msg
+    assert "\n" not in msg
+    with pytest.raises(ConfigError, match=r"peft\.adapter_path: .*adapter_model\.bin.*only safetensors"):
+        check_config(load_config(None, {"peft.enabled": True, "peft.adapter_path": str(pickled)}))
+
+    (saved / "adapter_model.bin").write_bytes(b"a pickle that must not be read")
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    model = apply_adapter(base(), PeftConfig(enabled=True, adapter_path=str(saved)))
+    assert any(p.requires_grad for p in model.parameters()) and not loads, loads
 
 
 def test_torch_load_always_uses_weights_only():
@@ -122,6 +185,7 @@ PLANTED = {"AWS_SECRET_ACCESS_KEY": "sk-test-PLANTED-1234",
            "HF_TOKEN": "hf_PLANTEDtoken9012",
            "PREFECT_API_KEY": "pnu_PLANTED3456",
            "OPENAI_API_KEY": "sk-PLANTED-openai-7890"}
+URL_PASSWORD = "PLANTED-url-pw-4321"  # inside an MLFLOW_TRACKING_URI-style URL
 
 
 def _files(*roots: Path):
@@ -136,13 +200,17 @@ def test_no_planted_credential_leaks_into_outputs(tiny, dpo_home, monkeypatch, c
     from flows.dpo import dpo
     from test_flow_e2e import _overrides
 
+    store = mlflow_uri()  # this test's SQLite store; the planted URL below is never connected to
     for k, v in PLANTED.items():
         monkeypatch.setenv(k, v)
-    summary = dpo(overrides=_overrides(tiny, **{"registry.model_name": "tiny-sec"}), run_name="sec")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://dpo-user:{URL_PASSWORD}@127.0.0.1:9")
+    summary = dpo(overrides=_overrides(tiny, **{"registry.model_name": "tiny-sec",
+                                                "tracking.mlflow_tracking_uri": store}), run_name="sec")
     assert summary["status"] == "completed"
+    assert URL_PASSWORD not in str(summary)
     out, err = capfd.readouterr()
 
-    registry.connect(mlflow_uri())
+    registry.connect(store)
     from mlflow import MlflowClient
     run = MlflowClient().get_run(summary["mlflow_run_id"])
     assert run.data.params["model.trust_remote_code"] == "False"
@@ -150,7 +218,7 @@ def test_no_planted_credential_leaks_into_outputs(tiny, dpo_home, monkeypatch, c
     for mv in MlflowClient().search_model_versions("name='tiny-sec'"):
         recorded.append(str(mv.tags))
 
-    secrets = [v.encode() for v in PLANTED.values()]
+    secrets = [v.encode() for v in [*PLANTED.values(), URL_PASSWORD]]
     leaks = [f"captured output: {s!r}" for s in secrets if s in (out + err).encode()]
     leaks += [f"mlflow params/tags: {s!r}" for s in secrets if s in "".join(recorded).encode()]
     n = 0
@@ -161,3 +229,22 @@ def test_no_planted_credential_leaks_into_outputs(tiny, dpo_home, monkeypatch, c
         leaks += [f"{f}: {s!r}" for s in secrets if s in data]
     assert n > 20 and (dpo_home / "mlflow").is_dir()  # the run folder, MLflow store and artifacts
     assert not leaks, leaks
+
+
+def test_tracking_uri_password_is_refused_in_config_and_redacted_in_errors():
+    """user:password in a tracking URI: refused in the config (it is saved with every run; MLflow
+    takes MLFLOW_TRACKING_USERNAME/PASSWORD from the environment), and a URI from the environment
+    that holds one is not shown in the error of a tracking server that cannot be reached (printed,
+    and kept in summary.json's error)."""
+    from data_contracts.config import ConfigError, redact_credentials
+    from dpo_engine import registry
+
+    uri = f"http://dpo-user:{URL_PASSWORD}@127.0.0.1:9"
+    with pytest.raises(ConfigError, match="tracking.mlflow_tracking_uri: holds credentials") as err:
+        load_config(None, {"tracking.mlflow_tracking_uri": uri})
+    assert URL_PASSWORD not in str(err.value)
+    with pytest.raises(registry.TrackingUnavailable) as err:
+        registry.connect(uri, timeout=0.5)
+    assert "127.0.0.1:9" in str(err.value) and URL_PASSWORD not in str(err.value), str(err.value)
+    assert redact_credentials(f"at {uri}/api and s3://k:{URL_PASSWORD}@b/x") == \
+        "at http://***@127.0.0.1:9/api and s3://***@b/x"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-import pandas as pd
 from tqdm.auto import tqdm
 
 from data_contracts.config import RunConfig, mlflow_uri
@@ -16,8 +15,8 @@ from dpo_engine import launch, registry
 from dpo_engine.adapters import apply_adapter, check_config, export_model
 from dpo_engine.models import load_model, load_tokenizer, model_fingerprint, packed_attention, pick_device
 from dpo_engine.refcache import read_cache, training_reference
-from dpo_engine.stages.common import (Timer, claim_partial, crash_point, fingerprint, record, reused,
-                                      source_fingerprint, write_json, write_text)
+from dpo_engine.stages.common import (Timer, claim_partial, crash_point, fingerprint, read_valid, record,
+                                      reused, source_fingerprint, write_json, write_text)
 from dpo_engine.evaluation import preference_metrics
 from dpo_engine.trainer import check_optim, extra_stop_rule, total_steps, train
 from dpo_engine.sweep import stop_rule
@@ -32,6 +31,18 @@ def key(cfg: RunConfig, precomputed: dict) -> str:
                        source_fingerprint(cfg.peft.adapter_path) if cfg.peft.adapter_path else None)
 
 
+def logged_params(cfg: RunConfig) -> dict:
+    """The run config as the MLflow run's params (nested; ``registry.log_params`` flattens them):
+    every section, security settings such as ``model.trust_remote_code`` included. run_name is the
+    MLflow run's name, not a param, so a re-run under a new name can continue it; user:password in
+    ``tracking.mlflow_tracking_uri`` is not written down."""
+    params = cfg.model_dump(mode="json", exclude={"run_name"})
+    tracking = params.get("tracking") or {}
+    if tracking.get("mlflow_tracking_uri"):
+        tracking["mlflow_tracking_uri"] = registry._redact(tracking["mlflow_tracking_uri"])
+    return params
+
+
 def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> dict:
     check_config(cfg)
     fp = key(cfg, precomputed)
@@ -43,7 +54,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
     out = Path(run_dir) / STAGE
     device = pick_device()
     check_optim(cfg.train, device)
-    pairs = pd.read_parquet(validated["train"]["valid"])
+    pairs = read_valid(validated["train"]["valid"])  # a damaged file: one line naming it
     ref = training_reference(cfg, validated, precomputed, pairs, device)
     tok = load_tokenizer(cfg.model, validated["model_path"])
 
@@ -57,8 +68,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
     out.mkdir(parents=True, exist_ok=True)
     write_text(id_file, run_id)
     crash_point(STAGE, "mlflow-run")
-    # run_name is the MLflow run's name; not a param, so a re-run under a new name can continue it
-    registry.log_params(run_id, cfg.model_dump(mode="json", exclude={"run_name"}))
+    registry.log_params(run_id, logged_params(cfg))
     outbox = registry.Outbox(run_id)  # metrics kept on disk while MLflow is away, sent when it is back
     outbox.log_metrics(validated.get("metrics", {}))
 
@@ -119,7 +129,7 @@ def eval_callback(cfg: RunConfig, validated: dict, precomputed: dict, model, pad
     None when periodic evaluation is off or there is no eval split."""
     if not cfg.train.eval_steps or not precomputed.get("eval_ref") or not validated.get("eval"):
         return None
-    pairs = pd.read_parquet(validated["eval"]["valid"])
+    pairs = read_valid(validated["eval"]["valid"])
     if pairs.empty:
         return None
     ref = read_cache(Path(precomputed["eval_ref"]), expect_ids=pairs["example_id"].tolist(),
