@@ -114,6 +114,10 @@ class DataConfig(_Section):
                                                  "chat_template_kwargs (e.g. {enable_thinking: false} for "
                                                  "Qwen3); a row's own chat_template_kwargs column "
                                                  "overrides them key by key.")
+    max_text_chars: int | None = Field(None, ge=1, description="Reject (TEXT_TOO_LONG) a prompt, chosen, "
+                                       "rejected or tools field longer than this many characters before "
+                                       "tokenizing it (memory grows with a text's length). null: 64 x "
+                                       "max_length, at least 100,000.")
     truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
     invalid_policy: Literal["fail", "quarantine"] = "quarantine"
     max_invalid_fraction: float = Field(0.05, ge=0.0, le=1.0)
@@ -133,6 +137,11 @@ class DataConfig(_Section):
         if bad:
             raise ValueError(f"may not set {', '.join(bad)} (the chat template call sets them)")
         return v
+
+    @property
+    def text_char_limit(self) -> int:
+        """``max_text_chars``, or its default: 64 characters per token of max_length, at least 100,000."""
+        return self.max_text_chars or max(100_000, 64 * self.max_length)
 
     @field_validator("columns")
     @classmethod

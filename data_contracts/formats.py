@@ -426,5 +426,5 @@ def to_example(row: Any, layout: Layout) -> Example:
     if not isinstance(row, dict):
         raise RowError("WRONG_TYPE", "<row>", f"row must be an object, got {type(row).__name__}")
     if "__error__" in row:
-        raise RowError("BAD_JSON", "<row>", row["__error__"])
+        raise RowError(row.get("__code__", "BAD_JSON"), "<row>", row["__error__"])
     return ADAPTERS[layout.name](row, layout)

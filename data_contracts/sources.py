@@ -52,20 +52,51 @@ def _bad_line(n: int, line: bytes, e: Exception) -> dict:
             "__raw__": line.decode("utf-8", "replace").rstrip("\r\n")}
 
 
-def decode_line(n: int, line: bytes) -> Any:
-    """The row of JSON line number ``n`` (a BAD_JSON marker row when it does not parse)."""
+def decode_line(n: int, line: bytes | int) -> Any:
+    """The row of JSON line number ``n`` (a BAD_JSON marker row when it does not parse, a
+    ROW_TOO_LARGE one for a line given as its size)."""
+    if isinstance(line, int):
+        return _too_large(n, line)
     try:
         return json.loads(line)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
         return _bad_line(n, line, e)
 
 
-def _iter_jsonl_lines(path: Path, batch_rows: int) -> Iterator[list[tuple[int, bytes]]]:
-    """Batches of (line number, line) of the non-blank lines of a JSON lines file."""
+MAX_LINE_BYTES = 64 * 2**20  # a longer JSON line is not read into memory: it is a ROW_TOO_LARGE reject
+
+
+def _lines(f, limit: int) -> Iterator[bytes | int]:
+    """The lines of ``f``; a line longer than ``limit`` bytes is skipped in chunks (memory stays
+    bounded) and given as its length instead."""
+    while True:
+        line = f.readline(limit + 1)
+        if not line:
+            return
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line
+            continue
+        size = len(line)
+        while not line.endswith(b"\n"):
+            line = f.readline(2**20)
+            if not line:
+                break
+            size += len(line)
+        yield size
+
+
+def _too_large(n: int, size: int) -> dict:
+    return {"__error__": f"line {n}: {size:,} bytes, more than the {MAX_LINE_BYTES:,} a row may have "
+                         "(not read; split or shorten it)", "__code__": "ROW_TOO_LARGE", "__raw__": ""}
+
+
+def _iter_jsonl_lines(path: Path, batch_rows: int) -> Iterator[list[tuple[int, bytes | int]]]:
+    """Batches of (line number, line) of the non-blank lines of a JSON lines file (a line over
+    MAX_LINE_BYTES comes as its size in bytes, an int, and is never read whole)."""
     batch: list = []
     with _open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+        for n, line in enumerate(_lines(f, MAX_LINE_BYTES), 1):
+            if not isinstance(line, int) and not line.strip():
                 continue
             batch.append((n, line))
             if len(batch) >= batch_rows:

@@ -113,11 +113,29 @@ def _check_utf8(ex: Example) -> None:
                                f"position {e.start})") from None
 
 
+def _check_lengths(ex: Example, max_chars: int) -> None:
+    """Reject a text longer than ``max_chars`` characters before it is tokenized: tokenizing one
+    absurdly long text costs memory in proportion to it (an 8 MB text took 4 GB)."""
+    for name in ("prompt", "chosen", "rejected", "tools"):
+        value = getattr(ex, name)
+        if not value:
+            continue
+        n = len(value) if value.__class__ is str else len(_json(value))
+        if n > max_chars:
+            raise RowError("TEXT_TOO_LONG", name, f"'{name}' has {n:,} characters, more than "
+                           f"data.max_text_chars ({max_chars:,}); raise it or shorten the row")
+
+
+RAW_KEPT = 1_000_000  # characters of a rejected row kept in rejects.parquet
+
+
 def _reject(index: int, err: RowError, raw: Any) -> dict:
     try:
         text = _json(raw)
     except (ValueError, RecursionError, TypeError):
         text = repr(raw)[:10000]
+    if len(text) > RAW_KEPT:  # bounded: the row is still named by source_index and code
+        text = text[:RAW_KEPT] + f"...[cut: {len(text):,} characters in all]"
     return {"source_index": index, "code": err.code, "field": _utf8_safe(str(err.field)),
             "message": _utf8_safe(str(err.message)), "raw": _utf8_safe(text)}
 
@@ -264,7 +282,7 @@ def _valid_table(recs: list[tuple[int, Example, str, Encoded]]) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=VALID_SCHEMA)
 
 
-def _parse(rows: list, idx, layout, columns: dict) -> tuple[list, list]:
+def _parse(rows: list, idx, layout, columns: dict, max_chars: int) -> tuple[list, list]:
     """(bad, parsed): bad = [(index, RowError, raw)], parsed = [(offset, index, example id, raw,
     Example)] in source order (raw after column mapping)."""
     bad: list[tuple[int, RowError, Any]] = []
@@ -275,6 +293,7 @@ def _parse(rows: list, idx, layout, columns: dict) -> tuple[list, list]:
         try:
             ex = to_example(raw, layout)
             _check_utf8(ex)
+            _check_lengths(ex, max_chars)
             parsed.append((off, idx[off], example_id(ex), raw, ex))
         except Exception as e:  # a malformed row never stops the run under quarantine
             bad.append((idx[off], _as_row_error(e), raw))
@@ -331,7 +350,7 @@ def _work(rows: list, idx, lines: bool) -> _Prepared:
     layout, cfg, tok = _WORKER
     if lines:
         rows = [decode_line(n, line) for n, line in rows]
-    bad, parsed = _parse(rows, idx, layout, cfg.columns)
+    bad, parsed = _parse(rows, idx, layout, cfg.columns, cfg.text_char_limit)
     first: set[str] = set()
     todo = []
     for p in parsed:
@@ -452,7 +471,7 @@ class _Run:
         self.detect(rows)
         self.rows_in += len(rows)
         if prepared is None:
-            bad, parsed = _parse(rows, idx, self.layout, cfg.columns)
+            bad, parsed = _parse(rows, idx, self.layout, cfg.columns, cfg.text_char_limit)
         else:
             bad, parsed = prepared.bad, prepared.parsed
 

@@ -2,11 +2,12 @@
 
 No crash; every row is either valid or rejected with a code; the counts reconcile
 (rows_in = valid + rejected + duplicates + limited_out) and match the rows of rejects.parquet;
-memory stays bounded.
+peak memory stays bounded, also with an 8 MB text and a 70 MB line.
 """
 
 import json
 import random
+import threading
 import time
 
 import psutil
@@ -17,7 +18,7 @@ from data_contracts.validate import validate_split
 from tiny import tiny_tokenizer
 
 N_ROWS = 10_000
-RSS_GROWTH_LIMIT = 600 * 2**20  # bytes
+RSS_GROWTH_LIMIT = 400 * 2**20  # bytes, peak (sampled every 5 ms) over the start
 
 
 def _good(rng: random.Random) -> dict:
@@ -39,8 +40,13 @@ def _hostile_line(k: int, rng: random.Random) -> bytes:
         return json.dumps({**g, "rejected": [1, 2, {"x": 3}]}).encode()
     if kind == 4:
         return json.dumps({**g, "chosen": {"role": "assistant"}}).encode()
-    if kind == 5:  # a huge string (a few hundred KB), truncated to max_length
-        return json.dumps({**g, "chosen": "A" * rng.randint(50_000, 200_000)}).encode() \
+    if kind == 5:  # huge strings: 10-100 KB (truncated to max_length), 8 MB (TEXT_TOO_LONG, never
+        # tokenized), a 70 MB line (ROW_TOO_LARGE, never read whole); else a 3,000-character prompt
+        if k == 5:
+            return json.dumps({**g, "chosen": "A" * 8_000_000}).encode()
+        if k == 29:
+            return json.dumps({**g, "prompt": "P" * 70_000_000}).encode()
+        return json.dumps({**g, "chosen": "A" * rng.randint(10_000, 100_000)}).encode() \
             if k % 480 == 5 else json.dumps({**g, "prompt": "x" * 3000}).encode()
     if kind == 6:  # invalid UTF-8 bytes inside a string
         return b'{"prompt": "bad \xff\xfe\xc3(", "chosen": "Answer: 1", "rejected": "Answer: 2"}'
@@ -100,10 +106,22 @@ def test_hostile_rows_are_valid_or_rejected_with_a_code(tmp_path):
 
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
+    peak, done = [rss0], threading.Event()
+
+    def sample():  # the peak, not the end state: a huge row's memory is given back after it
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
-    rep = validate_split(str(src), tmp_path / "out", tok, cfg, split="train", batch_rows=500)
+    try:
+        rep = validate_split(str(src), tmp_path / "out", tok, cfg, split="train", batch_rows=500)
+    finally:
+        done.set()
+        sampler.join()
     seconds = time.perf_counter() - t0
-    growth = proc.memory_info().rss - rss0
+    growth = peak[0] - rss0
 
     assert rep["rows_in"] == N_ROWS
     assert rep["rows_in"] == rep["valid"] + rep["rejected"] + rep["duplicates"] + rep["limited_out"]
@@ -118,6 +136,10 @@ def test_hostile_rows_are_valid_or_rejected_with_a_code(tmp_path):
     seen = sorted(rejects["source_index"].tolist() + valid["source_index"].tolist())
     assert seen == list(range(N_ROWS))
     assert (valid["prompt_len"] + valid["chosen_len"] <= cfg.max_length).all()
+    by_index = rejects.set_index("source_index")
+    assert by_index.loc[5, "code"] == "TEXT_TOO_LONG" and "8,000,000 characters" in by_index.loc[5, "message"]
+    assert by_index.loc[29, "code"] == "ROW_TOO_LARGE" and "line 30:" in by_index.loc[29, "message"]
+    assert rejects["raw"].str.len().max() < 1_100_000  # a rejected row's raw text is kept bounded
     assert growth < RSS_GROWTH_LIMIT, f"RSS grew {growth / 2**20:.0f} MiB"
     print(f"hostile: {N_ROWS} rows in {seconds:.1f}s, valid {rep['valid']}, rejected {rep['rejected']}, "
           f"duplicates {rep['duplicates']}, codes {rep['reject_counts']}, "
