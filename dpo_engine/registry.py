@@ -386,8 +386,20 @@ def log_dict(run_id: str, dictionary: dict, filename: str) -> None:
 
 @_retried("log table")
 def log_table(run_id: str, table, artifact_file: str) -> None:
-    """Log a DataFrame as an MLflow table (shown in the UI's artifact view and Evaluation tab)."""
-    _client().log_table(run_id, data=table, artifact_file=artifact_file)
+    """Log a DataFrame as an MLflow table (shown in the UI's artifact view and Evaluation tab).
+    Logged again (a re-run after a crash), it replaces the table: MLflow's ``log_table`` would
+    append the rows a second time."""
+    import posixpath
+
+    client = _client()
+    folder = posixpath.dirname(posixpath.normpath(artifact_file)) or None
+    if artifact_file not in [f.path for f in client.list_artifacts(run_id, path=folder)]:
+        client.log_table(run_id, data=table, artifact_file=artifact_file)
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # the same file MLflow writes, over the old one
+        path = Path(tmp) / posixpath.basename(artifact_file)
+        table.to_json(path, orient="split", index=False, date_format="iso")
+        client.log_artifact(run_id, str(path), folder)
 
 
 class Outbox:
@@ -486,8 +498,7 @@ class Outbox:
                         client.log_artifact(self.run_id, e["artifact"], e.get("artifact_path"))
                 elif "table" in e:
                     import pandas as pd
-                    client.log_table(self.run_id, data=pd.read_json(e["table"], lines=True),
-                                     artifact_file=e["artifact_file"])
+                    log_table(self.run_id, pd.read_json(e["table"], lines=True), e["artifact_file"])
             done += n
             self._keep(entries[done:])
 

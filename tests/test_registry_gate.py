@@ -161,3 +161,12 @@ def test_log_table_and_metric_histories(store):
     local = registry.mlflow.artifacts.download_artifacts(run_id=rid,
                                                          artifact_path="evaluation/samples_table.json")
     assert json.loads(open(local).read())["columns"] == ["prompt", "policy_score"]
+    # logged again (an evaluate re-run after a crash): replaced, not appended (MLflow appends)
+    registry.log_table(rid, pd.DataFrame({"prompt": ["p", "q"], "policy_score": [1.0, 0.0]}),
+                       "evaluation/samples_table.json")
+    local = registry.mlflow.artifacts.download_artifacts(run_id=rid,
+                                                         artifact_path="evaluation/samples_table.json")
+    assert json.loads(open(local).read())["data"] == [["p", 1.0], ["q", 0.0]]
+    tags = registry.MlflowClient().get_run(rid).data.tags
+    assert json.loads(tags["mlflow.loggedArtifacts"]) == [{"path": "evaluation/samples_table.json",
+                                                          "type": "table"}]

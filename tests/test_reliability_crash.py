@@ -180,9 +180,12 @@ def _kill_chain(stages: tuple[str, ...], home: Path, config: Path, api_url: str,
     assert _mtimes(home, DONE_BEFORE[stages[-1]]) == before
     if stages[-1] == "train":  # killed after export: its final checkpoint is taken, no step is redone
         assert json.loads((run / "train.json").read_text())["resumed_from"] == STEPS
-    # no half-written output or temporary file left behind by the kills is visible as an output
-    leftovers = [p for p in run.rglob("*") if p.is_file() and ".tmp" in p.name and p.suffix != ".lock"]
+    # no half-written output or temporary file left behind by the kills is visible as an output:
+    # in the run folder, its checkpoints, the reference cache and the stage index
+    leftovers = [p for p in home.rglob("*") if ".tmp" in p.name and p.suffix != ".lock"
+                 and not {"mlflow", "prefect"} & set(p.relative_to(home).parts[:1])]
     assert all(p.name.startswith(".") for p in leftovers), leftovers
+    assert not [p for p in leftovers if "checkpoints" in p.parts or "cache" in p.parts], leftovers
 
     reg = registered(home)
     assert len(reg["versions"]) == 1, reg  # exactly once
