@@ -107,12 +107,14 @@ def test_nightly_skips_when_nothing_new_and_compares_runs(dpo_home, tmp_path, ca
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    with get_client(sync_client=True) as pc:
-        (art,) = pc.read_artifacts(artifact_filter=ArtifactFilter(
+    with get_client(sync_client=True) as pc:  # the session's Prefect database: other tests' too
+        arts = pc.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["dpo-evaluate-samples"])))
-    table = json.loads(art.data) if isinstance(art.data, str) else art.data
-    assert art.type == "table" and len(table) == 3
-    assert {"prompt", "policy_response", "reference_response", "policy_score", "reference_score"} <= set(table[0])
+    samples = [json.loads(line) for line in (run_dir / "evaluate" / "samples.jsonl").read_text().splitlines()]
+    tables = [json.loads(a.data) if isinstance(a.data, str) else a.data for a in arts if a.type == "table"]
+    ours = [t for t in tables if [r.get("example_id") for r in t] == [r["example_id"] for r in samples]]
+    assert len(samples) == 3 and ours, [len(t) for t in tables]
+    assert {"prompt", "policy_response", "reference_response", "policy_score", "reference_score"} <= set(ours[0][0])
     tags = client.get_model_version("tiny-nightly", "1").tags
     assert {"data_fingerprint", "config_hash", "code_version", "metric.eval/win_rate"} <= set(tags)
 
