@@ -37,6 +37,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -412,19 +413,45 @@ class Outbox:
     later entry, or by :meth:`send` with ``wait=True`` (registration does that). Metrics are resent
     with their original time stamps, which MLflow stores once, so a resend after a partial send
     adds nothing; sent entries leave the file as they are confirmed.
+
+    ``background=True`` (training): a send runs on a daemon thread and the caller never waits, so a
+    tracking server that hangs (accepts, never answers: each request waits the HTTP time-out) does
+    not stall the steps; :meth:`drain` waits a bounded time for what is pending. Appends and the
+    removal of sent entries hold a file lock, so entries queued while a send runs are kept.
     """
 
-    def __init__(self, run_id: str, folder: Path | None = None, log: Callable[[str], None] = print):
+    def __init__(self, run_id: str, folder: Path | None = None, log: Callable[[str], None] = print,
+                 background: bool = False):
         self.run_id = run_id
         self.path = Path(folder or state_home() / "mlflow" / "outbox") / f"{run_id}.jsonl"
         self.log = log
+        self.background = background
+        self._sender: threading.Thread | None = None
         self._next_try = 0.0
         self._wait: float | None = None
 
+    @contextmanager
+    def _file_lock(self, kind: str = "lock", block: bool = True):
+        """``lock``: held while the file changes; ``send``: held by the one sender (any thread or
+        process) so two never send the same entries and drop each other's. Non-blocking: yields
+        False when another holds it."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(f".{self.path.name}.{kind}"), "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     # -- queueing
     def _append(self, entry: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+b") as fh:
+        with self._file_lock(), open(self.path, "a+b") as fh:
             fh.seek(0, os.SEEK_END)
             if fh.tell():  # a crash mid-line must not swallow this entry
                 fh.seek(-1, os.SEEK_END)
@@ -450,7 +477,8 @@ class Outbox:
     def pending(self) -> list[dict]:
         """Entries not yet confirmed sent (a line cut short by a crash is reported and skipped)."""
         try:
-            lines = self.path.read_bytes().splitlines()
+            with self._file_lock():
+                lines = self.path.read_bytes().splitlines()
         except FileNotFoundError:
             return []
         out = []
@@ -464,15 +492,43 @@ class Outbox:
         return out
 
     # -- sending
-    def _keep(self, entries: list[dict]) -> None:
-        if not entries:
-            self.path.unlink(missing_ok=True)
-            return
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
-        os.replace(tmp, self.path)
+    def _drop_sent(self, n: int) -> None:
+        """Remove the first ``n`` entries (confirmed sent) from the file, keeping whatever was
+        appended since they were read (cut lines among them were reported by :meth:`pending`)."""
+        with self._file_lock():
+            try:
+                lines = self.path.read_bytes().splitlines()
+            except FileNotFoundError:
+                return
+            kept, seen = [], 0
+            for line in lines:
+                if not line.strip():
+                    continue
+                if seen < n:
+                    try:
+                        json.loads(line)
+                        seen += 1
+                    except ValueError:
+                        pass
+                    continue
+                kept.append(line)
+            if not kept:
+                self.path.unlink(missing_ok=True)
+                return
+            tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+            tmp.write_bytes(b"".join(line + b"\n" for line in kept))
+            os.replace(tmp, self.path)
 
-    def _send_once(self) -> None:
+    def _send_once(self, block: bool = True) -> bool:
+        """Send the pending entries in order; False (nothing done) when another sender is at it and
+        ``block`` is False."""
+        with self._file_lock("send", block=block) as mine:
+            if not mine:
+                return False
+            self._send_pending()
+            return True
+
+    def _send_pending(self) -> None:
         entries = self.pending()
         client = _client()
         done = 0
@@ -500,12 +556,14 @@ class Outbox:
                     import pandas as pd
                     log_table(self.run_id, pd.read_json(e["table"], lines=True), e["artifact_file"])
             done += n
-            self._keep(entries[done:])
+            self._drop_sent(n)
 
     def send(self, wait: bool = False, policy: RetryPolicy | None = None) -> bool:
         """Send what is pending. ``wait=False``: one try (none while backing off); an unreachable
         store returns False and keeps the entries. ``wait=True``: retried under ``policy``
         (default: the one given to :func:`connect`); TrackingUnavailable when it runs out."""
+        if wait and self._sender is not None:
+            self._sender.join()  # one sender at a time
         if not self.path.is_file():
             return True
         if wait:
@@ -514,8 +572,39 @@ class Outbox:
             return True
         if time.monotonic() < self._next_try:
             return False
+        if self.background:
+            if self._sender is None or not self._sender.is_alive():
+                self._sender = threading.Thread(target=self._send_in_background, args=(policy,),
+                                                daemon=True, name=f"outbox-{self.run_id[:8]}")
+                self._sender.start()
+            return False
+        return self._try_send(policy)
+
+    def drain(self, timeout_s: float) -> bool:
+        """Background mode: wait up to ``timeout_s`` for the running send, then one more try for what
+        is still pending (unless backing off). True when nothing is pending."""
+        deadline = time.monotonic() + timeout_s
+        for _ in range(2):
+            if self._sender is not None:
+                self._sender.join(max(0.0, deadline - time.monotonic()))
+                if self._sender.is_alive():
+                    return False
+            if not self.path.is_file():
+                return True
+            self.send()
+        return not self.path.is_file()
+
+    def _send_in_background(self, policy: RetryPolicy | None) -> None:
         try:
-            self._send_once()
+            self._try_send(policy)
+        except Exception as e:  # noqa: BLE001 - no caller to raise to: said, entries kept
+            self.log(f"outbox {self.path}: sending failed ({_reason(e)}); entries kept for the "
+                     "register stage")
+
+    def _try_send(self, policy: RetryPolicy | None = None) -> bool:
+        try:
+            if not self._send_once(block=False):
+                return False  # another sender holds the file: it sends these entries too
         except Exception as e:  # noqa: BLE001
             if not is_transient(e):
                 raise

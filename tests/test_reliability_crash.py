@@ -39,12 +39,13 @@ CONFIG = {
 }
 # per stage, the points killed in order (see crash_point calls in dpo_engine/stages/*.py and
 # registry.register_model's on_step)
+# (every crash point in the code: a test below checks that none is left out)
 POINTS = {
     "validate": ["train-written", "before-record"],
     "precompute": ["train-computed", "train-cached", "before-record"],
-    "train": ["step-2", "step-4", "exported"],
-    "evaluate": ["computed", "logged"],
-    "register": ["model-logged", "version-created", "aliases-set"],
+    "train": ["mlflow-run", "step-2", "step-4", "exported"],
+    "evaluate": ["computed", "written", "logged"],
+    "register": ["outbox-sent", "model-logged", "version-created", "aliases-set", "before-record"],
 }
 # which stage outputs must be left untouched by the final run (they finished before the last kill)
 DONE_BEFORE = {"validate": [], "precompute": ["validate"], "train": ["validate", "precompute"],
@@ -225,3 +226,18 @@ def test_rerun_under_another_run_name_continues_the_training(tiny_model, uninter
     assert len(reg["versions"]) == 1
     assert reg["versions"][0]["weights"] == uninterrupted["versions"][0]["weights"]
     assert set(reg["versions"][0]["loss_steps"]) == set(range(1, STEPS + 1))
+
+
+def test_every_crash_point_in_the_code_is_drilled():
+    """The named points of every ``crash_point(STAGE, ...)`` / ``on_step(...)`` call in the stages
+    and the registry (the precompute points per split: the train split's are drilled)."""
+    import re
+
+    found = set()
+    for f in sorted((ROOT / "dpo_engine" / "stages").glob("*.py")):
+        for point in re.findall(r'crash_point\(STAGE, f?"([^"]+)"\)', f.read_text()):
+            found.add((f.stem, point.replace("{split}", "train").replace("{step}", "N")))
+    found |= {("register", p) for p in re.findall(r'on_step\("([^"]+)"\)',
+                                                  (ROOT / "dpo_engine" / "registry.py").read_text())}
+    drilled = {(stage, re.sub(r"step-\d+", "step-N", p)) for stage, ps in POINTS.items() for p in ps}
+    assert found and found <= drilled, sorted(found - drilled)

@@ -243,3 +243,62 @@ def test_outbox_keeps_entries_while_the_store_fails_and_sends_them_once(dpo_home
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4, 5, 6]
     assert [a.path for a in client.list_artifacts(run_id, "evaluation")] == ["evaluation/a.json"]
     assert any("gone.json no longer exists" in s for s in said)
+
+
+def test_background_outbox_never_waits_for_a_hanging_server(dpo_home, monkeypatch):
+    """A tracking server that accepts connections and never answers: training's outbox (background
+    mode) returns at once on every step while a send hangs; the entries wait on disk and are sent
+    once, in order, when a store answers."""
+    import socket
+    import threading
+    import time
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from dpo_engine import registry
+
+    store = f"sqlite:///{dpo_home / 'mlflow' / 'mlflow.db'}"
+    registry.connect(store, retry=registry.RetryPolicy(timeout_s=30, backoff_s=0.05, max_backoff_s=0.1))
+    run_id = registry.start_run("hang", "r")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept():  # take connections, answer nothing
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    try:
+        mlflow.set_tracking_uri(f"http://127.0.0.1:{listener.getsockname()[1]}")
+        said = []
+        box = registry.Outbox(run_id, log=said.append, background=True)
+        slowest = 0.0
+        for step in range(1, 6):
+            t0 = time.monotonic()
+            box.log_metrics({"loss": 1.0 / step}, step=step)
+            slowest = max(slowest, time.monotonic() - t0)
+            time.sleep(0.05)
+        assert slowest < 0.5, slowest  # a step never waits for the server
+        assert held  # a send did reach the server and hangs there
+        assert box.drain(timeout_s=0.2) is False and len(box.pending()) == 5
+        box._sender.join(30)  # the hung request times out (3 s); the entries stay
+        assert not box._sender.is_alive() and len(box.pending()) == 5
+        assert any("MLflow unavailable" in s for s in said), said
+    finally:
+        stop.set()
+        for c in held:
+            c.close()
+        listener.close()
+    mlflow.set_tracking_uri(store)  # a store that answers
+    assert box.send(wait=True) and box.pending() == []
+    steps = sorted(m.step for m in MlflowClient().get_metric_history(run_id, "loss"))
+    assert steps == [1, 2, 3, 4, 5]

@@ -69,7 +69,9 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
     write_text(id_file, run_id)
     crash_point(STAGE, "mlflow-run")
     registry.log_params(run_id, logged_params(cfg))
-    outbox = registry.Outbox(run_id)  # metrics kept on disk while MLflow is away, sent when it is back
+    # metrics kept on disk while MLflow is away, sent when it is back, by a thread: a server that
+    # hangs never holds up a step
+    outbox = registry.Outbox(run_id, background=True)
     outbox.log_metrics(validated.get("metrics", {}))
 
     def log_step(m, s):  # every train.logging_steps steps and at the last
@@ -101,6 +103,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
         del model
         gc.collect()
     crash_point(STAGE, "exported")
+    outbox.drain(timeout_s=30.0)  # what is still pending is sent by the register stage
     write_json(out / "history.json", res.history)
     final = {k: v for k, v in res.final.items() if k != "step"}
     result = {
