@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from servers import prefect_server
@@ -42,14 +43,21 @@ def test_variants_run_on_a_task_worker(tmp_path):
         worker = subprocess.Popen([sys.executable, "-m", "flows.cli", "sweep-worker", "--limit", "2"],
                                   cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            p = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", "--config", str(config),
-                                "--variant", "loss.beta=0.1", "--variant", "loss.beta=0.5,loss.loss_type=ipo",
-                                "--metric", "eval/rewards/margins", "--run-name", "wk", "--workers",
-                                "--parallel", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
-                               timeout=600)
+            try:
+                p = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", "--config", str(config),
+                                    "--variant", "loss.beta=0.1", "--variant", "loss.beta=0.5,loss.loss_type=ipo",
+                                    "--metric", "eval/rewards/margins", "--run-name", "wk", "--workers",
+                                    "--parallel", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                   timeout=400)
+            except subprocess.TimeoutExpired as e:
+                out = (e.stdout or b"")[-3000:], (e.stderr or b"")[-3000:]
+                log = (tmp_path / "worker.log").read_text(errors="replace")[-4000:]
+                pytest.fail(f"sweep did not finish in 400 s\n{out}\n--- worker (alive: "
+                            f"{worker.poll() is None})\n{log}")
         finally:
             worker.terminate()
             worker.wait(timeout=60)
+        _readme_failure_notification(url)
     worker_log = (tmp_path / "worker.log").read_text(errors="replace")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:] + "\n--- worker\n" + worker_log[-3000:]
     s = json.loads((home / "runs" / "wk" / "summary.json").read_text())
@@ -68,3 +76,25 @@ def test_workers_need_a_shared_prefect_server(dpo_home, capsys, monkeypatch):
     assert "needs a Prefect server shared with the sweep: set PREFECT_API_URL" in capsys.readouterr().err
     assert main(["sweep", "--variant", "loss.beta=0.1", "--workers"]) == 1
     assert "dpo sweep --workers needs a Prefect server" in capsys.readouterr().err
+
+
+def _readme_failure_notification(url: str) -> None:
+    """README's recipe (a notification block, an automation on failed/crashed `dpo` runs) is
+    accepted by a real Prefect server and reads back with its trigger and action."""
+    import re
+
+    import prefect.settings as ps
+
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(# PREFECT_API_URL=.*?notify\.py\n.*?)```", readme, re.S).group(1)
+    code = code.replace("https://hooks.slack.com/services/...", "https://hooks.slack.com/services/T0/B0/x")
+    with ps.temporary_settings(updates={ps.PREFECT_API_URL: url}):
+        exec(compile(code, "README.md", "exec"), {})
+        from prefect.automations import Automation
+
+        auto = Automation.read(name="dpo-failed")
+    assert auto.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    related = auto.trigger.match_related
+    related = related.root if hasattr(related, "root") else related
+    assert related == {"prefect.resource.role": "flow", "prefect.resource.name": "dpo"}
+    assert type(auto.actions[0]).__name__ == "SendNotification"
