@@ -896,9 +896,12 @@ def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
         mv, newest = _create_version_once(client, model_name, run_id, model_dir, metrics, reasons, tags,
                                           on_step, base_model_revision)
     if newest:
-        client.set_registered_model_alias(model_name, CHALLENGER, mv.version)
-        if not reasons:
-            client.set_registered_model_alias(model_name, CHAMPION, mv.version)
+        # aliases belong to the model: one writer at a time in this state home (two registrations
+        # setting the same alias at once hit a unique-key error in the store)
+        with _registration_lock(model_name, "\0aliases"):
+            _set_alias(client, model_name, CHALLENGER, mv.version)
+            if not reasons:
+                _set_alias(client, model_name, CHAMPION, mv.version)
         on_step("aliases-set")
     aliases = sorted(client.get_model_version(model_name, mv.version).aliases)
     champ = champion(model_name)
@@ -906,6 +909,20 @@ def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
             "model_uri": f"models:/{model_name}/{mv.version}", "aliases": aliases,
             "gate_passed": not reasons, "gate_reasons": reasons, "run_id": run_id,
             "champion_version": int(champ.version) if champ else None}
+
+
+def _set_alias(client, model_name: str, alias: str, version) -> None:
+    """Set ``alias``; a writer elsewhere setting it at the same moment (another machine) makes the
+    store's unique key fail once: then it is set again."""
+    for attempt in range(3):
+        try:
+            client.set_registered_model_alias(model_name, alias, version)
+            return
+        except MlflowException as e:
+            if attempt == 2 or not any(t in str(e) for t in ("UNIQUE constraint", "already exists",
+                                                            "Duplicate entry", "duplicate key")):
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _create_version_once(client, model_name, run_id, model_dir, metrics, reasons, tags, on_step,
