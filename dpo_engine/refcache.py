@@ -152,14 +152,24 @@ def _check_ids(path: Path, df: pd.DataFrame, expect_ids: list[str] | None) -> No
 # ------------------------------------------------------------------------------ shared, sharded
 
 @contextmanager
-def _locked(folder: Path):
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+def file_lock(path: Path, block: bool = True):
+    """An exclusive ``flock`` on the file ``path`` (created), shared by threads and processes of
+    this machine; yields True, or False at once when ``block`` is False and another holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
         try:
-            yield
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _locked(folder: Path):
+    return file_lock(folder.parent / f".{folder.name}.lock")
 
 
 _TMP = re.compile(r"^\..+\.tmp(\d+)$")  # ".part-00000.parquet.tmp1234", "._COMPLETE.json.tmp1234"

@@ -53,6 +53,7 @@ from mlflow.exceptions import MlflowException
 
 from data_contracts.config import redact_credentials, state_home
 from dpo_engine.models import LOAD_LOCK
+from dpo_engine.refcache import file_lock
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -430,24 +431,11 @@ class Outbox:
         self._next_try = 0.0
         self._wait: float | None = None
 
-    @contextmanager
     def _file_lock(self, kind: str = "lock", block: bool = True):
         """``lock``: held while the file changes; ``send``: held by the one sender (any thread or
         process) so two never send the same entries and drop each other's. Non-blocking: yields
         False when another holds it."""
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(f".{self.path.name}.{kind}"), "w") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        return file_lock(self.path.with_name(f".{self.path.name}.{kind}"), block=block)
 
     # -- queueing
     def _append(self, entry: dict) -> None:
@@ -790,18 +778,11 @@ def _version_of_run(model_name: str, run_id: str):
 @contextmanager
 def _registration_lock(model_name: str, run_id: str):
     """Serialise registrations of one (model, run) among processes sharing this state home."""
-    import fcntl
     import hashlib
 
-    locks = state_home() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
     name = hashlib.sha256(f"{model_name}\0{run_id}".encode()).hexdigest()[:24]
-    with open(locks / f"register-{name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(state_home() / "locks" / f"register-{name}.lock"):
+        yield
 
 
 def _gate(metrics: dict[str, float], thresholds: dict[str, float]) -> list[str]:
