@@ -101,29 +101,25 @@ def _utf8_safe(s: str) -> str:
         return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _check_utf8(ex: Example) -> None:
-    """Reject texts Parquet cannot store (lone surrogates from JSON escapes like \\ud800)."""
+def _check_texts(ex: Example, max_chars: int) -> None:
+    """Reject a text Parquet cannot store (lone surrogates from JSON escapes like \\ud800), and one
+    longer than ``max_chars`` characters before it is tokenized (tokenizing an absurdly long text
+    costs memory in proportion to it: an 8 MB text took 4 GB). One JSON rendering per structured
+    field serves both checks."""
     for name in ("prompt", "chosen", "rejected", "tools", "template_kwargs", "meta"):
-        value = getattr(ex, name)
-        if value and not (value.__class__ is str and value.isascii()):  # ASCII: always encodable
-            try:
-                _json(value).encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise RowError("INVALID_UNICODE", name, f"not encodable as UTF-8 ({e.reason} at "
-                               f"position {e.start})") from None
-
-
-def _check_lengths(ex: Example, max_chars: int) -> None:
-    """Reject a text longer than ``max_chars`` characters before it is tokenized: tokenizing one
-    absurdly long text costs memory in proportion to it (an 8 MB text took 4 GB)."""
-    for name in ("prompt", "chosen", "rejected", "tools"):
         value = getattr(ex, name)
         if not value:
             continue
-        n = len(value) if value.__class__ is str else len(_json(value))
-        if n > max_chars:
-            raise RowError("TEXT_TOO_LONG", name, f"'{name}' has {n:,} characters, more than "
+        text = value if value.__class__ is str else _json(value)
+        if len(text) > max_chars and name in ("prompt", "chosen", "rejected", "tools"):
+            raise RowError("TEXT_TOO_LONG", name, f"'{name}' has {len(text):,} characters, more than "
                            f"data.max_text_chars ({max_chars:,}); raise it or shorten the row")
+        if not text.isascii():  # ASCII: always encodable
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RowError("INVALID_UNICODE", name, f"not encodable as UTF-8 ({e.reason} at "
+                               f"position {e.start})") from None
 
 
 RAW_KEPT = 1_000_000  # characters of a rejected row kept in rejects.parquet
@@ -292,8 +288,7 @@ def _parse(rows: list, idx, layout, columns: dict, max_chars: int) -> tuple[list
             raw = map_columns(raw, columns)
         try:
             ex = to_example(raw, layout)
-            _check_utf8(ex)
-            _check_lengths(ex, max_chars)
+            _check_texts(ex, max_chars)
             parsed.append((off, idx[off], example_id(ex), raw, ex))
         except Exception as e:  # a malformed row never stops the run under quarantine
             bad.append((idx[off], _as_row_error(e), raw))
