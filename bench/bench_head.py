@@ -48,18 +48,18 @@ def run_variant(name: str, n: int, d: int, v: int, dtype: str, repeats: int, chu
             return torch.log_softmax((h @ w.t()).float(), -1).gather(1, t[:, None]).squeeze(1)
     elif name in ("ours", "ours_torch"):
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from dpo_engine.logprobs import token_logps
+        from dpo_engine.modeling import token_logps
 
         backend = "torch" if name == "ours_torch" else "auto"
 
         def fn():
             if backend == "auto" and dev == "cuda":
-                from dpo_engine.triton_head import triton_token_logps
+                from dpo_engine.modeling.triton_kernels import triton_token_logps
                 return triton_token_logps(h, w, t, blocks=blocks)[0]
             return token_logps(h, w, t, chunk_size=chunk, backend=backend).logps
     elif name == "ours_fused":
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from dpo_engine.triton_head import triton_token_logps
+        from dpo_engine.modeling.triton_kernels import triton_token_logps
 
         def fn():
             return triton_token_logps(h, w, t, blocks=blocks, bwd="fused")[0]

@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_contracts.config import LossConfig  # noqa: E402
-from dpo_engine.forward import pair_batch, pair_logps  # noqa: E402
-from dpo_engine.losses import loss_from_config  # noqa: E402
+from dpo_engine.modeling import pair_batch, pair_logps  # noqa: E402
+from dpo_engine.modeling import loss_from_config  # noqa: E402
 
 
 def skewed_pairs(n: int, vocab: int, seed: int, median: int, cap: int) -> list[dict]:

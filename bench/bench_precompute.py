@@ -42,8 +42,8 @@ DATA = SHARED / "data" / "ultrafeedback-binarized-sample" / "train_clean.jsonl"
 def tokenized_rows(tok, rows: int, max_length: int, data: Path):
     """``rows`` valid rows of ``data`` as the validate stage writes them to valid.parquet."""
     from data_contracts.config import DataConfig
-    from data_contracts.validate import validate_split
-    from dpo_engine.stages.common import read_valid
+    from data_contracts.validation import validate_split
+    from data_contracts.validation import read_valid
 
     cfg = DataConfig(max_length=max_length, max_invalid_fraction=1.0, train_limit=rows)
     with tempfile.TemporaryDirectory(prefix="bench-precompute-") as d:
@@ -56,7 +56,7 @@ def naive_reference_logps(model, rows, *, pad_id: int, batch_size: int, device, 
     import numpy as np
     import torch
 
-    from dpo_engine.models import autocast, autocast_dtype
+    from dpo_engine.modeling import autocast, autocast_dtype
 
     amp = autocast_dtype(precision, device)
     seqs = []
@@ -113,8 +113,8 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpo_engine.models import autocast_dtype, pick_device
-    from dpo_engine.refcache import compute_reference_logps
+    from dpo_engine.modeling import autocast_dtype, pick_device
+    from dpo_engine.reference import compute_reference_logps
 
     if not Path(args.model).is_dir() or not Path(args.data).is_file():
         sys.exit(f"needs {args.model} and {args.data} (../shared beside the checkout, or DPO_SHARED)")

@@ -116,8 +116,8 @@ def worker_ours(args, tok) -> dict:
     import pandas as pd
 
     from data_contracts.config import LossConfig, TrainConfig
-    from dpo_engine.refcache import compute_reference_logps
-    from dpo_engine.trainer import train
+    from dpo_engine.reference import compute_reference_logps
+    from dpo_engine.training import train
 
     t0 = time.perf_counter()
     if args.fixed_length:  # random ids: prompt of a quarter, two completions of the rest
@@ -137,7 +137,7 @@ def worker_ours(args, tok) -> dict:
     if "bf16" in opts:  # 16-bit weights and activations, fp32 master copies in the optimizer
         model = model.to(__import__("torch").bfloat16)
     if "compile" in opts:
-        from dpo_engine.forward import compile_layers
+        from dpo_engine.modeling import compile_layers
 
         compile_layers(model)
     device = "cuda" if args.gpu else "cpu"

@@ -83,7 +83,7 @@ def run_one(src: Path, out: Path, num_proc: int, limit, batch_rows) -> dict:
     largest worker)."""
     from data_contracts.config import DataConfig
     from data_contracts.sources import BATCH_ROWS
-    from data_contracts.validate import validate_split
+    from data_contracts.validation import validate_split
 
     tok, tok_name = load_tokenizer()
     rss_before = peak_rss_mb()

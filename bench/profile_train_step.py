@@ -25,8 +25,8 @@ def main() -> None:
 
     import bench_trainer as bt
     from data_contracts.config import LossConfig, TrainConfig
-    from dpo_engine.refcache import compute_reference_logps
-    from dpo_engine.trainer import train
+    from dpo_engine.reference import compute_reference_logps
+    from dpo_engine.training import train
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)

@@ -29,7 +29,7 @@ CONFIGS = [
 def main() -> None:
     import triton.testing
 
-    from dpo_engine.triton_head import triton_token_logps
+    from dpo_engine.modeling.triton_kernels import triton_token_logps
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=16384)

@@ -153,7 +153,7 @@ def generate(seed: int = 0) -> tuple[list[dict], list[dict]]:
 
 
 def default_folder() -> Path:
-    from data_contracts.config import state_home
+    from data_contracts.state import state_home
     return state_home() / "datasets" / f"{NAME}-{DATASET_VERSION}"
 
 

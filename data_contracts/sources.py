@@ -22,7 +22,10 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from data_contracts import builtin
+from data_contracts.config import BUILTIN_DATASET
 from data_contracts.errors import DataError
+from data_contracts.helpers import file_sha256, fingerprint
 
 BUILTIN_PREFIX = "builtin:"
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
@@ -215,7 +218,6 @@ def _read_file(path: Path) -> list:
 
 
 def _builtin_path(name: str) -> Path:
-    from data_contracts import builtin
     base, _, split = name.partition("@")
     if base != builtin.NAME or split not in ("", "train", "eval"):
         raise DataError(f"data error: unknown builtin dataset {BUILTIN_PREFIX}{name!r}; use "
@@ -354,3 +356,18 @@ def resolve_source(source: str | None, partition: str = "all", today=None) -> st
         return None
     source = fill_date(source, today)
     return newest_partition(source) if partition == "newest" else source
+
+
+def source_fingerprint(source: str | None) -> str:
+    """Content hash of a local file or folder of files; the id itself for builtin/hub sources."""
+    if source is None:
+        return "none"
+    if source.startswith(BUILTIN_DATASET):
+        return f"{source}#{builtin.DATASET_VERSION}"
+    p = Path(source).expanduser()
+    if p.is_file():
+        return file_sha256(p)[:16]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        return fingerprint([(str(f.relative_to(p)), file_sha256(f)) for f in files])
+    return f"hub:{source}"

@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 import flows  # noqa: F401  (sets the project-local state environment before prefect is imported)
-from data_contracts.config import ConfigError, load_config, mlflow_uri, project_root, redact_credentials
+from data_contracts.config import ConfigError, load_config
+from data_contracts.state import mlflow_uri, project_root
+from data_contracts.helpers import redact_credentials
 
 NIGHTLY_CRON = "0 2 * * *"
 SWEEP_GRID = {"loss.beta": [0.05, 0.1, 0.2]}  # default grid of the dpo/sweep deployment
@@ -68,7 +70,7 @@ def check_prefect_api(timeout: float = 5.0) -> None:
 def cmd_run(args) -> int:
     overrides = list(args.set) + ([f"run_name={args.run_name}"] if args.run_name else [])
     cfg = load_config(args.config, overrides)  # fail fast on user errors, before Prefect starts
-    from dpo_engine.run import preflight, summary_table
+    from dpo_engine.pipeline import preflight, summary_table
 
     preflight(cfg)
     check_prefect_api()
@@ -178,17 +180,13 @@ def cmd_sweep(args) -> int:
 
 def _stage_cmd(stage: str):
     def run(args) -> int:
-        from dpo_engine import stages
-        from dpo_engine.stages.common import load_result
+        from dpo_engine.stages.index import load_result
+        from dpo_engine.stages.table import STAGE
 
         cfg = _cfg(args)
         run_dir = args.run_dir.resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
-        upstream = {"validate": [], "precompute": ["validate"], "train": ["validate", "precompute"],
-                    "evaluate": ["validate", "precompute", "train"],
-                    "register": ["validate", "train", "evaluate"]}[stage]
-        prev = [load_result(run_dir, s) for s in upstream]
-        res = getattr(stages, stage).run(cfg, run_dir, *prev)
+        res = STAGE[stage].run(cfg, run_dir, {s: load_result(run_dir, s) for s in STAGE[stage].inputs})
         print(res["summary"])
         print(f"result: {run_dir / (stage + '.json')}")
         return 0
@@ -203,8 +201,8 @@ def cmd_validate(args) -> int:
     if args.out is None:
         raise ConfigError("dpo validate INPUT needs --out DIR")
     from data_contracts.errors import DataPolicyError
-    from data_contracts.validate import validate_split
-    from dpo_engine.models import load_tokenizer, resolve_model_path
+    from data_contracts.validation import validate_split
+    from dpo_engine.modeling import load_tokenizer, resolve_model_path
 
     overrides = list(args.set)
     if args.max_length:
@@ -256,7 +254,7 @@ def served_deployments(config: str | None, cron: str = NIGHTLY_CRON) -> list:
 
     params = {"config": str(Path(config).resolve())} if config else {}
     nightly = Cron(cron, timezone="UTC",
-                   parameters={**params, "overrides": {"registry.skip_unchanged": True}})
+                   parameters={**params, "overrides": {"tracking.skip_unchanged": True}})
     return [dpo.to_deployment(name="full", schedules=[nightly], parameters=params, concurrency_limit=1,
                               description="DPO pipeline: validate, precompute, train, evaluate, register"),
             dpo.to_deployment(name="sweep", parameters={**params, "grid": SWEEP_GRID}, concurrency_limit=1,
@@ -317,12 +315,12 @@ def cmd_serve(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from dpo_engine import registry
+    from dpo_engine import tracking
 
     cfg = load_config(args.config, args.set)
-    registry.connect(mlflow_uri(cfg))
+    tracking.connect(mlflow_uri(cfg))
     try:
-        df = registry.compare_runs(args.experiment or cfg.registry.experiment, last=args.last,
+        df = tracking.compare_runs(args.experiment or cfg.registry.experiment, last=args.last,
                                    metrics=args.metric or None, sweep=args.sweep)
     except ValueError as e:
         raise ConfigError(f"compare: {e}") from None
@@ -340,8 +338,9 @@ def compare_plot(df, path: str | None) -> Path:
     """PNG overlaying the runs' reward-margin and accuracy curves and their eval win-rates."""
     import datetime as dt
 
-    from data_contracts.config import state_home
-    from dpo_engine import plots, registry
+    from data_contracts.state import state_home
+    from dpo_engine.evaluation import plots
+    from dpo_engine import tracking
 
     if path is None:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -349,8 +348,8 @@ def compare_plot(df, path: str | None) -> Path:
     curves, win_rates = {}, {}
     for row in df.itertuples(index=False):
         label = f"{row.run_name} ({row.run_id[:6]})"
-        curves[label] = registry.metric_histories(row.run_id, list(plots.COMPARE_CURVES))
-        win_rates[label] = registry.win_rate(row.run_id)
+        curves[label] = tracking.metric_histories(row.run_id, list(plots.COMPARE_CURVES))
+        win_rates[label] = tracking.win_rate(row.run_id)
     return plots.compare_runs(curves, win_rates, path)
 
 
@@ -442,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print key params and metrics of the latest runs of an experiment and "
                        "write a PNG overlaying their reward-margin/accuracy curves and eval win-rates.")
     _add_config_args(p)
-    p.add_argument("--experiment", help="experiment name (default: the config's registry.experiment)")
+    p.add_argument("--experiment", help="experiment name (default: the config's tracking.experiment)")
     p.add_argument("--last", type=int, default=10)
     p.add_argument("--sweep", metavar="NAME", help="one sweep as one table: its variants (overrides, "
                    "status, best marked *), by the sweep's name (--run-name of dpo sweep) or parent run id")

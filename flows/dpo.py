@@ -7,7 +7,8 @@ from typing import Any
 from prefect import flow
 
 from data_contracts.config import load_config
-from dpo_engine.run import new_run_dir, nothing_new, preflight, write_summary
+from dpo_engine.pipeline import new_run_dir, nothing_new, preflight, write_summary
+from dpo_engine.stages.table import PIPELINE
 from tasks import stages as t
 
 
@@ -41,13 +42,8 @@ def dpo(config: str | None = None, overrides: dict[str, Any] | None = None,
         return write_summary(run_dir, {}, "skipped", reason=skip)
     results: dict[str, dict] = {}
     try:
-        results["validate"] = t.validate(cfg, run_dir)
-        results["precompute"] = t.precompute(cfg, run_dir, results["validate"])
-        results["train"] = t.train(cfg, run_dir, results["validate"], results["precompute"])
-        results["evaluate"] = t.evaluate(cfg, run_dir, results["validate"], results["precompute"],
-                                         results["train"])
-        results["register"] = t.register(cfg, run_dir, results["validate"], results["train"],
-                                         results["evaluate"])
+        for stage in PIPELINE:  # each stage's task (looked up by name: tests replace them)
+            results[stage.name] = getattr(t, stage.name)(cfg, run_dir, *(results[u] for u in stage.inputs))
     except BaseException as e:
         write_summary(run_dir, results, "failed", error=f"{type(e).__name__}: {e}")
         raise

@@ -34,8 +34,8 @@ from prefect.cache_policies import NO_CACHE
 from data_contracts.config import ConfigError, load_config
 from dpo_engine import stages
 from dpo_engine import sweep as sw
-from dpo_engine.run import new_run_dir, preflight
-from dpo_engine.stages.common import write_json
+from dpo_engine.pipeline import new_run_dir, preflight
+from data_contracts.helpers import write_json
 from tasks import stages as t
 
 CONCURRENCY_LIMIT = "dpo-train"  # Prefect global concurrency limit: slots = parallel variants

@@ -16,18 +16,16 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from data_contracts.errors import user_error
-from dpo_engine import stages
-from dpo_engine.stages.common import outputs_token
+from dpo_engine.stages.index import outputs_token
+from dpo_engine.stages.table import STAGE
 
 RETRIES = 2
-KEY_INPUTS = {"validate": [], "precompute": ["validated"], "train": ["precomputed"],
-              "evaluate": ["trained"], "register": ["trained", "evaluated"]}
 
 
 def _cache_key(stage: str):
     def key_fn(context, parameters) -> str | None:
-        upstream = [parameters[k] for k in KEY_INPUTS[stage]]
-        fp = getattr(stages, stage).key(parameters["cfg"], *upstream)
+        spec = STAGE[stage]
+        fp = spec.key(parameters["cfg"], {u: parameters[STAGE[u].result] for u in spec.key_inputs})
         token = outputs_token(stage, fp)
         return None if token is None else f"dpo-{stage}-{fp}-{token}"
 
@@ -76,28 +74,28 @@ def _stage_task(stage: str):
 
 @_stage_task("validate")
 def validate(cfg, run_dir: str) -> dict:
-    res = stages.validate.run(cfg, Path(run_dir))
+    res = STAGE["validate"].module.run(cfg, Path(run_dir))
     _publish(res)
     return res
 
 
 @_stage_task("precompute")
 def precompute(cfg, run_dir: str, validated: dict) -> dict:
-    res = stages.precompute.run(cfg, Path(run_dir), validated)
+    res = STAGE["precompute"].module.run(cfg, Path(run_dir), validated)
     _publish(res)
     return res
 
 
 @_stage_task("train")
 def train(cfg, run_dir: str, validated: dict, precomputed: dict) -> dict:
-    res = stages.train.run(cfg, Path(run_dir), validated, precomputed)
+    res = STAGE["train"].module.run(cfg, Path(run_dir), validated, precomputed)
     _publish(res)
     return res
 
 
 @_stage_task("evaluate")
 def evaluate(cfg, run_dir: str, validated: dict, precomputed: dict, trained: dict) -> dict:
-    res = stages.evaluate.run(cfg, Path(run_dir), validated, precomputed, trained)
+    res = STAGE["evaluate"].module.run(cfg, Path(run_dir), validated, precomputed, trained)
     _publish(res)
     if Path(res.get("samples", "")).is_file():
         import pandas as pd
@@ -110,6 +108,6 @@ def evaluate(cfg, run_dir: str, validated: dict, precomputed: dict, trained: dic
 
 @_stage_task("register")
 def register(cfg, run_dir: str, validated: dict, trained: dict, evaluated: dict) -> dict:
-    res = stages.register.run(cfg, Path(run_dir), validated, trained, evaluated)
+    res = STAGE["register"].module.run(cfg, Path(run_dir), validated, trained, evaluated)
     _publish(res)
     return res

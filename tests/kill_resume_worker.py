@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data_contracts.config import LossConfig, TrainConfig  # noqa: E402
-from dpo_engine.refcache import compute_reference_logps  # noqa: E402
-from dpo_engine.trainer import train  # noqa: E402
+from dpo_engine.reference import compute_reference_logps  # noqa: E402
+from dpo_engine.training import train  # noqa: E402
 from test_trainer import _pairs  # noqa: E402
 
 model_dir, out_dir, pause = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])

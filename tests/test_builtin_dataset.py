@@ -85,7 +85,7 @@ def test_builtin_validates_clean(tmp_path, monkeypatch):
         pytest.skip(f"needs the tiny model at {MODEL} (../shared beside the checkout)")
     from transformers import AutoTokenizer
     from data_contracts.config import DataConfig
-    from data_contracts.validate import validate_split
+    from data_contracts.validation import validate_split
     monkeypatch.setenv("DPO_HOME", str(tmp_path / "home"))
     tok = AutoTokenizer.from_pretrained(MODEL)
     tok.chat_template = CHATML

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dpo_engine import forward
+from dpo_engine.modeling import sequence_logps as forward
 
 
 def _model():
@@ -56,8 +56,8 @@ def test_train_compile_option_trains_the_compiled_layers_to_the_eager_weights(tm
     import pandas as pd
 
     from data_contracts.config import LossConfig, TrainConfig
-    from dpo_engine.refcache import compute_reference_logps
-    from dpo_engine.trainer import train
+    from dpo_engine.reference import compute_reference_logps
+    from dpo_engine.training import train
 
     torch._dynamo.reset()
     calls = []

@@ -9,8 +9,8 @@ import pytest
 from data_contracts.config import DataConfig
 from data_contracts.encode import Encoded, truncate
 from data_contracts.errors import DataError, DataPolicyError
-from data_contracts.formats import RowError, split_implicit
-from data_contracts.validate import validate_split
+from data_contracts.layouts import RowError, split_implicit
+from data_contracts.validation import validate_split
 
 MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + eos_token + '\n' }}"

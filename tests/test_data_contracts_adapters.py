@@ -8,11 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from data_contracts import sources, validate as validate_mod
+from data_contracts import sources, validation as validate_mod
 from data_contracts.config import ConfigError, DataConfig, ModelConfig
-from data_contracts.formats import detect_layout, map_columns
+from data_contracts.layouts import detect_layout, map_columns
 from data_contracts.templating import configure_eos, turn_end_problem
-from data_contracts.validate import SeenIds, validate_split
+from data_contracts.validation import SeenIds, validate_split
 from tiny import tiny_tokenizer
 
 TOOL_CHATML = (
@@ -197,7 +197,7 @@ def test_eos_override_checked_against_template():
 
 
 def test_load_tokenizer_applies_eos_override(tmp_path):
-    from dpo_engine.models import load_tokenizer
+    from dpo_engine.modeling import load_tokenizer
     t = tiny_tokenizer()
     t.eos_token = "<pad>"  # like a base model: EOS is not the template's end of turn
     t.save_pretrained(tmp_path / "tok")
@@ -307,7 +307,7 @@ def test_duplicates_across_batches_and_of_rejected_rows(tok, tmp_path):
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from data_contracts.formats import Layout, RowError, to_example  # noqa: E402
+from data_contracts.layouts import Layout, RowError, to_example  # noqa: E402
 
 PROPS = settings(derandomize=True, max_examples=60, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_contracts.config import DataConfig
-from data_contracts.validate import validate_split
+from data_contracts.validation import validate_split
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MODEL = SHARED / "models" / "stories260K"

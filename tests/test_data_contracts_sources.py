@@ -11,7 +11,7 @@ from data_contracts import sources
 from data_contracts.config import DataConfig
 from data_contracts.errors import DataError
 from data_contracts.sources import load_rows
-from data_contracts.validate import plan_splits, split_rows
+from data_contracts.validation import plan_splits, split_rows
 
 ROWS = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(4)]
 

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 
 from data_contracts.config import DataConfig
-from data_contracts.validate import split_rows, validate_split
+from data_contracts.validation import split_rows, validate_split
 from tiny import tiny_tokenizer
 
 

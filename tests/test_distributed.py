@@ -35,11 +35,12 @@ def test_two_launched_processes_match_one_process_with_the_global_batch(dpo_home
 def launched_matches_single(dpo_home, tmp_path, **launch_overrides):
     """Train through the launch path (2 ranks x batch 4, plus ``launch_overrides``) and compare with one
     process x batch 8: weights within 1e-5, step metrics gathered over both ranks, reuse on a re-run."""
-    from dpo_engine.models import ModelConfig, load_model
-    from dpo_engine.refcache import read_cache
+    from data_contracts.config import ModelConfig
+    from dpo_engine.modeling import load_model
+    from dpo_engine.reference import read_cache
     from dpo_engine.stages import precompute, train as train_stage, validate
-    from dpo_engine.stages.common import read_valid
-    from dpo_engine.trainer import train
+    from data_contracts.validation import read_valid
+    from dpo_engine.training import train
 
     model_dir = tiny_model_dir(tmp_path / "m")
     cfg = load_config(overrides=_overrides(model_dir, **launch_overrides))
@@ -69,14 +70,14 @@ def launched_matches_single(dpo_home, tmp_path, **launch_overrides):
 
 
 def test_launch_command_and_config_errors(tmp_path, monkeypatch):
-    from dpo_engine import launch
+    from dpo_engine.stages import launch
 
     cfg = load_config(overrides={"train.num_processes": 2})
     assert launch.wants_launch(cfg)
     cmd = launch.launch_command(cfg, tmp_path / "spec.json")
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--num_processes") + 1] == "2" and "--multi_gpu" in cmd
-    assert cmd[-3:] == ["-m", "dpo_engine.launch", str(tmp_path / "spec.json")]
+    assert cmd[-3:] == ["-m", "dpo_engine.stages.launch", str(tmp_path / "spec.json")]
     assert not launch.wants_launch(load_config())
 
     conf = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"
@@ -95,8 +96,8 @@ def test_launch_command_and_config_errors(tmp_path, monkeypatch):
 
 
 def test_a_rank_s_user_error_comes_back_as_one_line(tmp_path):
-    from dpo_engine import launch
-    from dpo_engine.models import ModelError
+    from dpo_engine.stages import launch
+    from dpo_engine.modeling import ModelError
 
     err = {"rank": 1, "type": "ModelError", "message": "cannot load model 'x': no such folder"}
     with pytest.raises(ModelError, match=r"^cannot load model 'x': no such folder \(rank 1 of the launched train"):

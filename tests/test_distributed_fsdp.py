@@ -16,7 +16,7 @@ def test_fsdp_config_trains_like_one_process(dpo_home, tmp_path):
 
 def test_fsdp_refuses_what_it_does_not_shard(monkeypatch):
     from data_contracts.config import TrainConfig
-    from dpo_engine.trainer import TrainingError, _check_fsdp, fsdp_settings
+    from dpo_engine.training.loop import TrainingError, _check_fsdp, fsdp_settings
 
     assert fsdp_settings() is None
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -39,8 +39,8 @@ def test_fsdp_checkpoints_resume_exactly(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from data_contracts.config import LossConfig, TrainConfig
-    from dpo_engine.refcache import compute_reference_logps
-    from dpo_engine.trainer import TrainingError, train
+    from dpo_engine.reference import compute_reference_logps
+    from dpo_engine.training import TrainingError, train
     from test_trainer import _pairs
     from tiny import tiny_model_dir
 

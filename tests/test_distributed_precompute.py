@@ -11,10 +11,11 @@ from tiny import tiny_model_dir
 
 
 def test_launched_precompute_shards_over_the_processes(dpo_home, tmp_path):
-    from dpo_engine.models import ModelConfig, load_model
-    from dpo_engine.refcache import compute_reference_logps, read_cache
+    from data_contracts.config import ModelConfig
+    from dpo_engine.modeling import load_model
+    from dpo_engine.reference import compute_reference_logps, read_cache
     from dpo_engine.stages import precompute, validate
-    from dpo_engine.stages.common import read_valid
+    from data_contracts.validation import read_valid
 
     model_dir = tiny_model_dir(tmp_path / "m")
     cfg = load_config(overrides=_overrides(model_dir))

@@ -9,8 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from data_contracts.config import EvalConfig
-from dpo_engine.evaluation import (bootstrap_ci, generate, kl_metrics, kl_sampling, length_metrics,
-                                   sample_kl)
+from dpo_engine.evaluation import bootstrap_ci, generate, kl_metrics, kl_sampling, length_metrics, sample_kl
 from tiny import tiny_model_dir, tiny_tokenizer
 
 

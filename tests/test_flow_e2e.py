@@ -24,8 +24,8 @@ def tiny(tmp_path):
 
 def test_flow_runs_five_stages_and_registers(dpo_home, tiny):
     from flows.dpo import dpo
-    from dpo_engine import registry
-    from data_contracts.config import mlflow_uri
+    from dpo_engine import tracking as registry
+    from data_contracts.state import mlflow_uri
 
     summary = dpo(overrides=_overrides(tiny), run_name="e2e")
     assert summary["status"] == "completed"
@@ -34,7 +34,7 @@ def test_flow_runs_five_stages_and_registers(dpo_home, tiny):
     assert json.loads((run_dir / "summary.json").read_text())["registered_version"] == summary["registered_version"]
 
     valid = pd.read_parquet(run_dir / "validate" / "train" / "valid.parquet")
-    from dpo_engine.refcache import read_cache
+    from dpo_engine.reference import read_cache
     pre = json.loads((run_dir / "precompute.json").read_text())
     ref = read_cache(Path(pre["train_ref"]))
     assert len(valid) == 12 and sorted(ref["example_id"]) == sorted(valid["example_id"])

@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from data_contracts.config import LossConfig, TrainConfig
-from dpo_engine import trainer as trainer_mod
-from dpo_engine.refcache import compute_reference_logps
-from dpo_engine.trainer import train
+from dpo_engine.training import loop as trainer_mod
+from dpo_engine.reference import compute_reference_logps
+from dpo_engine.training import train
 from test_trainer import _pairs, _weights
 from tiny import tiny_model_dir
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_engine import forward
-from dpo_engine.logprobs import CCE_FILTER_EPS
+from dpo_engine.modeling import sequence_logps as forward
+from dpo_engine.modeling import CCE_FILTER_EPS
 
 V = 300
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo_engine.logprobs import naive_token_logps, token_logps
+from dpo_engine.modeling import naive_token_logps, token_logps
 
 
 def _inputs(n=37, d=16, v=300, dtype=torch.float32, seed=0, bias=False):
@@ -163,7 +163,7 @@ def _filter_inputs():
 
 
 def test_gradient_filtering_skips_negligible_tiles():
-    from dpo_engine.logprobs import CCE_FILTER_EPS
+    from dpo_engine.modeling import CCE_FILTER_EPS
     h, w, b, t = _filter_inputs()
     up = torch.randn(t.shape, generator=torch.Generator().manual_seed(4))
     grads = {}
@@ -201,7 +201,7 @@ def test_backend_argument():
 
 _MEMORY_SCRIPT = r"""
 import sys, time, torch
-from dpo_engine.logprobs import token_logps
+from dpo_engine.modeling import token_logps
 
 def status(key):
     for line in open("/proc/self/status"):

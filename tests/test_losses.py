@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from data_contracts.config import ConfigError, LossConfig, load_config
-from dpo_engine.losses import (dpo_loss, f_divergence, ld_weighted_logps, loss_from_config, pair_metrics,
-                               wpo_log_weight)
+from dpo_engine.modeling import dpo_loss, f_divergence, ld_weighted_logps, loss_from_config, pair_metrics, wpo_log_weight
 
 
 def t(*v):

@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from data_contracts.config import LossConfig, TrainConfig
-from dpo_engine.master_weights import MasterWeights
-from dpo_engine.trainer import train
+from dpo_engine.training import MasterWeights
+from dpo_engine.training import train
 from test_trainer import _pairs, _ref, _weights
 from tiny import tiny_model_dir
 

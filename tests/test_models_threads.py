@@ -9,7 +9,7 @@ import threading
 from transformers import PreTrainedModel
 
 from data_contracts.config import ModelConfig
-from dpo_engine.models import load_model
+from dpo_engine.modeling import load_model
 from tiny import tiny_model_dir
 
 
@@ -43,7 +43,7 @@ def test_concurrent_loads_give_complete_tied_models(tmp_path):
 def test_adapter_initialisation_depends_on_the_seed_only(tmp_path):
     import torch
     from data_contracts.config import PeftConfig
-    from dpo_engine.adapters import apply_adapter
+    from dpo_engine.modeling import apply_adapter
 
     folder = str(tiny_model_dir(tmp_path / "m"))
     cfg = PeftConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj"])
@@ -61,7 +61,7 @@ def test_sampled_generations_do_not_depend_on_other_threads(tmp_path):
     import torch
     from data_contracts.config import EvalConfig
     from dpo_engine.evaluation import generate
-    from dpo_engine.models import set_seed
+    from dpo_engine.modeling import set_seed
     from tiny import tiny_tokenizer
 
     model = load_model(ModelConfig(), str(tiny_model_dir(tmp_path / "m")), "cpu")

@@ -44,7 +44,7 @@ def test_newest_partition_sorted_by_name(tmp_path):
 
 def test_preflight_accepts_a_dated_path(dpo_home, tmp_path):
     from data_contracts.config import ConfigError, load_config
-    from dpo_engine.run import preflight
+    from dpo_engine.pipeline import preflight
 
     today = dt.datetime.now(dt.timezone.utc).date().isoformat()
     cfg = load_config(None, {"data.source": str(tmp_path / "{date}.jsonl"), "eval.judge": None,
@@ -77,9 +77,11 @@ def test_nightly_skips_when_nothing_new_and_compares_runs(dpo_home, tmp_path, ca
     import mlflow
     from mlflow import MlflowClient
 
-    from data_contracts.config import load_config, mlflow_uri
-    from dpo_engine import registry
-    from dpo_engine.run import nothing_new
+    from data_contracts.config import load_config
+
+    from data_contracts.state import mlflow_uri
+    from dpo_engine import tracking as registry
+    from dpo_engine.pipeline import nothing_new
     from flows.cli import main
     from flows.dpo import dpo
 

@@ -5,10 +5,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from data_contracts.config import LossConfig, TrainConfig
-from dpo_engine.forward import collate, pack, pair_batch, pair_logps, sequence_logps
-from dpo_engine.losses import loss_from_config
-from dpo_engine.refcache import compute_reference_logps
-from dpo_engine.trainer import train
+from dpo_engine.modeling import collate, pack, pair_batch, pair_logps, sequence_logps
+from dpo_engine.modeling import loss_from_config
+from dpo_engine.reference import compute_reference_logps
+from dpo_engine.training import train
 from test_trainer import _pairs
 from tiny import tiny_model_dir
 
@@ -118,7 +118,7 @@ def test_packing_picks_flash_attention_varlen_on_cuda_when_installed(monkeypatch
     import importlib.util
 
     from data_contracts.config import ModelConfig
-    from dpo_engine.models import packed_attention
+    from dpo_engine.modeling import packed_attention
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "flash_attn" else real(n, *a))

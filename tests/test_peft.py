@@ -6,11 +6,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from data_contracts.config import ConfigError, LossConfig, ModelConfig, PeftConfig, TrainConfig, load_config
-from dpo_engine.adapters import apply_adapter, check_config, export_model, peft_config, reference_mode
-from dpo_engine.forward import lm_body_and_head, pair_batch, sequence_logps
-from dpo_engine.models import load_model
-from dpo_engine.refcache import compute_reference_logps
-from dpo_engine.trainer import TrainingError, train
+from dpo_engine.modeling import apply_adapter, check_config, export_model, peft_config, reference_mode
+from dpo_engine.modeling import lm_body_and_head, pair_batch, sequence_logps
+from dpo_engine.modeling import load_model
+from dpo_engine.reference import compute_reference_logps
+from dpo_engine.training import TrainingError, train
 from test_trainer import _pairs
 from tiny import tiny_model_dir, tiny_tokenizer
 

@@ -17,9 +17,8 @@ import torch
 
 from data_contracts.config import load_config
 from data_contracts.errors import user_error
-from dpo_engine.models import ModelError
-from dpo_engine.refcache import (COMPLETE, CacheError, _locked, cached_reference_logps, read_cache,
-                                 remove_leftovers)
+from dpo_engine.modeling import ModelError
+from dpo_engine.reference.cache import COMPLETE, CacheError, _locked, cached_reference_logps, read_cache, remove_leftovers
 from dpo_engine.stages import precompute
 
 VALIDATED = {"model_fingerprint": "m" * 16, "tokenizer_fingerprint": "t" * 16, "model_path": "/nowhere",

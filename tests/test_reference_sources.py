@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from data_contracts.config import ConfigError, LossConfig, ReferenceConfig, TrainConfig, load_config
-from dpo_engine.refcache import compute_reference_logps
-from dpo_engine.trainer import TrainingError, train
+from dpo_engine.reference import compute_reference_logps
+from dpo_engine.training import TrainingError, train
 from test_trainer import _pairs
 from tiny import tiny_model_dir
 
@@ -174,9 +174,9 @@ def test_trainer_refuses_tr_dpo_without_an_online_model(dirs, tmp_path):
 def test_stages_with_a_reference_model_path(dpo_home, dirs, monkeypatch):
     """precompute from a model other than the policy's base; train against it online, with TR-DPO;
     evaluate generates with that same reference model."""
-    from dpo_engine.refcache import read_cache
+    from dpo_engine.reference import read_cache
     from dpo_engine.stages import precompute, train as train_stage, validate
-    from dpo_engine.stages.common import read_valid
+    from data_contracts.validation import read_valid
 
     policy_dir, other_dir = dirs
     base = {"model.name_or_path": str(policy_dir), "data.train_limit": 8, "data.eval_limit": 4,

@@ -14,7 +14,7 @@ pytest.importorskip("mlflow")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from dpo_engine import registry  # noqa: E402
+from dpo_engine import tracking as registry  # noqa: E402
 
 WORDS = ["<unk>", "<s>", "</s>", "<pad>"] + ("user assistant : the a cat dog sat on mat is "
                                               "good bad yes no hello").split()

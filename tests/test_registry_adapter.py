@@ -16,9 +16,9 @@ pytest.importorskip("peft")
 pytest.importorskip("mlflow")
 
 from data_contracts.config import ModelConfig, PeftConfig  # noqa: E402
-from dpo_engine import registry  # noqa: E402
-from dpo_engine.adapters import apply_adapter, export_model  # noqa: E402
-from dpo_engine.models import load_model  # noqa: E402
+from dpo_engine import tracking as registry  # noqa: E402
+from dpo_engine.modeling import apply_adapter, export_model  # noqa: E402
+from dpo_engine.modeling import load_model  # noqa: E402
 
 NAME = "tiny-adapter"
 PROMPT = "Hi"

@@ -11,8 +11,10 @@ from tiny import tiny_model_dir
 
 pytest.importorskip("mlflow")
 
-from dpo_engine import plots, registry  # noqa: E402
-from dpo_engine.stages.common import code_version  # noqa: E402
+from dpo_engine.evaluation import plots
+
+from dpo_engine import tracking as registry  # noqa: E402
+from dpo_engine.stages.runtime import code_version# noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

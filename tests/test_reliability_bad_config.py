@@ -14,8 +14,7 @@ import annotated_types as at
 import pytest
 from pydantic import BaseModel
 
-from data_contracts.config import (EVAL_STEP_METRICS, PAIR_METRICS, TRAIN_STEP_METRICS, ConfigError, RunConfig,
-                                   load_config)
+from data_contracts.config import EVAL_STEP_METRICS, PAIR_METRICS, TRAIN_STEP_METRICS, ConfigError, RunConfig, load_config
 
 
 def _leaves(model: type[BaseModel], prefix: str = ""):
@@ -221,9 +220,9 @@ def test_early_stopping_names_are_what_the_trainer_logs(tmp_path):
 
     from data_contracts.config import LossConfig, TrainConfig
     from dpo_engine.evaluation import preference_metrics
-    from dpo_engine.refcache import compute_reference_logps
+    from dpo_engine.reference import compute_reference_logps
     from dpo_engine.sweep import STOP_METRICS
-    from dpo_engine.trainer import train
+    from dpo_engine.training import train
 
     model = _load(tiny_model_dir(tmp_path / "m"))
     pairs, eval_pairs = _pairs(n=4, seed=0), _pairs(n=4, seed=1)
@@ -300,7 +299,7 @@ def test_missing_local_file_fails_in_preflight_before_any_compute(field, overrid
 
 
 def test_preflight_passes_when_the_local_files_exist(dpo_home, tmp_path):
-    from dpo_engine.run import preflight
+    from dpo_engine.pipeline import preflight
 
     (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     (tmp_path / "acc.yaml").write_text("distributed_type: NO\nnum_processes: 1\n")

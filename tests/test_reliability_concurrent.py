@@ -18,7 +18,7 @@ from tiny import tiny_model_dir
 
 
 def test_two_flows_at_once_share_cache_and_store(tmp_path):
-    from dpo_engine.refcache import COMPLETE, read_cache
+    from dpo_engine.reference import COMPLETE, read_cache
 
     model = tiny_model_dir(tmp_path / "tiny")
     home = tmp_path / "home"
@@ -58,7 +58,7 @@ def test_two_flows_at_once_share_cache_and_store(tmp_path):
     # one MLflow store: each MLflow run registered at most once, the model has a version per run
     from mlflow import MlflowClient
 
-    from dpo_engine import registry
+    from dpo_engine import tracking as registry
 
     registry.connect(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
     versions = MlflowClient().search_model_versions("name = 'tiny-concurrent'")

@@ -11,8 +11,8 @@ import torch
 
 from data_contracts.config import LossConfig, ModelConfig, TrainConfig, load_config
 from data_contracts.errors import DataError
-from dpo_engine.models import ModelError, load_model
-from dpo_engine.refcache import CacheError, cached_reference_logps, compute_reference_logps, read_cache
+from dpo_engine.modeling import ModelError, load_model
+from dpo_engine.reference import CacheError, cached_reference_logps, compute_reference_logps, read_cache
 from test_trainer import _load, _pairs
 from tiny import tiny_model_dir
 
@@ -58,7 +58,7 @@ def test_damaged_reference_shard_is_named_and_recomputed(tiny_dir, tmp_path, dam
 
 def _run(tiny_dir, pairs, ref, out, max_steps):
     """(model, result) of a run with a checkpoint after every step (the newest 2 kept)."""
-    from dpo_engine.trainer import train
+    from dpo_engine.training import train
 
     cfg = TrainConfig(learning_rate=1e-3, max_steps=max_steps, save_steps=1, seed=1,
                       per_device_train_batch_size=4)
@@ -185,8 +185,8 @@ def test_damage_found_only_while_loading_falls_back_and_overwrites_the_partial_l
     """A file damaged after the checks (or that the checks cannot see): the load names it and falls
     back to the older checkpoint, whose load overwrites the weights the damaged one had already set
     (and nothing else was set from it). With no older checkpoint left the run stops, naming the file."""
-    from dpo_engine import checkpoints
-    from dpo_engine.trainer import TrainingError
+    from dpo_engine.training import checkpoints
+    from dpo_engine.training import TrainingError
 
     pairs, ref, done, final = three_steps
     monkeypatch.setattr(checkpoints, "_checkpoint_problem", lambda *a, **k: None)  # the checks see nothing
@@ -212,7 +212,7 @@ def test_fsdp_resume_falls_back_past_a_damaged_checkpoint(tiny_dir, three_steps,
     trainer.pt found damaged after the weights were loaded falls back to step-2, like the plain path."""
     import torch.distributed as dist
 
-    from dpo_engine import checkpoints
+    from dpo_engine.training import checkpoints
 
     pairs, ref, _, final = three_steps
     out = tmp_path / "run"

@@ -89,7 +89,7 @@ def registered(home: Path, model_name: str = MODEL_NAME) -> dict:
     loss history (steps) of each version's run."""
     from mlflow import MlflowClient
 
-    from dpo_engine import registry
+    from dpo_engine import tracking as registry
 
     registry.connect(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
     client = MlflowClient()

@@ -14,7 +14,7 @@ import psutil
 import pyarrow.parquet as pq
 
 from data_contracts.config import DataConfig
-from data_contracts.validate import validate_split
+from data_contracts.validation import validate_split
 from tiny import tiny_tokenizer
 
 N_ROWS = 10_000

@@ -122,7 +122,7 @@ def _check_store(uri: str, run_id: str) -> None:
     """All step metrics and the evaluation in MLflow, exactly one model version, nothing pending."""
     from mlflow import MlflowClient
 
-    from dpo_engine import registry
+    from dpo_engine import tracking as registry
 
     registry.connect(uri)
     client = MlflowClient()
@@ -139,7 +139,7 @@ def _check_store(uri: str, run_id: str) -> None:
 
 
 def test_server_down_in_training_and_registration_then_back(dpo_home, tiny, server, monkeypatch):
-    from dpo_engine import registry
+    from dpo_engine import tracking as registry
     from dpo_engine.stages import register as register_stage
     from flows.dpo import dpo
 
@@ -196,7 +196,7 @@ def test_server_never_back_fails_in_one_line_then_dpo_register(dpo_home, tiny, s
     server.start()
     assert main(["register", "--run-dir", str(run_dir)]) == 0  # config: the run folder's config.yaml
     assert main(["register", "--run-dir", str(run_dir)]) == 0  # again: still one version
-    from dpo_engine.stages.common import load_result
+    from dpo_engine.stages.index import load_result
     _check_store(server.uri, load_result(run_dir, "train")["mlflow_run_id"])
 
 
@@ -206,7 +206,7 @@ def test_outbox_keeps_entries_while_the_store_fails_and_sends_them_once(dpo_home
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from dpo_engine import registry
+    from dpo_engine import tracking as registry
 
     registry.connect(f"sqlite:///{dpo_home / 'mlflow' / 'mlflow.db'}",
                      retry=registry.RetryPolicy(timeout_s=5, backoff_s=0.05, max_backoff_s=0.1))
@@ -257,7 +257,7 @@ def test_background_outbox_never_waits_for_a_hanging_server(dpo_home, monkeypatc
     import mlflow
     from mlflow import MlflowClient
 
-    from dpo_engine import registry
+    from dpo_engine import tracking as registry
 
     store = f"sqlite:///{dpo_home / 'mlflow' / 'mlflow.db'}"
     registry.connect(store, retry=registry.RetryPolicy(timeout_s=30, backoff_s=0.05, max_backoff_s=0.1))

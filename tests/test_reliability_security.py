@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_contracts.config import ConfigError, ModelConfig, load_config
-from dpo_engine.models import ModelError, load_model, load_tokenizer
+from dpo_engine.modeling import ModelError, load_model, load_tokenizer
 from tiny import tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +61,8 @@ def test_trust_remote_code_on_is_recorded(dpo_home, monkeypatch):
 
     import yaml
 
-    from dpo_engine import registry
-    from dpo_engine.run import new_run_dir
+    from dpo_engine import tracking as registry
+    from dpo_engine.pipeline import new_run_dir
     from dpo_engine.stages.train import logged_params
 
     cfg = load_config(None, {"model.trust_remote_code": True, "run_name": "trc"})
@@ -114,7 +114,7 @@ def test_pickle_only_adapter_folder_is_refused(tiny, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from data_contracts.config import PeftConfig
-    from dpo_engine.adapters import apply_adapter, check_config
+    from dpo_engine.modeling import apply_adapter, check_config
 
     base = lambda: load_model(ModelConfig(name_or_path=str(tiny)), str(tiny))  # noqa: E731
     saved = tmp_path / "adapter"
@@ -195,8 +195,8 @@ def _files(*roots: Path):
 
 
 def test_no_planted_credential_leaks_into_outputs(tiny, dpo_home, monkeypatch, capfd):
-    from data_contracts.config import mlflow_uri
-    from dpo_engine import registry
+    from data_contracts.state import mlflow_uri
+    from dpo_engine import tracking as registry
     from flows.dpo import dpo
     from test_flow_e2e import _overrides
 
@@ -236,8 +236,9 @@ def test_tracking_uri_password_is_refused_in_config_and_redacted_in_errors():
     takes MLFLOW_TRACKING_USERNAME/PASSWORD from the environment), and a URI from the environment
     that holds one is not shown in the error of a tracking server that cannot be reached (printed,
     and kept in summary.json's error)."""
-    from data_contracts.config import ConfigError, redact_credentials
-    from dpo_engine import registry
+    from data_contracts.config import ConfigError
+    from data_contracts.helpers import redact_credentials
+    from dpo_engine import tracking as registry
 
     uri = f"http://dpo-user:{URL_PASSWORD}@127.0.0.1:9"
     with pytest.raises(ConfigError, match="tracking.mlflow_tracking_uri: holds credentials") as err:

@@ -106,7 +106,7 @@ def test_sweep_trains_children_under_one_parent_and_registers_the_best(dpo_home,
     _check_children(s, variants, "tiny-sweep")
 
     # dpo compare shows the sweep as one table: its variants with their overrides, the best marked
-    from dpo_engine import registry
+    from dpo_engine import tracking as registry
 
     df = registry.compare_runs("sweep-test", sweep="sw", metrics=["eval/rewards/margins"])
     assert list(df["run_name"]) == ["sw-00", "sw-01", "sw-02"]
@@ -124,8 +124,8 @@ def _check_children(s: dict, variants: list[dict], model_name: str) -> None:
     """One finished child MLflow run per variant under the parent; only the best registered."""
     from mlflow import MlflowClient
 
-    from data_contracts.config import mlflow_uri
-    from dpo_engine import registry
+    from data_contracts.state import mlflow_uri
+    from dpo_engine import tracking as registry
 
     registry.connect(mlflow_uri())
     client = MlflowClient()
@@ -191,9 +191,9 @@ def test_lagging_variant_is_stopped_early(dpo_home, tmp_path):
     at its first evaluation, keeps its checkpoint, is not evaluated, not chosen, not indexed for reuse."""
     from mlflow import MlflowClient
 
-    from data_contracts.config import mlflow_uri
-    from dpo_engine import registry
-    from dpo_engine.stages.common import lookup
+    from data_contracts.state import mlflow_uri
+    from dpo_engine import tracking as registry
+    from dpo_engine.stages.index import lookup
     from flows.dpo import dpo
 
     overrides = {**_tiny_overrides(tmp_path, "stop"), "train.max_steps": 4, "train.eval_steps": 2,

@@ -4,9 +4,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from data_contracts.config import LossConfig, TrainConfig
-from dpo_engine.forward import pair_batch, sequence_logps
-from dpo_engine.refcache import compute_reference_logps, read_cache, write_cache
-from dpo_engine.trainer import train
+from dpo_engine.modeling import pair_batch, sequence_logps
+from dpo_engine.reference import compute_reference_logps, read_cache, write_cache
+from dpo_engine.training import train
 from tiny import tiny_model_dir
 
 
@@ -76,14 +76,14 @@ def test_gradient_accumulation_is_exact(tiny_dir, tmp_path, loss):
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tiny_dir, tmp_path):
-    from dpo_engine.trainer import TrainingError
+    from dpo_engine.training import TrainingError
 
     pairs = _pairs()
     ref = _ref(_load(tiny_dir), pairs)
     bad = ref.copy()
     n_steps_ok = 2  # batch 2, seeded order: find a pair first used in step 3, poison its reference
     cfg = TrainConfig(learning_rate=1e-3, max_steps=4, seed=1, save_steps=1, per_device_train_batch_size=2)
-    from dpo_engine.trainer import pair_order
+    from dpo_engine.training import pair_order
     order = pair_order(len(pairs), 8, cfg.seed)
     poisoned = next(i for i in order[4:6] if i not in order[:4])
     bad.loc[bad["example_id"] == pairs["example_id"][poisoned], "ref_chosen_logps"] = float("nan")
@@ -110,7 +110,7 @@ def test_checkpoint_at_the_end_and_keep_the_last_k(tiny_dir, tmp_path):
 
 
 def test_logging_steps_average_like_trl():
-    from dpo_engine.trainer import logged_metrics
+    from dpo_engine.training import logged_metrics
 
     hist = [{"step": s, "loss": float(s), "num_tokens": 10.0 * s} for s in range(1, 8)]
     hist[5]["eval/loss"] = 0.5
@@ -154,7 +154,7 @@ def test_resume_after_crash_gives_the_same_weights(tiny_dir, tmp_path):
 
 
 def test_cache_roundtrip_and_verification(tiny_dir, tmp_path):
-    from dpo_engine.refcache import CacheError
+    from dpo_engine.reference import CacheError
 
     pairs = _pairs()
     ref = _ref(_load(tiny_dir), pairs)
@@ -171,7 +171,7 @@ def test_cache_roundtrip_and_verification(tiny_dir, tmp_path):
 
 
 def test_shared_cache_hits_resumes_and_rebuilds(tiny_dir, tmp_path):
-    from dpo_engine.refcache import cached_reference_logps
+    from dpo_engine.reference import cached_reference_logps
 
     pairs = _pairs(n=10)
     model = _load(tiny_dir)
@@ -207,7 +207,7 @@ def test_shared_cache_hits_resumes_and_rebuilds(tiny_dir, tmp_path):
 
 def test_wpo_weight_and_ld_weighting_match_naive_logits(tiny_dir):
     from data_contracts.config import LossConfig
-    from dpo_engine.forward import pair_logps
+    from dpo_engine.modeling import pair_logps
 
     pairs = _pairs(n=4).to_dict("records")
     model = _load(tiny_dir)

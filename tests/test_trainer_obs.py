@@ -7,10 +7,10 @@ from pydantic import ValidationError
 
 from data_contracts.config import LossConfig, TrainConfig
 from dpo_engine.evaluation import preference_metrics
-from dpo_engine.forward import pair_logps
-from dpo_engine.losses import loss_from_config
-from dpo_engine.refcache import compute_reference_logps
-from dpo_engine.trainer import TrainingError, should_stop, train
+from dpo_engine.modeling import pair_logps
+from dpo_engine.modeling import loss_from_config
+from dpo_engine.reference import compute_reference_logps
+from dpo_engine.training import TrainingError, should_stop, train
 from test_trainer import _load, _pairs
 from tiny import tiny_model_dir
 

@@ -45,8 +45,8 @@ def _rel(a, r):
 
 def run_case(name: str, device: str) -> dict:
     """Metrics of one case (relative errors against float64)."""
-    from dpo_engine.logprobs import naive_token_logps, token_logps
-    from dpo_engine.triton_head import triton_token_logps
+    from dpo_engine.modeling import naive_token_logps, token_logps
+    from dpo_engine.modeling.triton_kernels import triton_token_logps
 
     n, d, v, bias, dtype, stats, eps, frozen = CASES[name]
     dt = getattr(torch, dtype)
@@ -86,8 +86,8 @@ def run_case(name: str, device: str) -> dict:
 def run_filter_case(device: str) -> dict:
     """Tile 1 (columns 32..63, one BLOCK_V) sits ~12 nats below the rest, softmax ~1e-7 < 2^-12,
     and no token targets it: with filtering it is skipped in both backward kernels."""
-    from dpo_engine.logprobs import naive_token_logps
-    from dpo_engine.triton_head import triton_token_logps
+    from dpo_engine.modeling import naive_token_logps
+    from dpo_engine.modeling.triton_kernels import triton_token_logps
 
     g = torch.Generator().manual_seed(3)
     n, d, v = 24, 16, 96
@@ -121,8 +121,8 @@ def run_correct_case(device: str) -> dict:
     4 vocabulary tiles; gaussian inputs (no ties) with every other target set to the argmax, and
     small-integer inputs (exact integer logits, many ties; targets the last tied max, which a tie
     counts as correct but torch.argmax does not pick)."""
-    from dpo_engine.logprobs import token_logps
-    from dpo_engine.triton_head import triton_token_logps
+    from dpo_engine.modeling import token_logps
+    from dpo_engine.modeling.triton_kernels import triton_token_logps
 
     g = torch.Generator().manual_seed(7)
     n, d, v = 40, 40, 100
@@ -237,7 +237,7 @@ def test_cuda(name):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_default_blocks_match_torch_path(dtype):
     """Realistic shape with the default block sizes and the auto backend, against the torch path."""
-    from dpo_engine.logprobs import token_logps
+    from dpo_engine.modeling import token_logps
 
     g = torch.Generator().manual_seed(0)
     n, d, v = 1000, 576, 49152 + 17
@@ -263,7 +263,7 @@ def test_cuda_model_sequence_logps_auto_matches_torch_backend():
     backend (Triton) gives the torch path's sequence log-probs and parameter gradients."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpo_engine import forward
+    from dpo_engine.modeling import sequence_logps as forward
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=5000, hidden_size=128, intermediate_size=256,

@@ -10,14 +10,18 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from data_contracts.config import RunConfig, mlflow_uri
-from dpo_engine import plots, registry
-from dpo_engine.evaluation import (generate, judge_table, kl_metrics, kl_sampling, length_metrics, load_judge,
-                                   preference_metrics, sample_kl)
-from dpo_engine.models import load_model, load_reference_model, load_tokenizer, pick_device
-from dpo_engine.refcache import read_cache
-from dpo_engine.stages.common import (Timer, atomic_path, crash_point, fingerprint, read_valid, record,
-                                      reused, write_json)
+from data_contracts.config import RunConfig
+
+from data_contracts.state import mlflow_uri
+from dpo_engine.evaluation import plots
+from dpo_engine import tracking
+from dpo_engine.evaluation import generate, judge_table, kl_metrics, kl_sampling, length_metrics, load_judge, preference_metrics, sample_kl
+from dpo_engine.modeling import load_model, load_reference_model, load_tokenizer, pick_device
+from dpo_engine.reference import read_cache
+from dpo_engine.stages.runtime import Timer, crash_point
+from data_contracts.helpers import atomic_path, fingerprint, write_json
+from data_contracts.validation import read_valid
+from dpo_engine.stages.index import record, reused
 
 STAGE = "evaluate"
 
@@ -105,8 +109,8 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, train
     # through the run's outbox: an unreachable MLflow does not stop evaluation; what it could not
     # take is sent by the register stage, which waits for the server
     run_id = trained["mlflow_run_id"]
-    registry.connect(mlflow_uri(cfg), retry=registry.RetryPolicy.from_config(cfg.registry), check=False)
-    outbox = registry.Outbox(run_id)
+    tracking.connect(mlflow_uri(cfg), retry=tracking.RetryPolicy.from_config(cfg.registry), check=False)
+    outbox = tracking.Outbox(run_id)
     outbox.log_metrics(metrics)
     for f in [out / "samples.jsonl", out / "metrics.json", *pngs]:
         outbox.log_artifact(f, "evaluation")

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_contracts.config import RunConfig, mlflow_uri
-from dpo_engine import registry
+from data_contracts.config import RunConfig
+
+from data_contracts.state import mlflow_uri
+from dpo_engine import tracking
 from dpo_engine.stages import validate
-from dpo_engine.stages.common import Timer, code_version, crash_point, fingerprint, record
+from dpo_engine.stages.runtime import Timer, code_version, crash_point
+from data_contracts.helpers import fingerprint
+from dpo_engine.stages.index import record
 
 STAGE = "register"
 
@@ -43,31 +47,31 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, trained: dict, evaluated
     fp = key(cfg, trained, evaluated)
     if not cfg.registry.enabled:
         return {"stage": STAGE, "fingerprint": fp, "reused": False, "seconds": 0.0, "outputs": [],
-                "metrics": {}, "summary": "register: skipped (registry.enabled is false)"}
+                "metrics": {}, "summary": "register: skipped (tracking.enabled is false)"}
     # no index reuse here: register_model itself is idempotent (one version per MLflow run)
     metrics = {**trained.get("metrics", {}), **evaluated.get("metrics", {})}
     run_id = trained["mlflow_run_id"]
     with Timer() as t:
         try:
-            # an unreachable server is waited for (registry.retry_*), then everything training and
+            # an unreachable server is waited for (tracking.retry_*), then everything training and
             # evaluation could not send goes first, then the one version of this run
-            registry.connect(mlflow_uri(cfg), retry=registry.RetryPolicy.from_config(cfg.registry),
+            tracking.connect(mlflow_uri(cfg), retry=tracking.RetryPolicy.from_config(cfg.registry),
                              wait=True)
-            registry.Outbox(run_id).send(wait=True)
+            tracking.Outbox(run_id).send(wait=True)
             crash_point(STAGE, "outbox-sent")
             tags = version_tags(cfg, run_dir, validated)
             if tags["code_version"]:
-                registry.set_tags(run_id, {"mlflow.source.git.commit": tags["code_version"]})
+                tracking.set_tags(run_id, {"mlflow.source.git.commit": tags["code_version"]})
             gate = cfg.registry.gate
-            info = registry.register_model(
+            info = tracking.register_model(
                 run_id, trained["model_dir"], cfg.registry.model_name,
                 metrics=metrics, gate_thresholds=gate.thresholds, tags=tags,
                 beat_champion_metric=gate.beat_champion_metric, min_improvement=gate.min_improvement,
                 on_step=lambda point: crash_point(STAGE, point),
                 base_model_revision=cfg.model.revision)  # an adapter's base, when a hub id
-            registry.end_run(run_id)
-        except registry.TrackingUnavailable as e:
-            raise registry.TrackingUnavailable(
+            tracking.end_run(run_id)
+        except tracking.TrackingUnavailable as e:
+            raise tracking.TrackingUnavailable(
                 f"{e}; the trained model stays at {trained['model_dir']}: register it later with "
                 f"`dpo register --run-dir {run_dir}`") from None
     gate = "passed: champion" if info["gate_passed"] else "not passed: " + "; ".join(info["gate_reasons"])

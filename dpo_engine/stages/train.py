@@ -10,15 +10,21 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from data_contracts.config import RunConfig, mlflow_uri
-from dpo_engine import launch, registry
-from dpo_engine.adapters import apply_adapter, check_config, export_model
-from dpo_engine.models import load_model, load_tokenizer, model_fingerprint, packed_attention, pick_device
-from dpo_engine.refcache import read_cache, training_reference
-from dpo_engine.stages.common import (Timer, claim_partial, crash_point, fingerprint, read_valid, record,
-                                      reused, source_fingerprint, write_json, write_text)
+from data_contracts.config import RunConfig
+
+from data_contracts.state import mlflow_uri
+from dpo_engine.stages import launch
+from dpo_engine import tracking
+from dpo_engine.modeling import apply_adapter, check_config, export_model
+from dpo_engine.modeling import load_model, load_tokenizer, model_fingerprint, packed_attention, pick_device
+from dpo_engine.reference import read_cache, training_reference
+from dpo_engine.stages.runtime import Timer, crash_point
+from dpo_engine.stages.index import claim_partial, record, reused
+from data_contracts.helpers import fingerprint, write_json, write_text
+from data_contracts.validation import read_valid
+from data_contracts.sources import source_fingerprint
 from dpo_engine.evaluation import preference_metrics
-from dpo_engine.trainer import check_optim, extra_stop_rule, total_steps, train
+from dpo_engine.training import check_optim, extra_stop_rule, total_steps, train
 from dpo_engine.sweep import stop_rule
 
 STAGE = "train"
@@ -32,14 +38,14 @@ def key(cfg: RunConfig, precomputed: dict) -> str:
 
 
 def logged_params(cfg: RunConfig) -> dict:
-    """The run config as the MLflow run's params (nested; ``registry.log_params`` flattens them):
+    """The run config as the MLflow run's params (nested; ``tracking.log_params`` flattens them):
     every section, security settings such as ``model.trust_remote_code`` included. run_name is the
     MLflow run's name, not a param, so a re-run under a new name can continue it; user:password in
     ``tracking.mlflow_tracking_uri`` is not written down."""
     params = cfg.model_dump(mode="json", exclude={"run_name"})
     tracking = params.get("tracking") or {}
     if tracking.get("mlflow_tracking_uri"):
-        tracking["mlflow_tracking_uri"] = registry._redact(tracking["mlflow_tracking_uri"])
+        tracking["mlflow_tracking_uri"] = tracking._redact(tracking["mlflow_tracking_uri"])
     return params
 
 
@@ -59,19 +65,19 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
     tok = load_tokenizer(cfg.model, validated["model_path"])
 
     claim_partial(STAGE, fp, out)  # a crashed earlier run of this training: go on from its checkpoints
-    registry.connect(mlflow_uri(cfg), retry=registry.RetryPolicy.from_config(cfg.registry))
+    tracking.connect(mlflow_uri(cfg), retry=tracking.RetryPolicy.from_config(cfg.registry))
     id_file = out / "mlflow_run_id"  # a retried/resumed training logs into the same MLflow run
-    run_id = registry.start_run(cfg.registry.experiment, Path(run_dir).name,
+    run_id = tracking.start_run(cfg.registry.experiment, Path(run_dir).name,
                                 tags={"dpo.fingerprint": fp, "dpo.run_dir": str(run_dir),
                                       "dpo.base_model": cfg.model.name_or_path},
                                 run_id=id_file.read_text().strip() if id_file.is_file() else None)
     out.mkdir(parents=True, exist_ok=True)
     write_text(id_file, run_id)
     crash_point(STAGE, "mlflow-run")
-    registry.log_params(run_id, logged_params(cfg))
+    tracking.log_params(run_id, logged_params(cfg))
     # metrics kept on disk while MLflow is away, sent when it is back, by a thread: a server that
     # hangs never holds up a step
-    outbox = registry.Outbox(run_id, background=True)
+    outbox = tracking.Outbox(run_id, background=True)
     outbox.log_metrics(validated.get("metrics", {}))
 
     def log_step(m, s):  # every train.logging_steps steps and at the last

@@ -51,9 +51,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from data_contracts.config import redact_credentials, state_home
-from dpo_engine.models import LOAD_LOCK
-from dpo_engine.refcache import file_lock
+from data_contracts.state import state_home
+
+from data_contracts.helpers import redact_credentials
+from dpo_engine.modeling import LOAD_LOCK
+from data_contracts.helpers import file_lock
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_contracts.config import BUILTIN_MODEL, ModelConfig, state_home
+from data_contracts.config import BUILTIN_MODEL, ModelConfig
+
+from data_contracts.state import state_home
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTER_VERSION = "2"

@@ -39,14 +39,13 @@ import torch.distributed as dist
 from torch import nn
 
 from data_contracts.config import LossConfig, ReferenceConfig, TrainConfig
-from dpo_engine.adapters import is_peft, reference_mode
-from dpo_engine.checkpoints import (apply_trainer_state, latest_checkpoint, read_checkpoint, remove_crash_leftovers,
-                                    resume, rng_state, save_checkpoint)
-from dpo_engine import forward
-from dpo_engine.forward import pair_logps, unwrap_model
-from dpo_engine.losses import loss_from_config, pair_metrics
-from dpo_engine.master_weights import MasterWeights
-from dpo_engine.models import autocast, autocast_dtype, disable_dropout, set_seed
+from dpo_engine.modeling import is_peft, reference_mode
+from dpo_engine.training.checkpoints import apply_trainer_state, latest_checkpoint, read_checkpoint, remove_crash_leftovers, resume, rng_state, save_checkpoint
+from dpo_engine.modeling import sequence_logps
+from dpo_engine.modeling import pair_logps, unwrap_model
+from dpo_engine.modeling import loss_from_config, pair_metrics
+from dpo_engine.training.master_weights import MasterWeights
+from dpo_engine.modeling import autocast, autocast_dtype, disable_dropout, set_seed
 
 
 class TrainingError(RuntimeError):
@@ -302,7 +301,7 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
     if cfg.compile:
         if fsdp is not None:
             raise TrainingError("train.compile is not supported with FSDP yet; set train.compile=false")
-        forward.compile_layers(_unwrap_ddp(policy))
+        sequence_logps.compile_layers(_unwrap_ddp(policy))
     peak = peak_tflops(cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -645,7 +644,7 @@ def _gather_records(outs: list[dict], n_ranks: int) -> list[dict]:
 
 
 def _step_metrics(outs, grad_norm: float, lr: float, tokens: int, seconds: float) -> dict:
-    from dpo_engine.losses import PairLoss
+    from dpo_engine.modeling import PairLoss
 
     cat = PairLoss(torch.cat([o["losses"] for o in outs]), torch.cat([o["chosen_rewards"] for o in outs]),
                    torch.cat([o["rejected_rewards"] for o in outs]))

@@ -12,8 +12,8 @@ from pathlib import Path
 from torch import nn
 
 from data_contracts.config import ConfigError, PeftConfig, RunConfig
-from dpo_engine.forward import unwrap_model
-from dpo_engine.models import LOAD_LOCK, ModelError, seeded
+from dpo_engine.modeling.sequence_logps import unwrap_model
+from dpo_engine.modeling.loading import LOAD_LOCK, ModelError, seeded
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -108,7 +108,7 @@ def export_model(model: nn.Module, tokenizer, dest: Path, export: str = "merged"
     """Write the trained model to ``dest``: merged full weights (a plain model folder, so every
     downstream consumer is unchanged) or the adapter only (adapter_config.json pointing at
     ``base_model_path``). A non-PEFT model is saved as is."""
-    from dpo_engine.models import save_model_folder
+    from dpo_engine.modeling.loading import save_model_folder
 
     if not is_peft(model):
         return save_model_folder(unwrap_model(model), tokenizer, dest)

@@ -25,19 +25,19 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dpo_engine.adapters import is_peft
-from dpo_engine.master_weights import MasterWeights
-from dpo_engine.refcache import pid_alive
+from dpo_engine.modeling import is_peft
+from dpo_engine.training.master_weights import MasterWeights
+from data_contracts.helpers import pid_alive
 
 
 def _training_error(message: str) -> Exception:
-    from dpo_engine.trainer import TrainingError  # the trainer's user error (imported late: no cycle)
+    from dpo_engine.training.loop import TrainingError  # the trainer's user error (imported late: no cycle)
 
     return TrainingError(message)
 
 
 def _world() -> tuple[int, int]:
-    from dpo_engine.trainer import world
+    from dpo_engine.training.loop import world
 
     return world()
 

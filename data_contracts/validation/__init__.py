@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from data_contracts.config import BUILTIN_DATASET, DataConfig
 from data_contracts.encode import Encoded, encode_batch
 from data_contracts.errors import DataError, DataPolicyError
-from data_contracts.formats import Example, RowError, detect_layout, map_columns, to_example
+from data_contracts.layouts import Example, RowError, detect_layout, map_columns, to_example
 from data_contracts.sources import (BATCH_ROWS, decode_line, describe, input_size, iter_batches,
                                    iter_line_batches, load_rows)
 
@@ -726,3 +726,16 @@ def plan_splits(cfg: DataConfig) -> dict[str, tuple[Any, str] | None]:
     share = f"eval_fraction={cfg.eval_fraction}, seed={cfg.shuffle_seed}"
     return {"train": (train, f"{cfg.source} (train share, {share})"),
             "eval": (held, f"{cfg.source} (eval share, {share})")}
+
+
+def read_valid(path: str | Path):
+    """An earlier stage's ``valid.parquet`` as a DataFrame; a damaged or missing file is a one-line
+    DataError naming it (re-run validate), not a pyarrow traceback."""
+    import pandas as pd  # lazy: only readers of valid.parquet need pandas
+
+    try:
+        return pd.read_parquet(path)
+    except (OSError, pa.ArrowException, ValueError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"data error: {path} is missing or not a readable Parquet file ({why}); "
+                        f"re-run the validate stage to rebuild it") from None

@@ -180,7 +180,7 @@ class HeadOutput:
 def triton_available() -> bool:
     """True when the Triton head imports (triton installed and usable)."""
     try:
-        from dpo_engine import triton_head  # noqa: F401
+        from dpo_engine.modeling import triton_kernels  # noqa: F401
     except Exception:  # ImportError, or triton failing to initialise
         return False
     return True
@@ -237,7 +237,7 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         raise ValueError(f"grad_filter_eps must be >= 0; got {grad_filter_eps}")
     _check_targets(targets, weight.shape[0])
     if _pick_backend(backend, hidden) == "triton":
-        from dpo_engine.triton_head import triton_token_logps
+        from dpo_engine.modeling.triton_kernels import triton_token_logps
         return HeadOutput(*triton_token_logps(hidden, weight, targets, bias, with_stats=with_stats,
                                               grad_filter_eps=grad_filter_eps))
     with torch.autocast(device_type=hidden.device.type, enabled=False):

@@ -25,7 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from data_contracts.config import EVAL_STEP_METRICS, ConfigError, RunConfig, mlflow_uri
+from data_contracts.config import EVAL_STEP_METRICS, ConfigError, RunConfig
+
+from data_contracts.state import mlflow_uri
 
 # Sections a variant may change: validation (data, model) is shared by all variants.
 SWEEPABLE = ("loss", "train", "eval", "reference")
@@ -85,20 +87,20 @@ def best_index(metrics: list[dict[str, float]], metric: str, among: list[int] | 
 def open_parent(cfg: RunConfig, name: str, grid: dict[str, list] | list[dict], metric: str,
                 options: dict | None = None) -> str:
     """The parent MLflow run of a sweep (``options``: parallel, stop rule, logged as params)."""
-    from dpo_engine import registry
+    from dpo_engine import tracking
 
-    registry.connect(mlflow_uri(cfg))
-    run_id = registry.start_run(cfg.registry.experiment, name, tags={"dpo.sweep": "parent"})
-    registry.log_params(run_id, {"sweep": {"grid": grid, "metric": metric, **(options or {})}})
+    tracking.connect(mlflow_uri(cfg))
+    run_id = tracking.start_run(cfg.registry.experiment, name, tags={"dpo.sweep": "parent"})
+    tracking.log_params(run_id, {"sweep": {"grid": grid, "metric": metric, **(options or {})}})
     return run_id
 
 
 def adopt(parent_id: str, child_id: str, variant: dict, status: str = "completed") -> None:
     """Nest a variant's run under the parent (MLflow shows it as a child run); ``status`` is
     "completed" or "stopped early (lagging: ...)"."""
-    from dpo_engine import registry
+    from dpo_engine import tracking
 
-    registry.set_tags(child_id, {"mlflow.parentRunId": parent_id, "dpo.sweep": "child",
+    tracking.set_tags(child_id, {"mlflow.parentRunId": parent_id, "dpo.sweep": "child",
                                  "dpo.sweep.status": status,
                                  **{f"dpo.sweep.{k}": v for k, v in variant.items()}})
 
@@ -106,14 +108,14 @@ def adopt(parent_id: str, child_id: str, variant: dict, status: str = "completed
 def close_parent(parent_id: str, children: list[str], best: int, metric: str,
                  value: float) -> None:
     """Record the winner on the parent, end the parent and the losing children."""
-    from dpo_engine import registry
+    from dpo_engine import tracking
 
-    registry.set_tags(parent_id, {"dpo.sweep.best_run_id": children[best]})
-    registry.log_metrics(parent_id, {f"best/{metric}": value})
+    tracking.set_tags(parent_id, {"dpo.sweep.best_run_id": children[best]})
+    tracking.log_metrics(parent_id, {f"best/{metric}": value})
     for i, child in enumerate(children):
         if i != best:
-            registry.end_run(child)
-    registry.end_run(parent_id)
+            tracking.end_run(child)
+    tracking.end_run(parent_id)
 
 
 # ------------------------------------------------------------------------------ early stop

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from data_contracts.helpers import redact_credentials
+from data_contracts.state import state_home
 from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
                       model_validator)
 
@@ -131,7 +133,7 @@ class DataConfig(_Section):
     @field_validator("chat_template_kwargs")
     @classmethod
     def _template_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from data_contracts.formats import RESERVED_TEMPLATE_KWARGS
+        from data_contracts.layouts import RESERVED_TEMPLATE_KWARGS
 
         bad = sorted(k for k in v if k in RESERVED_TEMPLATE_KWARGS)
         if bad:
@@ -475,11 +477,6 @@ class RegistryConfig(_Section):
         return v
 
 
-def redact_credentials(text: str) -> str:
-    """``text`` with the user:password of every URL in it replaced by ``***`` (never printed or logged)."""
-    import re
-
-    return re.sub(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@", r"\1***@", str(text))
 
 
 class TrackingConfig(_Section):
@@ -602,51 +599,3 @@ def load_config(path: str | os.PathLike | None = None,
         return RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_error(e)) from None
-
-
-# ------------------------------------------------------------------------------------- state home
-
-def project_root() -> Path | None:
-    """The source checkout this package runs from, if any (holds pyproject.toml)."""
-    root = Path(__file__).resolve().parents[1]
-    return root if (root / "pyproject.toml").is_file() else None
-
-
-def state_home() -> Path:
-    """Where Prefect, MLflow, caches and runs live: $DPO_HOME, else <checkout>/.dpo, else ./.dpo."""
-    env = os.environ.get("DPO_HOME")
-    if env:
-        return Path(env).expanduser().resolve()
-    root = project_root()
-    return (root if root is not None else Path.cwd()) / ".dpo"
-
-
-def mlflow_uri(cfg: RunConfig | None = None) -> str:
-    if cfg is not None and cfg.tracking.mlflow_tracking_uri:
-        return cfg.tracking.mlflow_tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{state_home() / 'mlflow' / 'mlflow.db'}"  # absolute path -> four slashes
-
-
-def local_state_env() -> dict[str, str]:
-    """Environment that keeps Prefect, Hugging Face and MLflow state under the state home.
-    Apply with ``os.environ.setdefault`` before importing prefect: explicit settings win."""
-    home = state_home()
-    return {
-        "PREFECT_HOME": str(home / "prefect"),
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "prefect" / "results"),
-        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "true",
-        "HF_HOME": str(home / "hf"),
-        "HF_DATASETS_CACHE": str(home / "hf" / "datasets"),
-        "MPLCONFIGDIR": str(home / "matplotlib"),
-        "GIT_PYTHON_REFRESH": "quiet",
-    }
-
-
-def apply_local_state_env() -> None:
-    for k, v in local_state_env().items():
-        os.environ.setdefault(k, v)
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)

@@ -91,7 +91,7 @@ def launch_command(cfg: RunConfig, spec: Path) -> list[str]:
             cmd += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // n))]
     if int(conf.get("num_machines") or 1) <= 1 and not conf.get("main_process_port"):
         cmd += ["--main_process_port", str(_free_port())]  # concurrent runs on one machine
-    return cmd + ["-m", "dpo_engine.launch", str(spec)]
+    return cmd + ["-m", "dpo_engine.stages.launch", str(spec)]
 
 
 def launch_stage(stage: str, cfg: RunConfig, run_dir: Path, *inputs: dict) -> dict:
@@ -134,9 +134,9 @@ def _reraise(err: dict, stage: str):
 
 def _known_errors() -> dict[str, type]:
     from data_contracts.errors import DataError, DataPolicyError
-    from dpo_engine.models import ModelError
-    from dpo_engine.refcache import CacheError
-    from dpo_engine.trainer import TrainingError
+    from dpo_engine.modeling import ModelError
+    from dpo_engine.reference import CacheError
+    from dpo_engine.training import TrainingError
 
     return {c.__name__: c for c in (ConfigError, DataError, DataPolicyError, ModelError, CacheError,
                                     TrainingError)}
@@ -149,11 +149,11 @@ def _follow_train(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: d
     share of every step, no logging and no outputs."""
     import pandas as pd
 
-    from dpo_engine.adapters import apply_adapter, check_config
-    from dpo_engine.models import load_model, load_tokenizer, pick_device
-    from dpo_engine.refcache import training_reference
+    from dpo_engine.modeling import apply_adapter, check_config
+    from dpo_engine.modeling import load_model, load_tokenizer, pick_device
+    from dpo_engine.reference import training_reference
     from dpo_engine.stages import train as stage
-    from dpo_engine.trainer import train
+    from dpo_engine.training import train
 
     check_config(cfg)
     device = pick_device()

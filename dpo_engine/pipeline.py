@@ -7,8 +7,11 @@ import os
 import re
 from pathlib import Path
 
-from data_contracts.config import BUILTIN_DATASET, BUILTIN_MODEL, ConfigError, RunConfig, mlflow_uri, state_home
-from dpo_engine.stages.common import STAGES, write_json, write_text
+from data_contracts.config import BUILTIN_DATASET, BUILTIN_MODEL, ConfigError, RunConfig
+
+from data_contracts.state import mlflow_uri, state_home
+from dpo_engine.stages.table import STAGES
+from data_contracts.helpers import write_json, write_text
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
@@ -31,7 +34,7 @@ def new_run_dir(cfg: RunConfig) -> Path:
 
 def preflight(cfg: RunConfig) -> None:
     """Fail before any compute on what can be checked cheaply: data paths, judge, MLflow."""
-    from dpo_engine import registry
+    from dpo_engine import tracking
     from dpo_engine.evaluation import load_judge
 
     from data_contracts.sources import fill_date
@@ -51,14 +54,14 @@ def preflight(cfg: RunConfig) -> None:
             and not cfg.data.source.startswith(BUILTIN_DATASET):
         raise ConfigError("data.eval_fraction is 0 and data.eval_source is not set: evaluation needs "
                           "held-out pairs; set one of them")
-    from data_contracts.formats import ADAPTERS
+    from data_contracts.layouts import ADAPTERS
     if cfg.data.format not in ("auto", *ADAPTERS):
         raise ConfigError(f"data.format: unknown format {cfg.data.format!r}; known: auto, {', '.join(ADAPTERS)}")
     _check_local_paths(cfg)
     if cfg.eval.judge:
         load_judge(cfg.eval.judge)
     if cfg.registry.enabled:
-        registry.connect(mlflow_uri(cfg))
+        tracking.connect(mlflow_uri(cfg))
 
 
 def _looks_local(path: str) -> bool:
@@ -69,8 +72,8 @@ def _looks_local(path: str) -> bool:
 def _check_local_paths(cfg: RunConfig) -> None:
     """The files and folders the run will read exist on this machine (checked here, not when the config
     is loaded, so a saved config still loads on another machine)."""
-    from dpo_engine.adapters import check_config
-    from dpo_engine.launch import _accelerate_config
+    from dpo_engine.modeling import check_config
+    from dpo_engine.stages.launch import _accelerate_config
 
     for field, value in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer),
                          ("reference.model_path", cfg.reference.model_path)):
@@ -88,12 +91,12 @@ def nothing_new(cfg: RunConfig) -> str | None:
     hash as tagged on it), or None when there is something new to train on."""
     if not (cfg.registry.enabled and cfg.registry.skip_unchanged):
         return None
-    from dpo_engine import registry
+    from dpo_engine import tracking
     from dpo_engine.stages.register import config_hash
     from dpo_engine.stages.validate import data_fingerprint
 
-    registry.connect(mlflow_uri(cfg))
-    champ = registry.champion(cfg.registry.model_name)
+    tracking.connect(mlflow_uri(cfg))
+    champ = tracking.champion(cfg.registry.model_name)
     if champ is None:
         return None
     if champ.tags.get("config_hash") != config_hash(cfg) \

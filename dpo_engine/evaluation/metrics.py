@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from data_contracts.config import EvalConfig, LossConfig
-from dpo_engine.forward import collate, pair_logps, sequence_logps
-from dpo_engine.losses import loss_from_config, pair_metrics
-from dpo_engine.models import LOAD_LOCK, autocast, autocast_dtype, seeded
+from dpo_engine.modeling import collate, pair_logps, sequence_logps
+from dpo_engine.modeling import loss_from_config, pair_metrics
+from dpo_engine.modeling import LOAD_LOCK, autocast, autocast_dtype, seeded
 
 Judge = Callable[[object, str, dict], float]
 

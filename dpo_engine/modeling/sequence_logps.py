@@ -23,7 +23,7 @@ from torch import nn
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dpo_engine.logprobs import token_logps
+from dpo_engine.modeling.fused_head import token_logps
 
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from data_contracts.config import local_state_env
+from data_contracts.state import local_state_env
 
 TRAIN_CURVES = ("loss", "rewards/margins", "rewards/accuracies")
 COMPARE_CURVES = ("rewards/margins", "rewards/accuracies")

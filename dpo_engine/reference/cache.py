@@ -17,11 +17,7 @@ work is done once and never corrupted.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import re
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -32,8 +28,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from dpo_engine.forward import collate, ld_token_weights, sequence_logps
-from dpo_engine.models import autocast, autocast_dtype
+from data_contracts.helpers import atomic_write, dead_writer_temp, file_lock, write_json
+from dpo_engine.modeling import autocast, autocast_dtype, collate, ld_token_weights, sequence_logps
 
 ENGINE_VERSION = "0.2"
 META_KEY = b"dpo_refcache"
@@ -89,14 +85,7 @@ def write_cache(df: pd.DataFrame, path: Path, meta: dict) -> None:
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            META_KEY: json.dumps(meta, sort_keys=True).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_cache(path: Path, expect_ids: list[str] | None = None, expect_key: str | None = None
@@ -151,39 +140,8 @@ def _check_ids(path: Path, df: pd.DataFrame, expect_ids: list[str] | None) -> No
 
 # ------------------------------------------------------------------------------ shared, sharded
 
-@contextmanager
-def file_lock(path: Path, block: bool = True):
-    """An exclusive ``flock`` on the file ``path`` (created), shared by threads and processes of
-    this machine; yields True, or False at once when ``block`` is False and another holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _locked(folder: Path):
     return file_lock(folder.parent / f".{folder.name}.lock")
-
-
-_TMP = re.compile(r"^\..+\.tmp(\d+)$")  # ".part-00000.parquet.tmp1234", "._COMPLETE.json.tmp1234"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this machine (another user's live process counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: another user's live process
-        return True
-    return True
 
 
 def remove_leftovers(folder: Path, log: Callable[[str], None] | None = None) -> list[str]:
@@ -196,8 +154,7 @@ def remove_leftovers(folder: Path, log: Callable[[str], None] | None = None) -> 
     except OSError:
         return removed
     for f in entries:
-        m = _TMP.match(f.name)
-        if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
+        if not dead_writer_temp(f.name):
             continue
         try:
             f.unlink()
@@ -216,18 +173,11 @@ def _remove_leftovers_unless_writing(folder: Path) -> None:
     """``remove_leftovers`` for a plain read: only while no writer holds the folder's lock (a writer in
     another pid namespace or on another machine would look dead), and never waiting for it."""
     try:
-        fh = open(folder.parent / f".{folder.name}.lock", "a")
+        with file_lock(folder.parent / f".{folder.name}.lock", block=False) as mine:
+            if mine:  # else being written: that writer cleans up
+                remove_leftovers(folder)
     except OSError:
         return  # a read-only cache
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return  # being written: that writer cleans up
-        try:
-            remove_leftovers(folder)
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _shard_name(i: int) -> str:
@@ -293,9 +243,7 @@ def cached_reference_logps(cache_dir: Path, key: str, rows: pd.DataFrame, meta: 
         for stale in set(p.name for p in folder.glob("part-*.parquet")) - set(shards):
             (folder / stale).unlink()
         complete = {**meta, "key": key, "rows": len(rows), "shards": shards}
-        tmp = folder / f".{COMPLETE}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(complete, indent=2, sort_keys=True))
-        os.replace(tmp, folder / COMPLETE)
+        write_json(folder / COMPLETE, complete, sort_keys=True)
         df = _read_folder(folder, ids, key)
     return df.set_index("example_id").loc[ids].reset_index(), {"computed_examples": computed,
                                                                 "path": str(folder)}
@@ -368,7 +316,7 @@ def training_reference(cfg, validated: dict, precomputed: dict, pairs: pd.DataFr
     if source == "adapter_disabled":
         return None
     if source == "model":
-        from dpo_engine.models import load_reference_model
+        from dpo_engine.modeling import load_reference_model
         return load_reference_model(cfg.model, cfg.reference.model_path, validated["model_path"], device)
     return read_cache(Path(precomputed["train_ref"]), expect_ids=pairs["example_id"].tolist(),
                       expect_key=precomputed["train_ref_key"])

@@ -1,0 +1,162 @@
+"""The project's shared low-level helpers, each in exactly one place: atomic writes, file locks,
+process liveness, content hashes and fingerprints, credential redaction.
+
+Every layer (data contracts, engine, tasks, flows) uses these; none of them imports anything of
+the project's except the state home (for the file-hash memo).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import socket
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from data_contracts.state import state_home
+
+# Atomic writes.
+# A writer writes a temporary sibling ".<name>[.<thread>].tmp<pid>" and renames it onto the target:
+# readers see the previous complete file or the new one, never half of one. The pid at the end lets
+# any later reader tell a killed writer's leftover (dead pid) from a live writer's file.
+
+TEMP_RE = re.compile(r"^\..+\.tmp(\d+)$")
+
+
+def atomic_path(path: Path) -> Path:
+    """The temporary sibling of ``path`` to write and then ``os.replace`` onto it (parents created).
+    Unique per process and thread."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    thread = "" if threading.current_thread() is threading.main_thread() else f".{threading.get_ident()}"
+    return path.with_name(f".{path.name}{thread}.tmp{os.getpid()}")
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` writes a file (or folder) at ``tmp``; it then replaces ``path`` in one rename.
+    A failed write leaves ``path`` as it was and removes its temporary file."""
+    path = Path(path)
+    tmp = atomic_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            import shutil  # only on the failure path of a folder write
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, obj: Any, **dumps_kwargs) -> None:
+    """``obj`` as JSON (``indent=2``, ``default=str`` unless given), written atomically."""
+    dumps_kwargs.setdefault("indent", 2)
+    dumps_kwargs.setdefault("default", str)
+    write_text(path, json.dumps(obj, **dumps_kwargs))
+
+
+def dead_writer_temp(name: str) -> bool:
+    """Whether ``name`` is the temporary file of a writer that is no longer running on this machine."""
+    m = TEMP_RE.match(name)
+    return m is not None and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1)))
+
+
+# Locks and liveness.
+
+@contextmanager
+def file_lock(path: Path, block: bool = True) -> Iterator[bool]:
+    """An exclusive ``flock`` on the file ``path`` (created), shared by threads and processes of
+    this machine; yields True, or False at once when ``block`` is False and another holds it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:  # "a": never truncates, works on a file others hold
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (another user's live process counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's live process
+        return True
+    return True
+
+
+def owner_alive(pid: Any, host: str | None) -> bool:
+    """Whether the process that recorded (``pid``, ``host``) may still run. A process of another
+    machine counts as alive: it cannot be checked, so its work is never taken over."""
+    if host != socket.gethostname():
+        return True
+    try:
+        return pid_alive(int(pid))
+    except (TypeError, ValueError):
+        return True
+
+
+# Hashes.
+
+def fingerprint(*parts: Any) -> str:
+    """A short (16 hex) sha256 of JSON-serialisable ``parts`` (keys sorted; other objects as str)."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """:func:`sha256_file`, memoised under the state home on (path, size, mtime) so that big weights
+    are hashed once across runs."""
+    path = Path(path)
+    st = path.stat()
+    memo_file = state_home() / "cache" / "file_hashes.json"
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key not in memo:
+        memo[key] = sha256_file(path)
+        write_text(memo_file, json.dumps(memo))
+    return memo[key]
+
+
+# Redaction.
+
+_URL_CREDENTIALS = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
+
+
+def redact_credentials(text: Any) -> str:
+    """``text`` with the user:password of every URL in it replaced by ``***`` (never printed or logged)."""
+    return _URL_CREDENTIALS.sub(r"\1***@", str(text))

@@ -1,0 +1,56 @@
+"""Where the project keeps its state: the state home ($DPO_HOME, else <checkout>/.dpo), the MLflow
+store inside it, and the environment that keeps Prefect, Hugging Face and matplotlib state there
+(nothing is written to $HOME)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def project_root() -> Path | None:
+    """The source checkout this package runs from, if any (holds pyproject.toml)."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def state_home() -> Path:
+    """Where Prefect, MLflow, caches and runs live: $DPO_HOME, else <checkout>/.dpo, else ./.dpo."""
+    env = os.environ.get("DPO_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    root = project_root()
+    return (root if root is not None else Path.cwd()) / ".dpo"
+
+
+def mlflow_uri(cfg=None) -> str:
+    """The tracking URI: ``cfg.tracking.mlflow_tracking_uri``, else $MLFLOW_TRACKING_URI, else the
+    SQLite store under the state home."""
+    if cfg is not None and cfg.tracking.mlflow_tracking_uri:
+        return cfg.tracking.mlflow_tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{state_home() / 'mlflow' / 'mlflow.db'}"  # absolute path -> four slashes
+
+
+def local_state_env() -> dict[str, str]:
+    """Environment that keeps Prefect, Hugging Face and MLflow state under the state home.
+    Apply with ``os.environ.setdefault`` before importing prefect: explicit settings win."""
+    home = state_home()
+    return {
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "prefect" / "results"),
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "true",
+        "HF_HOME": str(home / "hf"),
+        "HF_DATASETS_CACHE": str(home / "hf" / "datasets"),
+        "MPLCONFIGDIR": str(home / "matplotlib"),
+        "GIT_PYTHON_REFRESH": "quiet",
+    }
+
+
+def apply_local_state_env() -> None:
+    for k, v in local_state_env().items():
+        os.environ.setdefault(k, v)
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,5 @@
+from dpo_engine.modeling.fused_head import (CCE_FILTER_EPS, naive_token_logps, token_logps)
+from dpo_engine.modeling.loading import (LOAD_LOCK, ModelError, autocast, autocast_dtype, disable_dropout, load_model, load_reference_model, load_tokenizer, model_fingerprint, packed_attention, pick_device, reference_model_path, resolve_model_path, seeded, set_seed, tokenizer_fingerprint)
+from dpo_engine.modeling.losses import (PairLoss, dpo_loss, f_divergence, ld_weighted_logps, loss_from_config, pair_metrics, wpo_log_weight)
+from dpo_engine.modeling.peft_adapters import (apply_adapter, check_config, export_model, is_peft, peft_config, reference_mode)
+from dpo_engine.modeling.sequence_logps import (collate, compile_layers, ld_token_weights, lm_body_and_head, pack, pair_batch, pair_logps, sequence_logps, unwrap_model)

@@ -1,0 +1,1 @@
+from dpo_engine.reference.cache import (COMPLETE, CacheError, ENGINE_VERSION, cached_reference_logps, compute_reference_logps, follow_shards, read_cache, release_followers, remove_leftovers, shard_across_ranks, training_reference, write_cache)
