@@ -1,7 +1,7 @@
 """Fused log-prob head: forward+backward time and peak extra memory, side by side in one run.
 
 Variants, each in its own subprocess (so peak memory is its own): ``naive`` (logits + log_softmax +
-gather), ``ours`` (dpo_engine.logprobs.token_logps, backend auto: the chunked torch path on CPU,
+gather), ``ours`` (dpo_engine.modeling.token_logps, backend auto: the chunked torch path on CPU,
 Triton forward + gemm backward on CUDA), on CUDA also ``ours_torch`` (the torch path) and
 ``ours_fused`` (Triton, fused backward kernels), ``trl`` (TRL's ChunkedLogProbFunction with its DPO
 vocabulary chunk of 32,768, when trl is installed) and ``liger`` (Liger's fused linear

@@ -3,7 +3,7 @@
 Both compute the summed completion log-probs of every chosen and rejected sequence of the same
 tokenized rows with the same model, in inference mode, ``--batch-size`` sequences per forward pass:
 
-- ``ours``: ``dpo_engine.refcache.compute_reference_logps``, what the precompute stage runs:
+- ``ours``: ``dpo_engine.reference.compute_reference_logps``, what the precompute stage runs:
   sequences sorted by length (little padding), no attention mask under right padding, the fused
   log-prob head on completion positions only (no [tokens, vocabulary] logits), the autocast of
   ``--precision`` resolved on the device (bf16 on CUDA under "auto", none on the CPU);

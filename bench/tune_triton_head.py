@@ -2,7 +2,7 @@
 
 Prints, per configuration, the forward time, the fwd+bwd time, TFLOP/s counted as 6*N*d*V (the
 figure the GPU target is stated in) and the peak extra memory, so ``DEFAULT_BLOCKS`` in
-``dpo_engine/triton_head.py`` can be set from measurements on the target GPU.
+``dpo_engine/modeling/triton_kernels.py`` can be set from measurements on the target GPU.
 
     python bench/tune_triton_head.py [--n 16384] [--d 1024] [--v 151936]
 """

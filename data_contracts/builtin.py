@@ -13,11 +13,13 @@ given DATASET_VERSION; bump the version when the generator changes.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import string
 from pathlib import Path
+
+from data_contracts.helpers import atomic_write
+from data_contracts.state import state_home
 
 DATASET_VERSION = "v1"
 NAME = "answer-format"
@@ -63,8 +65,6 @@ BREAKERS = [  # rejected styles that break the format (keep the right answer)
     "I believe it is {a}.", "Answer:\n{a}", "Answer - {a}",
 ]
 
-
-# ------------------------------------------------------------------------------------ question pools
 
 def _item(family, question, answer, wrong, work=None):
     wrong = [w for w in dict.fromkeys(wrong) if _norm(w) != _norm(answer)]
@@ -119,8 +119,6 @@ def _pools(rng: random.Random) -> dict[str, list[dict]]:
     return p
 
 
-# ----------------------------------------------------------------------------------------- rows
-
 def _row(item: dict, rng: random.Random) -> dict:
     a = item["answer"]
     if rng.random() < WRONG_FORMAT_KEPT:
@@ -153,16 +151,15 @@ def generate(seed: int = 0) -> tuple[list[dict], list[dict]]:
 
 
 def default_folder() -> Path:
-    from data_contracts.state import state_home
     return state_home() / "datasets" / f"{NAME}-{DATASET_VERSION}"
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    atomic_write(path, write)
 
 
 def materialize(folder: Path | None = None) -> dict[str, Path]:
@@ -172,12 +169,10 @@ def materialize(folder: Path | None = None) -> dict[str, Path]:
     paths = {"train": folder / "train.jsonl", "eval": folder / "eval.jsonl"}
     if not all(p.is_file() for p in paths.values()):
         train, eval_ = generate(seed=0)
-        _write_jsonl_atomic(paths["train"], train)
-        _write_jsonl_atomic(paths["eval"], eval_)
+        _write_jsonl(paths["train"], train)
+        _write_jsonl(paths["eval"], eval_)
     return paths
 
-
-# ----------------------------------------------------------------------------------------- judge
 
 _ANSWER_LINE = re.compile(r"Answer: (.+)")
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from data_contracts import fast_bpe
-from data_contracts.layouts import Example, RowError
+from data_contracts.examples import Example, RowError
 
 
 @dataclass

@@ -37,14 +37,17 @@ def atomic_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{thread}.tmp{os.getpid()}")
 
 
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` writes a file (or folder) at ``tmp``; it then replaces ``path`` in one rename.
-    A failed write leaves ``path`` as it was and removes its temporary file."""
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> Any:
+    """``write(tmp)`` writes a file (or folder) at ``tmp``; it then replaces ``path`` in one rename
+    and returns what ``write`` returned. A failed write leaves ``path`` as it was and removes its
+    temporary file; a write that creates nothing at ``tmp`` leaves ``path`` as it was too."""
     path = Path(path)
     tmp = atomic_path(path)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        result = write(tmp)
+        if tmp.exists():
+            os.replace(tmp, path)
+        return result
     except BaseException:
         if tmp.is_dir():
             import shutil  # only on the failure path of a folder write
@@ -128,11 +131,13 @@ def fingerprint(*parts: Any) -> str:
 
 def sha256_file(path: Path) -> str:
     """The sha256 of a file's bytes, read in 4 MiB blocks."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
+        if hasattr(hashlib, "file_digest"):  # Python >= 3.11: the loop runs in C
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        h = hashlib.sha256()
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-    return h.hexdigest()
+        return h.hexdigest()
 
 
 def file_sha256(path: Path) -> str:

@@ -13,10 +13,14 @@ Parquet by record batches (``ParquetFile.iter_batches``), CSV in pandas chunks, 
 (memory-mapped Arrow) with ``Dataset.iter``; only one batch of Python rows exists at a time. A
 ``.json`` file holding one JSON array (or ``{"data": [...]}``) is a single document and is read
 whole: use JSON lines for large data. :func:`load_rows` collects everything (small data only).
+
+Which source a scheduled run reads: :func:`resolve_source` fills in ``{date}`` and can take a
+folder's newest partition; :func:`source_fingerprint` is its content hash (the run's data identity).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import gzip
 import json
 from pathlib import Path
@@ -150,11 +154,11 @@ def _iter_file(path: Path, batch_rows: int) -> Iterator[list]:
         raise DataError(f"data error: {path}: unknown file type; use one of {', '.join(EXTENSIONS)}")
     try:
         if ext == ".parquet":
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # lazy: only Parquet sources pay for importing it
             for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
                 yield rb.to_pylist()
         elif ext.startswith(".csv"):
-            import pandas as pd
+            import pandas as pd  # lazy: only CSV sources pay for importing pandas
             for df in pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=batch_rows,
                                   compression="infer"):
                 yield df.to_dict("records")
@@ -229,7 +233,7 @@ def _load_hub(dataset_id: str, split: str | None):
     name, _, at_split = dataset_id.partition("@")
     split = split or at_split or "train"
     try:
-        import datasets
+        import datasets  # lazy: optional, and seconds to import; only hub sources need it
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, unknown id, missing split: all a user-facing data error
         first = (str(e).splitlines() or [""])[0][:200]
@@ -321,16 +325,12 @@ def load_rows(source: Any, split: str | None = None) -> list:
     return [r for batch in iter_batches(source, BATCH_ROWS, split) for r in batch]
 
 
-# --------------------------------------------------------------------------- scheduled sources
-
 DATE_PLACEHOLDER = "{date}"
 
 
 def fill_date(source: str, today=None) -> str:
     """``'/data/{date}.jsonl'`` -> ``'/data/2026-11-23.jsonl'`` (``today``: a date; default the UTC
     date now). Sources without the placeholder are returned unchanged."""
-    import datetime as dt
-
     if DATE_PLACEHOLDER not in source:
         return source
     today = today or dt.datetime.now(dt.timezone.utc).date()

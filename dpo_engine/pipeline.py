@@ -1,17 +1,51 @@
-"""A pipeline run: its folder, the checks before any compute, and summary.json."""
+"""A pipeline run: its config (loaded and checked once, :func:`prepare`), its folder, whether there is
+anything new to train on, and summary.json."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
-import re
 from pathlib import Path
+from typing import Any
 
-from data_contracts.config import BUILTIN_DATASET, BUILTIN_MODEL, ConfigError, RunConfig
-
+from data_contracts.config import BUILTIN_DATASET, BUILTIN_MODEL, ConfigError, RunConfig, load_config
+from data_contracts.helpers import redact_credentials, write_json, write_text
+from data_contracts.layouts import LAYOUTS
+from data_contracts.sources import fill_date
 from data_contracts.state import mlflow_uri, state_home
+from dpo_engine import tracking
+from dpo_engine.evaluation import load_judge
+from dpo_engine.modeling import check_config
+from dpo_engine.stages.launch import accelerate_config
+from dpo_engine.stages.register import config_hash
 from dpo_engine.stages.table import STAGES
-from data_contracts.helpers import write_json, write_text
+from dpo_engine.stages.validate import data_fingerprint
+
+# Configs a caller (the CLI) prepared for the flow it starts next in this process: the flow takes
+# them as they are instead of loading and checking them a second time. Each is handed over once.
+_handed_over: dict[str, RunConfig] = {}
+
+
+def _inputs_key(config: str | os.PathLike | None, overrides: dict[str, Any] | None) -> str:
+    return json.dumps([None if config is None else str(Path(config).resolve()), overrides or {}],
+                      sort_keys=True, default=str)
+
+
+def prepare(config: str | os.PathLike | None, overrides: dict[str, Any] | None = None, *,
+            hand_over: bool = False) -> RunConfig:
+    """The one way from a config file and overrides to a checked config: load and validate it
+    (:func:`data_contracts.config.load_config`), then :func:`preflight` it. ``hand_over``: the
+    flow started next in this process with the same inputs gets this config without a second
+    load and check. Raises ConfigError (or DataError) naming the field or file."""
+    key = _inputs_key(config, overrides)
+    if key in _handed_over:
+        return _handed_over.pop(key)
+    cfg = load_config(config, overrides)
+    preflight(cfg)
+    if hand_over:
+        _handed_over[key] = cfg
+    return cfg
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
@@ -34,11 +68,6 @@ def new_run_dir(cfg: RunConfig) -> Path:
 
 def preflight(cfg: RunConfig) -> None:
     """Fail before any compute on what can be checked cheaply: data paths, judge, MLflow."""
-    from dpo_engine import tracking
-    from dpo_engine.evaluation import load_judge
-
-    from data_contracts.sources import fill_date
-
     for field in ("source", "eval_source"):
         src = getattr(cfg.data, field)
         src = fill_date(src) if src else src
@@ -54,9 +83,8 @@ def preflight(cfg: RunConfig) -> None:
             and not cfg.data.source.startswith(BUILTIN_DATASET):
         raise ConfigError("data.eval_fraction is 0 and data.eval_source is not set: evaluation needs "
                           "held-out pairs; set one of them")
-    from data_contracts.layouts import ADAPTERS
-    if cfg.data.format not in ("auto", *ADAPTERS):
-        raise ConfigError(f"data.format: unknown format {cfg.data.format!r}; known: auto, {', '.join(ADAPTERS)}")
+    if cfg.data.format not in ("auto", *LAYOUTS):
+        raise ConfigError(f"data.format: unknown format {cfg.data.format!r}; known: auto, {', '.join(LAYOUTS)}")
     _check_local_paths(cfg)
     if cfg.eval.judge:
         load_judge(cfg.eval.judge)
@@ -72,9 +100,6 @@ def _looks_local(path: str) -> bool:
 def _check_local_paths(cfg: RunConfig) -> None:
     """The files and folders the run will read exist on this machine (checked here, not when the config
     is loaded, so a saved config still loads on another machine)."""
-    from dpo_engine.modeling import check_config
-    from dpo_engine.stages.launch import _accelerate_config
-
     for field, value in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer),
                          ("reference.model_path", cfg.reference.model_path)):
         if value and _looks_local(value) and not Path(value).expanduser().exists():
@@ -82,7 +107,7 @@ def _check_local_paths(cfg: RunConfig) -> None:
     tmpl = cfg.model.chat_template_path  # a template file, or a tokenizer folder that has one
     if tmpl and not Path(tmpl).expanduser().exists():
         raise ConfigError(f"model.chat_template_path: file not found: {tmpl}")
-    _accelerate_config(cfg)  # train.accelerate_config: file not found / not YAML / not a mapping
+    accelerate_config(cfg)  # train.accelerate_config: file not found / not YAML / not a mapping
     check_config(cfg)  # peft.adapter_path holds an adapter; adapter_disabled needs peft.enabled
 
 
@@ -91,10 +116,6 @@ def nothing_new(cfg: RunConfig) -> str | None:
     hash as tagged on it), or None when there is something new to train on."""
     if not (cfg.registry.enabled and cfg.registry.skip_unchanged):
         return None
-    from dpo_engine import tracking
-    from dpo_engine.stages.register import config_hash
-    from dpo_engine.stages.validate import data_fingerprint
-
     tracking.connect(mlflow_uri(cfg))
     champ = tracking.champion(cfg.registry.model_name)
     if champ is None:
@@ -127,7 +148,7 @@ def write_summary(run_dir: Path, results: dict[str, dict], status: str, error: s
     reg = results.get("register", {})
     summary = {
         "run_dir": str(run_dir), "status": status, "error": error, "reason": reason, "stages": stages,
-        "mlflow_tracking_uri": re.sub(r"//[^/@]*@", "//***@", os.environ.get("MLFLOW_TRACKING_URI") or "")
+        "mlflow_tracking_uri": redact_credentials(os.environ.get("MLFLOW_TRACKING_URI") or "")
         or None,  # user:password in the URI is not written down
         "mlflow_run_id": results.get("train", {}).get("mlflow_run_id"),
         "registered_model": reg.get("model_name"), "registered_version": reg.get("version"),

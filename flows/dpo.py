@@ -6,9 +6,9 @@ from typing import Any
 
 from prefect import flow
 
-from data_contracts.config import load_config
-from dpo_engine.pipeline import new_run_dir, nothing_new, preflight, write_summary
+from dpo_engine.pipeline import new_run_dir, nothing_new, prepare, write_summary
 from dpo_engine.stages.table import PIPELINE
+from flows.sweep import run_sweep
 from tasks import stages as t
 
 
@@ -28,13 +28,10 @@ def dpo(config: str | None = None, overrides: dict[str, Any] | None = None,
     checkpoint by more than ``stop_margin`` stopped early; ``workers``: the variants run on Prefect
     task workers (``dpo sweep-worker``: one per GPU or machine) instead of in this process."""
     if grid:
-        from flows.sweep import run_sweep
-
         return run_sweep(config, overrides, run_name, grid, metric, parallel=parallel,
                          stop_margin=stop_margin, stop_metric=stop_metric, stop_mode=stop_mode,
                          workers=workers)
-    cfg = load_config(config, {**(overrides or {}), **({"run_name": run_name} if run_name else {})})
-    preflight(cfg)
+    cfg = prepare(config, {**(overrides or {}), **({"run_name": run_name} if run_name else {})})
     run_dir = str(new_run_dir(cfg))
     skip = nothing_new(cfg)
     if skip:

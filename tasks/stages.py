@@ -8,10 +8,10 @@ reuses validate and precompute.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-import logging
-
+import pandas as pd
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -98,7 +98,6 @@ def evaluate(cfg, run_dir: str, validated: dict, precomputed: dict, trained: dic
     res = STAGE["evaluate"].module.run(cfg, Path(run_dir), validated, precomputed, trained)
     _publish(res)
     if Path(res.get("samples", "")).is_file():
-        import pandas as pd
         table = pd.read_json(res["samples"], lines=True).head(50)
         if not table.empty:
             create_table_artifact(key="dpo-evaluate-samples", table=table.astype(str).to_dict("records"),

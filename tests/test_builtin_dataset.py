@@ -72,7 +72,7 @@ def test_materialize_idempotent_and_loadable(tmp_path, monkeypatch, splits):
     stamp = {k: p.stat().st_mtime_ns for k, p in paths.items()}
     assert materialize(tmp_path / "ds") == paths
     assert {k: p.stat().st_mtime_ns for k, p in paths.items()} == stamp
-    assert not [p for p in (tmp_path / "ds").iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in (tmp_path / "ds").iterdir() if ".tmp" in p.name]  # temporary files: .<name>.tmp<pid>
     monkeypatch.setenv("DPO_HOME", str(tmp_path / "home"))
     assert load_rows("builtin:answer-format") == splits[0]
     assert load_rows("builtin:answer-format@eval") == splits[1]

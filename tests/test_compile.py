@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dpo_engine.modeling import sequence_logps as forward
+from dpo_engine.modeling import logps as forward
 
 
 def _model():

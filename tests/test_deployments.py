@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_served_deployments_schedule_and_limits(dpo_home):
     from data_contracts.config import load_config
     from dpo_engine.sweep import expand_grid
-    from flows.cli import NIGHTLY_CRON, served_deployments
+    from flows.deployments import NIGHTLY_CRON, served_deployments
 
     assert NIGHTLY_CRON == "0 2 * * *"
     full, sweep = served_deployments(str(ROOT / "configs" / "default.yaml"))
@@ -57,3 +57,10 @@ def test_prefect_yaml_deployments_fit_the_flow(dpo_home):
     assert (sched["cron"], sched["timezone"]) == ("0 2 * * *", "UTC")
     assert sched["parameters"]["overrides"]["registry.skip_unchanged"] is True
     assert len(expand_grid(deps["sweep"]["parameters"]["grid"])) == 3
+
+
+def test_prefect_yaml_matches_the_one_definition():
+    """deployments/prefect.yaml and `dpo serve` deploy the same thing: flows/deployments.py."""
+    from flows.deployments import prefect_yaml_problems
+
+    assert prefect_yaml_problems(ROOT / "deployments" / "prefect.yaml") == []

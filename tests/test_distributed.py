@@ -77,7 +77,7 @@ def test_launch_command_and_config_errors(tmp_path, monkeypatch):
     cmd = launch.launch_command(cfg, tmp_path / "spec.json")
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--num_processes") + 1] == "2" and "--multi_gpu" in cmd
-    assert cmd[-3:] == ["-m", "dpo_engine.stages.launch", str(tmp_path / "spec.json")]
+    assert cmd[-3:] == ["-m", "dpo_engine.stages.rank", str(tmp_path / "spec.json")]
     assert not launch.wants_launch(load_config())
 
     conf = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"

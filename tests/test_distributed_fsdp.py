@@ -16,7 +16,8 @@ def test_fsdp_config_trains_like_one_process(dpo_home, tmp_path):
 
 def test_fsdp_refuses_what_it_does_not_shard(monkeypatch):
     from data_contracts.config import TrainConfig
-    from dpo_engine.training.loop import TrainingError, _check_fsdp, fsdp_settings
+    from dpo_engine.training import TrainingError, fsdp_settings
+    from dpo_engine.training.distributed import check_fsdp as _check_fsdp
 
     assert fsdp_settings() is None
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from data_contracts.config import LossConfig, TrainConfig
-from dpo_engine.training import loop as trainer_mod
+from dpo_engine.training import optim as trainer_mod
 from dpo_engine.reference import compute_reference_logps
 from dpo_engine.training import train
 from test_trainer import _pairs, _weights

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_engine.modeling import sequence_logps as forward
+from dpo_engine.modeling import logps as forward
 from dpo_engine.modeling import CCE_FILTER_EPS
 
 V = 300

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_engine.modeling import sequence_logps as forward
+from dpo_engine.modeling import logps as forward
 
 V = 300  # several vocabulary tiles at chunk_size=64
 

@@ -14,7 +14,10 @@ pytest.importorskip("mlflow")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
+from mlflow import MlflowClient  # noqa: E402
+
 from dpo_engine import tracking as registry  # noqa: E402
+from dpo_engine.tracking import registration as tracking_registration  # noqa: E402
 
 WORDS = ["<unk>", "<s>", "</s>", "<pad>"] + ("user assistant : the a cat dog sat on mat is "
                                               "good bad yes no hello").split()
@@ -72,7 +75,7 @@ def test_register_gate_idempotent_load_and_compare(store):
     again = registry.register_model(r1, model_dir, "tiny", metrics={"eval/win_rate": 0.7},
                                     gate_thresholds=gate)
     assert again["version"] == 1
-    client = registry.MlflowClient()
+    client = MlflowClient()
     assert len(client.search_model_versions("name = 'tiny'")) == 1
     assert client.get_model_version("tiny", "1").tags["config_hash"] == "abc"
 
@@ -127,10 +130,10 @@ def test_log_params_rerun_and_run_reopen(store):
     registry.log_dict(rid, {"k": 1}, "summary.json")
     registry.end_run(rid)
     assert registry.start_run("dpo-test", "ignored", run_id=rid) == rid
-    run = registry.MlflowClient().get_run(rid)
+    run = MlflowClient().get_run(rid)
     assert run.info.status == "RUNNING" and run.data.tags["stage"] == "eval"
     assert len(run.data.params["long"]) == 6000
-    assert [a.path for a in registry.MlflowClient().list_artifacts(rid)] == ["summary.json"]
+    assert [a.path for a in MlflowClient().list_artifacts(rid)] == ["summary.json"]
 
 
 def test_unreachable_server_fails_fast():
@@ -166,14 +169,14 @@ def test_two_registrations_of_one_run_leave_one_version(store, monkeypatch):
         t.join()
     assert [o["version"] for o in outs] == [1, 1]
 
-    real, calls = registry._version_of_run, []
+    real, calls = tracking_registration.version_of_run, []
 
     def first_check_misses(*a):  # as if version 1 were created just after this check
         calls.append(a)
         return None if len(calls) == 1 else real(*a)
 
-    monkeypatch.setattr(registry, "_version_of_run", first_check_misses)
+    monkeypatch.setattr(tracking_registration, "version_of_run", first_check_misses)
     out = registry.register_model(rid, model_dir, "tiny", **kw)
     assert out["version"] == 1 and len(calls) == 2  # version 2 was created, then deleted
-    versions = registry.MlflowClient().search_model_versions("name = 'tiny'")
+    versions = MlflowClient().search_model_versions("name = 'tiny'")
     assert sorted(int(v.version) for v in versions) == [1]

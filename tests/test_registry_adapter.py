@@ -16,6 +16,8 @@ pytest.importorskip("peft")
 pytest.importorskip("mlflow")
 
 from data_contracts.config import ModelConfig, PeftConfig  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+
 from dpo_engine import tracking as registry  # noqa: E402
 from dpo_engine.modeling import apply_adapter, export_model  # noqa: E402
 from dpo_engine.modeling import load_model  # noqa: E402
@@ -74,7 +76,7 @@ def test_adapter_export_registers_as_base_plus_adapter_and_generates(store, tmp_
                                   gate_thresholds={"eval/win_rate": 0.5},
                                   tags={"base_model": "builtin:tiny", "config_hash": "abc"})
     assert out["version"] == 1 and out["aliases"] == ["challenger", "champion"] and out["gate_passed"]
-    client = registry.MlflowClient()
+    client = MlflowClient()
     tags = client.get_model_version(NAME, "1").tags
     assert tags["model_format"] == "adapter" and tags["adapter_peft_type"] == "LORA"
     assert tags["adapter_base_model"] == str(base) and tags["base_model"] == "builtin:tiny"
@@ -132,6 +134,6 @@ def test_unregistrable_folders_fail_before_anything_is_logged(store, tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a Hugging Face model folder"):
         registry.register_model(rid, tmp_path, NAME, **kw)
 
-    client = registry.MlflowClient()
+    client = MlflowClient()
     assert client.search_model_versions(f"run_id = '{rid}'") == []
     assert client.search_logged_models([client.get_run(rid).info.experiment_id]) == []

@@ -13,6 +13,9 @@ pytest.importorskip("mlflow")
 
 from dpo_engine.evaluation import plots
 
+import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+
 from dpo_engine import tracking as registry  # noqa: E402
 from dpo_engine.stages.runtime import code_version# noqa: E402
 
@@ -39,7 +42,7 @@ def _register(rid, model_dir, metrics, **gate):
 def test_champion_must_be_beaten_by_min_improvement(store, tmp_path):
     model_dir = tiny_model_dir(tmp_path / "m", hidden=16)
     gate = {"beat_champion_metric": "eval/win_rate", "min_improvement": 0.05}
-    client = registry.MlflowClient()
+    client = MlflowClient()
 
     r1 = _run("r1", {"eval/win_rate": 0.6})
     v1 = _register(r1, model_dir, {"eval/win_rate": 0.6, "eval/rewards/accuracies": 0.7}, **gate)
@@ -160,15 +163,15 @@ def test_log_table_and_metric_histories(store):
     assert registry.win_rate(rid) == (0.5, 0.2, 0.8)
     registry.log_table(rid, pd.DataFrame({"prompt": ["p"], "policy_score": [1.0]}),
                        "evaluation/samples_table.json")
-    local = registry.mlflow.artifacts.download_artifacts(run_id=rid,
-                                                         artifact_path="evaluation/samples_table.json")
+    local = mlflow.artifacts.download_artifacts(run_id=rid,
+                                                artifact_path="evaluation/samples_table.json")
     assert json.loads(open(local).read())["columns"] == ["prompt", "policy_score"]
     # logged again (an evaluate re-run after a crash): replaced, not appended (MLflow appends)
     registry.log_table(rid, pd.DataFrame({"prompt": ["p", "q"], "policy_score": [1.0, 0.0]}),
                        "evaluation/samples_table.json")
-    local = registry.mlflow.artifacts.download_artifacts(run_id=rid,
-                                                         artifact_path="evaluation/samples_table.json")
+    local = mlflow.artifacts.download_artifacts(run_id=rid,
+                                                artifact_path="evaluation/samples_table.json")
     assert json.loads(open(local).read())["data"] == [["p", 1.0], ["q", 0.0]]
-    tags = registry.MlflowClient().get_run(rid).data.tags
+    tags = MlflowClient().get_run(rid).data.tags
     assert json.loads(tags["mlflow.loggedArtifacts"]) == [{"path": "evaluation/samples_table.json",
                                                           "type": "table"}]

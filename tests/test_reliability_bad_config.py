@@ -162,12 +162,13 @@ def test_bad_value_fails_at_load_naming_the_field(path, value):
 
 @pytest.mark.parametrize("path,value", CASES[::7])
 def test_bad_value_stops_the_flow_before_any_compute(path, value, dpo_home, monkeypatch):
+    import dpo_engine.pipeline as pipeline_mod
     import flows.dpo as flow_mod
 
     def never(*a, **k):
         raise AssertionError("compute started with a bad config")
     for name in ("preflight", "new_run_dir", "nothing_new"):
-        monkeypatch.setattr(flow_mod, name, never)
+        monkeypatch.setattr(pipeline_mod if name == "preflight" else flow_mod, name, never)
     with pytest.raises(ConfigError, match=path.replace(".", r"\.")):
         flow_mod.dpo.fn(overrides={path: value})
     assert not (dpo_home / "runs").exists()
@@ -240,7 +241,7 @@ def test_early_stopping_names_are_what_the_trainer_logs(tmp_path):
 
 
 def test_peft_type_names_are_pefts_enum():
-    from data_contracts.config import _peft_type_names_from_source
+    from data_contracts.config.model import peft_type_names_from_source as _peft_type_names_from_source
 
     import peft
 
@@ -273,12 +274,13 @@ def _fill(overrides: dict, tmp: Path) -> dict:
 
 
 def _no_compute(monkeypatch, *names):
+    import dpo_engine.pipeline as pipeline_mod
     import flows.dpo as flow_mod
 
     def never(*a, **k):
         raise AssertionError("compute started with a bad config")
     for name in names:
-        monkeypatch.setattr(flow_mod, name, never)
+        monkeypatch.setattr(pipeline_mod if name == "preflight" else flow_mod, name, never)
     for stage in ("validate", "precompute", "train", "evaluate", "register"):
         monkeypatch.setattr(flow_mod.t, stage, never)
 

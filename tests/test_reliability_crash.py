@@ -1,7 +1,7 @@
 """Drill 1 (RELIABILITY.md): SIGKILL inside every stage, then re-run the flow.
 
 Each `dpo run` is a subprocess in its own session; ``DPO_TEST_KILL_AT=<stage>:<point>`` makes
-``dpo_engine.stages.common.crash_point`` SIGKILL its whole process group (a preempted machine) at
+``dpo_engine.stages.runtime.crash_point`` SIGKILL its whole process group (a preempted machine) at
 that named point. The runs report to one Prefect server started for the module (127.0.0.1), which
 saves each run the start of a temporary one. One run (same ``--run-name``, same state home) is
 killed at every point of its stages in pipeline order, each re-run going further (two such chains
@@ -237,7 +237,7 @@ def test_every_crash_point_in_the_code_is_drilled():
     for f in sorted((ROOT / "dpo_engine" / "stages").glob("*.py")):
         for point in re.findall(r'crash_point\(STAGE, f?"([^"]+)"\)', f.read_text()):
             found.add((f.stem, point.replace("{split}", "train").replace("{step}", "N")))
-    found |= {("register", p) for p in re.findall(r'on_step\("([^"]+)"\)',
-                                                  (ROOT / "dpo_engine" / "registry.py").read_text())}
+    tracking = "".join(f.read_text() for f in sorted((ROOT / "dpo_engine" / "tracking").glob("*.py")))
+    found |= {("register", p) for p in re.findall(r'on_step\("([^"]+)"\)', tracking)}
     drilled = {(stage, re.sub(r"step-\d+", "step-N", p)) for stage, ps in POINTS.items() for p in ps}
     assert found and found <= drilled, sorted(found - drilled)

@@ -207,13 +207,14 @@ def test_outbox_keeps_entries_while_the_store_fails_and_sends_them_once(dpo_home
     from mlflow.exceptions import MlflowException
 
     from dpo_engine import tracking as registry
+    from dpo_engine.tracking import client as tracking_client
 
     registry.connect(f"sqlite:///{dpo_home / 'mlflow' / 'mlflow.db'}",
                      retry=registry.RetryPolicy(timeout_s=5, backoff_s=0.05, max_backoff_s=0.1))
     run_id = registry.start_run("outbox", "r")
     said = []
     box = registry.Outbox(run_id, log=said.append)
-    real = registry._client
+    real = tracking_client.mlflow_client
 
     class Down:
         def __getattr__(self, name):
@@ -222,7 +223,7 @@ def test_outbox_keeps_entries_while_the_store_fails_and_sends_them_once(dpo_home
                                       "failed with exception Connection refused")
             return fail
 
-    monkeypatch.setattr(registry, "_client", lambda: Down())
+    monkeypatch.setattr(tracking_client, "mlflow_client", lambda: Down())
     for step in range(1, 6):
         assert box.log_metrics({"loss": 1.0 / step}, step=step) is False
     art = tmp_path / "a.json"
@@ -237,7 +238,7 @@ def test_outbox_keeps_entries_while_the_store_fails_and_sends_them_once(dpo_home
     with pytest.raises(registry.TrackingUnavailable, match="unavailable: send buffered"):
         box.send(wait=True, policy=registry.RetryPolicy(timeout_s=0.2, backoff_s=0.05))
 
-    monkeypatch.setattr(registry, "_client", real)
+    monkeypatch.setattr(tracking_client, "mlflow_client", real)
     assert box.send(wait=True) and box.pending() == [] and not box.path.exists()
     assert box.send(wait=True)  # nothing left: a second send adds nothing
     client = MlflowClient()

@@ -55,7 +55,7 @@ def test_best_index_ignores_missing_and_nan():
 
 
 def test_parse_grid():
-    from flows.cli import parse_grid
+    from dpo_engine.sweep import parse_grid
 
     assert parse_grid(["loss.beta=0.1,0.3", "loss.loss_type=sigmoid,ipo"]) == \
         {"loss.beta": [0.1, 0.3], "loss.loss_type": ["sigmoid", "ipo"]}
@@ -66,7 +66,8 @@ def test_parse_grid():
 def test_parse_variant_and_grid_or_variant():
     import argparse
 
-    from flows.cli import parse_variant, sweep_grid
+    from dpo_engine.sweep import parse_variant
+    from flows.commands import sweep_grid
 
     assert parse_variant("loss.beta=0.1,loss.loss_type=[sigmoid,sft],train.learning_rate=5.0e-6") == \
         {"loss.beta": 0.1, "loss.loss_type": ["sigmoid", "sft"], "train.learning_rate": 5e-6}

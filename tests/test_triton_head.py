@@ -211,7 +211,7 @@ def test_interpreter_cpu(interpreter_results, name):
 
 @needs_triton
 def test_forced_triton_on_cpu_without_interpreter_is_refused():
-    code = ("import torch\nfrom dpo_engine.logprobs import token_logps\n"
+    code = ("import torch\nfrom dpo_engine.modeling import token_logps\n"
             "h, w = torch.randn(4, 16), torch.randn(32, 16)\n"
             "t = torch.zeros(4, dtype=torch.long)\n"
             "try:\n    token_logps(h, w, t, backend='triton')\nexcept RuntimeError as e:\n"
@@ -263,7 +263,7 @@ def test_cuda_model_sequence_logps_auto_matches_torch_backend():
     backend (Triton) gives the torch path's sequence log-probs and parameter gradients."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpo_engine.modeling import sequence_logps as forward
+    from dpo_engine.modeling import logps as forward
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=5000, hidden_size=128, intermediate_size=256,

@@ -10,7 +10,7 @@ import pytest
 
 from data_contracts.config import DataConfig
 from data_contracts.errors import DataError
-from data_contracts import validation as validate_mod
+from data_contracts.validation import workers as validate_mod
 from data_contracts.validation import LARGE_INPUT_ROWS, resolve_num_proc, validate_split
 from test_data_contracts import chat_tok, tok  # noqa: F401 (fixtures)
 

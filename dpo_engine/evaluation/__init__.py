@@ -1,1 +1,13 @@
-from dpo_engine.evaluation.metrics import (EvaluationError, bootstrap_ci, generate, judge_table, kl_metrics, kl_sampling, length_metrics, load_judge, preference_metrics, sample_kl)
+"""Evaluation of a policy against its reference: held-out preference metrics
+(:mod:`~dpo_engine.evaluation.preference`), generations (:mod:`~dpo_engine.evaluation.generation`),
+judges and win-rates (:mod:`~dpo_engine.evaluation.judges`), statistics
+(:mod:`~dpo_engine.evaluation.statistics`) and plots (:mod:`~dpo_engine.evaluation.plots`)."""
+
+from dpo_engine.evaluation import plots
+from dpo_engine.evaluation.generation import generate, kl_sampling, sample_kl
+from dpo_engine.evaluation.judges import EvaluationError, Judge, RewardModelJudge, judge_table, load_judge
+from dpo_engine.evaluation.preference import preference_metrics
+from dpo_engine.evaluation.statistics import bootstrap_ci, kl_metrics, length_metrics
+
+__all__ = ["plots", "generate", "kl_sampling", "sample_kl", "EvaluationError", "Judge", "RewardModelJudge",
+           "judge_table", "load_judge", "preference_metrics", "bootstrap_ci", "kl_metrics", "length_metrics"]

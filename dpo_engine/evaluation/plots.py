@@ -18,7 +18,7 @@ COMPARE_CURVES = ("rewards/margins", "rewards/accuracies")
 
 def _figure(ncols: int, width: float = 4.5, height: float = 3.4):
     os.environ.setdefault("MPLCONFIGDIR", local_state_env()["MPLCONFIGDIR"])
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib reads MPLCONFIGDIR when first imported
 
     fig = Figure(figsize=(width * ncols, height), layout="constrained")
     return fig, fig.subplots(1, ncols, squeeze=False)[0]

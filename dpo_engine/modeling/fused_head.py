@@ -7,7 +7,7 @@ blocks of ``token_block`` rows, so peak extra memory is about ``token_block x ch
 logits tile and its exp), independent of V*N.
 
 Two backends: this module's torch loop (CPU, and fallback on CUDA) and the Triton kernels of
-``dpo_engine.triton_head`` (logit tiles stay in registers / shared memory, never in device memory).
+``triton_kernels`` (logit tiles stay in registers / shared memory, never in device memory).
 ``backend="auto"`` picks Triton for CUDA tensors when triton imports.
 
 ``with_stats`` adds per-token metrics without gradient: entropy, mean logit, log sum p^2 (WPO) and
@@ -179,8 +179,8 @@ class HeadOutput:
 
 def triton_available() -> bool:
     """True when the Triton head imports (triton installed and usable)."""
-    try:
-        from dpo_engine.modeling import triton_kernels  # noqa: F401
+    try:  # Triton is optional (CUDA only): imported on first use, never at start-up
+        from dpo_engine.modeling.triton_kernels import triton_token_logps  # noqa: F401
     except Exception:  # ImportError, or triton failing to initialise
         return False
     return True
@@ -236,7 +236,7 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     if grad_filter_eps < 0:
         raise ValueError(f"grad_filter_eps must be >= 0; got {grad_filter_eps}")
     _check_targets(targets, weight.shape[0])
-    if _pick_backend(backend, hidden) == "triton":
+    if _pick_backend(backend, hidden) == "triton":  # optional dependency: see triton_available
         from dpo_engine.modeling.triton_kernels import triton_token_logps
         return HeadOutput(*triton_token_logps(hidden, weight, targets, bias, with_stats=with_stats,
                                               grad_filter_eps=grad_filter_eps))

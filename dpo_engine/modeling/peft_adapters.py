@@ -1,7 +1,8 @@
 """PEFT adapters: build one from the run config, continue a saved one, export merged or adapter-only.
 
 With ``reference.source: adapter_disabled`` the reference log-probs come from the policy itself with
-its adapter switched off (``reference_mode``): one model in memory, no cache.
+its adapter switched off (``reference_mode``): one model in memory, no cache. peft is imported inside
+the functions that build or load an adapter: its import takes seconds.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from pathlib import Path
 from torch import nn
 
 from data_contracts.config import ConfigError, PeftConfig, RunConfig
-from dpo_engine.modeling.sequence_logps import unwrap_model
-from dpo_engine.modeling.loading import LOAD_LOCK, ModelError, seeded
+from dpo_engine.modeling.loading import LOAD_LOCK, ModelError, save_model_folder, seeded
+from dpo_engine.modeling.logps import unwrap_model
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -108,8 +109,6 @@ def export_model(model: nn.Module, tokenizer, dest: Path, export: str = "merged"
     """Write the trained model to ``dest``: merged full weights (a plain model folder, so every
     downstream consumer is unchanged) or the adapter only (adapter_config.json pointing at
     ``base_model_path``). A non-PEFT model is saved as is."""
-    from dpo_engine.modeling.loading import save_model_folder
-
     if not is_peft(model):
         return save_model_folder(unwrap_model(model), tokenizer, dest)
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):

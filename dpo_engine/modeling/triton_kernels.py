@@ -416,7 +416,7 @@ def triton_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                        bwd: str = "auto"):
     """(logps, entropy, mean_logit, log_sum_p2, correct) [N] fp32 from the Triton kernels; the
     stats are None unless ``with_stats`` (``correct``: 1.0 where the target is an argmax, ties
-    included; see ``logprobs.HeadOutput``). ``blocks`` overrides BLOCK_N / BLOCK_V / BLOCK_D /
+    included; see ``fused_head.HeadOutput``). ``blocks`` overrides BLOCK_N / BLOCK_V / BLOCK_D /
     num_warps / num_stages (and CHUNK_V, the gemm backward's chunk width). ``bwd``: "auto" (gemm, or fused
     when gradient filtering is on), "gemm" or "fused" (module docstring)."""
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:

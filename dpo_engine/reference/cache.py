@@ -1,8 +1,7 @@
-"""Reference log-prob precomputation, cached to Parquet and shared across runs.
+"""The shared reference log-prob cache: Parquet shards per cache key, reused across runs.
 
-The reference model runs once, in inference mode, over length-sorted batches (little padding),
-through the fused head. A cache entry is a folder named by its key (fingerprints of model,
-tokenizer, data, length settings, dtype, engine version) under the shared cache folder:
+The log-probs come from :mod:`dpo_engine.reference.compute`. A cache entry is a folder named by its
+key (fingerprints of model, tokenizer, data, length settings, dtype, engine version) under the shared cache folder:
 
     <cache>/<key>/part-00000.parquet ...   one shard per ``shard_size`` examples, atomic writes
     <cache>/<key>/_COMPLETE.json           written last: metadata, row count, shard list
@@ -25,11 +24,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from torch import nn
 
 from data_contracts.helpers import atomic_write, dead_writer_temp, file_lock, write_json
-from dpo_engine.modeling import autocast, autocast_dtype, collate, ld_token_weights, sequence_logps
 
 ENGINE_VERSION = "0.2"
 META_KEY = b"dpo_refcache"
@@ -39,46 +35,6 @@ COMPLETE = "_COMPLETE.json"
 class CacheError(RuntimeError):
     pass
 
-
-@torch.inference_mode()
-def compute_reference_logps(model: nn.Module, rows: pd.DataFrame, *, pad_id: int, batch_size: int,
-                            chunk_size: int = 8192, device: torch.device | str = "cpu",
-                            ld_alpha: float | None = None, precision: str = "auto",
-                            progress: Callable[[int], None] | None = None) -> pd.DataFrame:
-    """Summed completion log-probs of every chosen and rejected sequence, in length-sorted batches
-    (LD-DPO-weighted when ``ld_alpha`` is given, as the policy's are), under the autocast of
-    ``precision`` (train.precision: the reference computes as the policy will)."""
-    model.eval()
-    device = torch.device(device)
-    amp = autocast_dtype(precision, device)
-    seqs = []  # (row position, side, prompt ids, completion ids, shorter completion of the pair)
-    for i, r in enumerate(rows.itertuples(index=False)):
-        m = min(len(r.chosen_input_ids), len(r.rejected_input_ids))
-        seqs.append((i, 0, r.prompt_input_ids, r.chosen_input_ids, m))
-        seqs.append((i, 1, r.prompt_input_ids, r.rejected_input_ids, m))
-    seqs.sort(key=lambda s: len(s[2]) + len(s[3]))
-    logps = torch.zeros(len(rows), 2, dtype=torch.float64)
-    counts = torch.zeros(len(rows), 2, dtype=torch.long)
-    for b0 in range(0, len(seqs), batch_size):
-        chunk = seqs[b0:b0 + batch_size]
-        batch = collate([s[2] for s in chunk], [s[3] for s in chunk], pad_id).to(device)
-        weights = None if ld_alpha is None else \
-            ld_token_weights(batch, torch.tensor([s[4] for s in chunk]), ld_alpha)
-        with autocast(amp, device):
-            out = sequence_logps(model, batch, chunk_size=chunk_size, token_weights=weights)
-        for k, s in enumerate(chunk):
-            logps[s[0], s[1]] = out["logps"][k].double().cpu()
-            counts[s[0], s[1]] = out["n_tokens"][k].cpu()
-        if progress:
-            progress(len(chunk))
-    return pd.DataFrame({
-        "example_id": rows["example_id"].tolist(),
-        "ref_chosen_logps": logps[:, 0].numpy(), "ref_rejected_logps": logps[:, 1].numpy(),
-        "chosen_tokens": counts[:, 0].numpy(), "rejected_tokens": counts[:, 1].numpy(),
-    })
-
-
-# ------------------------------------------------------------------------------ single files
 
 def write_cache(df: pd.DataFrame, path: Path, meta: dict) -> None:
     """Atomic write (temporary file, then rename) with the metadata in the Parquet schema."""
@@ -138,7 +94,6 @@ def _check_ids(path: Path, df: pd.DataFrame, expect_ids: list[str] | None) -> No
                          f"{len(missing)} example ids missing")
 
 
-# ------------------------------------------------------------------------------ shared, sharded
 
 def _locked(folder: Path):
     return file_lock(folder.parent / f".{folder.name}.lock")
@@ -247,76 +202,3 @@ def cached_reference_logps(cache_dir: Path, key: str, rows: pd.DataFrame, meta: 
         df = _read_folder(folder, ids, key)
     return df.set_index("example_id").loc[ids].reset_index(), {"computed_examples": computed,
                                                                 "path": str(folder)}
-
-
-# ------------------------------------------------------------------------------ several processes
-
-# Under ``accelerate launch`` (torch.distributed), rank 0 runs ``cached_reference_logps`` as above
-# with ``compute = shard_across_ranks(local)``: for every missing shard it sends the shard's example
-# ids to the other ranks, each rank computes its contiguous share with ``local``, and rank 0 gathers
-# the shares in rank order and writes the shard itself. The cache format does not change; only rank 0
-# touches the cache folder and its lock. The other ranks run ``follow_shards`` until rank 0 sends
-# ``release_followers()``.
-
-def _share(part: pd.DataFrame, rank: int, n_ranks: int) -> pd.DataFrame:
-    n = len(part)
-    return part.iloc[rank * n // n_ranks:(rank + 1) * n // n_ranks]
-
-
-def shard_across_ranks(local: Callable[[pd.DataFrame, str], pd.DataFrame]
-                       ) -> Callable[[pd.DataFrame, str], pd.DataFrame]:
-    """Rank 0's ``compute(part, tag)``: the same frame as ``local(part, tag)``, computed by all ranks."""
-    import torch.distributed as dist
-
-    def compute(part: pd.DataFrame, tag: str) -> pd.DataFrame:
-        n_ranks = dist.get_world_size()
-        dist.broadcast_object_list([("work", tag, part["example_id"].tolist())], src=0)
-        shares: list = [None] * n_ranks
-        dist.gather_object(local(_share(part, 0, n_ranks), tag), shares, dst=0)
-        return pd.concat(shares, ignore_index=True)
-
-    return compute
-
-
-def follow_shards(rows_of: Callable[[str], pd.DataFrame],
-                  local: Callable[[pd.DataFrame, str], pd.DataFrame]) -> int:
-    """A rank > 0: compute this rank's share of every shard rank 0 hands out (``rows_of(tag)`` holds
-    the rows the example ids refer to) until rank 0 releases it. Returns the examples computed."""
-    import torch.distributed as dist
-
-    rank, n_ranks, done = dist.get_rank(), dist.get_world_size(), 0
-    while True:
-        msg: list = [None]
-        dist.broadcast_object_list(msg, src=0)
-        if msg[0][0] == "done":
-            return done
-        _, tag, ids = msg[0]
-        rows = rows_of(tag)
-        part = rows.iloc[pd.Index(rows["example_id"]).get_indexer(ids)]
-        mine = _share(part, rank, n_ranks)
-        dist.gather_object(local(mine, tag), None, dst=0)
-        done += len(mine)
-
-
-def release_followers() -> None:
-    """Rank 0: tell ``follow_shards`` on the other ranks that there is no more work."""
-    import torch.distributed as dist
-
-    dist.broadcast_object_list([("done",)], src=0)
-
-
-# ------------------------------------------------------------------------------ training
-
-def training_reference(cfg, validated: dict, precomputed: dict, pairs: pd.DataFrame,
-                       device: torch.device | str = "cpu"):
-    """What the train stage compares the policy with (``reference.source``): the cached log-probs of
-    ``pairs`` (precomputed), None (adapter_disabled: the policy with its adapter off) or a frozen
-    reference model run online (model: ``reference.model_path``, else the policy's initial weights)."""
-    source = cfg.reference.source
-    if source == "adapter_disabled":
-        return None
-    if source == "model":
-        from dpo_engine.modeling import load_reference_model
-        return load_reference_model(cfg.model, cfg.reference.model_path, validated["model_path"], device)
-    return read_cache(Path(precomputed["train_ref"]), expect_ids=pairs["example_id"].tolist(),
-                      expect_key=precomputed["train_ref_key"])

@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from data_contracts.config import RunConfig
-
+from data_contracts.helpers import atomic_write, fingerprint, write_json
 from data_contracts.state import mlflow_uri
-from dpo_engine.evaluation import plots
+from data_contracts.validation import read_valid
 from dpo_engine import tracking
-from dpo_engine.evaluation import generate, judge_table, kl_metrics, kl_sampling, length_metrics, load_judge, preference_metrics, sample_kl
+from dpo_engine.evaluation import (
+    generate,
+    judge_table,
+    kl_metrics,
+    kl_sampling,
+    length_metrics,
+    load_judge,
+    plots,
+    preference_metrics,
+    sample_kl,
+)
 from dpo_engine.modeling import load_model, load_reference_model, load_tokenizer, pick_device
 from dpo_engine.reference import read_cache
-from dpo_engine.stages.runtime import Timer, crash_point
-from data_contracts.helpers import atomic_path, fingerprint, write_json
-from data_contracts.validation import read_valid
 from dpo_engine.stages.index import record, reused
+from dpo_engine.stages.runtime import Timer, crash_point
 
 STAGE = "evaluate"
 
@@ -37,9 +44,7 @@ def _plots(out: Path, trained: dict, table: pd.DataFrame, metrics: dict) -> list
     made = []
     for name, draw in (("training_curves.png", lambda p: plots.training_curves(history, p)),
                        ("eval_scores.png", lambda p: plots.eval_scores(table, metrics, p))):
-        tmp = atomic_path(out / name)  # written whole, then renamed
-        if draw(tmp) is not None:
-            os.replace(tmp, out / name)
+        if atomic_write(out / name, draw) is not None:  # written whole, then renamed
             made.append(out / name)
     return made
 
@@ -99,9 +104,8 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, train
         gc.collect()
     crash_point(STAGE, "computed")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(out / "samples.jsonl")
-    table.to_json(tmp, orient="records", lines=True, force_ascii=False)
-    os.replace(tmp, out / "samples.jsonl")
+    atomic_write(out / "samples.jsonl", lambda tmp: table.to_json(tmp, orient="records", lines=True,
+                                                                   force_ascii=False))
     pngs = _plots(out, trained, table, metrics)
     write_json(out / "metrics.json", metrics)
     crash_point(STAGE, "written")

@@ -4,18 +4,18 @@
 ``stages.train.run`` hand themselves to :func:`launch_stage`, which writes the stage's inputs to
 ``<run>/<stage>/launch/spec.json`` and runs
 
-    accelerate launch [--config_file FILE] [--multi_gpu --num_processes N ...] -m dpo_engine.launch SPEC
+    accelerate launch [--config_file FILE] [--multi_gpu --num_processes N ...] -m dpo_engine.stages.rank SPEC
 
-Every rank (``python -m dpo_engine.launch SPEC``) joins the process group through accelerate's
+Every rank (:mod:`dpo_engine.stages.rank`) joins the process group through accelerate's
 ``PartialState`` (gloo on the CPU, NCCL on GPUs, one GPU per rank) and runs the same stage function:
 
 - precompute: each rank computes its share of every missing cache shard; rank 0 gathers the shares
-  and writes the shards (``dpo_engine.refcache.shard_across_ranks``);
+  and writes the shards (``dpo_engine.reference.shard_across_ranks``);
 - train: every rank trains on its share of each step's pairs (gradients summed over ranks, see
-  ``dpo_engine.trainer``); rank 0 alone logs to MLflow, writes checkpoints, exports the model and
+  ``dpo_engine.training``); rank 0 alone logs to MLflow, writes checkpoints, exports the model and
   records the stage result, which it writes to ``<run>/<stage>/launch/result.json`` for the launcher.
   With an FSDP accelerate config (``distributed_type: FSDP``) the trainer shards the policy with
-  FSDP2's ``fully_shard`` (``dpo_engine.trainer.fsdp_settings``) instead of replicating it.
+  FSDP2's ``fully_shard`` (``dpo_engine.training.fsdp_settings``) instead of replicating it.
 
 A rank that fails writes ``error-rank<R>.json``; the launcher re-raises the first one (a user error
 stays a one-line user error) or reports the exit status.
@@ -31,13 +31,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+import yaml
+
 from data_contracts.config import ConfigError, RunConfig
+from data_contracts.errors import USER_ERROR_NAMES, DataError, DataPolicyError
+from dpo_engine.modeling import ModelError
+from dpo_engine.reference import CacheError
+from dpo_engine.training import TrainingError
 
 WORKER_ENV = "DPO_LAUNCH_WORKER"  # set in every launched rank: the stages run there, not launch again
 
 
 class LaunchError(RuntimeError):
     """A launched stage failed without a user error (a crash): the exit status and where to look."""
+
+
+# a rank's error of these classes is raised again as such in the launcher (user errors stay one line)
+KNOWN_ERRORS = (ConfigError, DataError, DataPolicyError, ModelError, CacheError, TrainingError)
 
 
 def in_worker() -> bool:
@@ -55,14 +66,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _accelerate_config(cfg: RunConfig) -> tuple[Path | None, dict]:
+def accelerate_config(cfg: RunConfig) -> tuple[Path | None, dict]:
     if cfg.train.accelerate_config is None:
         return None, {}
     path = Path(cfg.train.accelerate_config).expanduser()
     if not path.is_file():
         raise ConfigError(f"config error: train.accelerate_config: file not found: {path}")
-    import yaml
-
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -75,9 +84,7 @@ def _accelerate_config(cfg: RunConfig) -> tuple[Path | None, dict]:
 
 def launch_command(cfg: RunConfig, spec: Path) -> list[str]:
     """The ``accelerate launch`` command line for one launched stage."""
-    import torch
-
-    config_file, conf = _accelerate_config(cfg)
+    config_file, conf = accelerate_config(cfg)
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file is not None:
         cmd += ["--config_file", str(config_file)]
@@ -91,7 +98,7 @@ def launch_command(cfg: RunConfig, spec: Path) -> list[str]:
             cmd += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // n))]
     if int(conf.get("num_machines") or 1) <= 1 and not conf.get("main_process_port"):
         cmd += ["--main_process_port", str(_free_port())]  # concurrent runs on one machine
-    return cmd + ["-m", "dpo_engine.stages.launch", str(spec)]
+    return cmd + ["-m", "dpo_engine.stages.rank", str(spec)]
 
 
 def launch_stage(stage: str, cfg: RunConfig, run_dir: Path, *inputs: dict) -> dict:
@@ -106,7 +113,7 @@ def launch_stage(stage: str, cfg: RunConfig, run_dir: Path, *inputs: dict) -> di
     cmd = launch_command(cfg, spec)
     print(f"{stage}: launching {' '.join(cmd[1:])}", flush=True)
     env = {**os.environ, WORKER_ENV: "1"}
-    root = str(Path(__file__).resolve().parents[1])  # the ranks import this checkout's packages
+    root = str(Path(__file__).resolve().parents[2])  # the ranks import this checkout's packages
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     proc = subprocess.run(cmd, env=env)
     result = folder / "result.json"
@@ -121,97 +128,10 @@ def launch_stage(stage: str, cfg: RunConfig, run_dir: Path, *inputs: dict) -> di
 
 def _reraise(err: dict, stage: str):
     """The rank's exception again, as its own class when it is one of ours (user errors stay such)."""
-    from data_contracts.errors import USER_ERROR_NAMES
-
     message = f"{err['message']} (rank {err['rank']} of the launched {stage} stage)"
-    known = _known_errors()
+    known = {c.__name__: c for c in KNOWN_ERRORS}
     if err["type"] in known:
         raise known[err["type"]](message)
     if err["type"] in USER_ERROR_NAMES:
         raise type(err["type"], (RuntimeError,), {})(message)
     raise LaunchError(f"{err['type']}: {message}")
-
-
-def _known_errors() -> dict[str, type]:
-    from data_contracts.errors import DataError, DataPolicyError
-    from dpo_engine.modeling import ModelError
-    from dpo_engine.reference import CacheError
-    from dpo_engine.training import TrainingError
-
-    return {c.__name__: c for c in (ConfigError, DataError, DataPolicyError, ModelError, CacheError,
-                                    TrainingError)}
-
-
-# ------------------------------------------------------------------------------ in each rank
-
-def _follow_train(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> None:
-    """A rank > 0 of a launched training: the same model, data and reference as rank 0's stage, its
-    share of every step, no logging and no outputs."""
-    import pandas as pd
-
-    from dpo_engine.modeling import apply_adapter, check_config
-    from dpo_engine.modeling import load_model, load_tokenizer, pick_device
-    from dpo_engine.reference import training_reference
-    from dpo_engine.stages import train as stage
-    from dpo_engine.training import train
-
-    check_config(cfg)
-    device = pick_device()
-    pairs = pd.read_parquet(validated["train"]["valid"])
-    ref = training_reference(cfg, validated, precomputed, pairs, device)
-    pad_id = load_tokenizer(cfg.model, validated["model_path"]).pad_token_id
-    model = load_model(cfg.model, validated["model_path"], device)
-    model = apply_adapter(model, cfg.peft, seed=cfg.train.seed) if cfg.peft.enabled else model
-    train(model, pairs, ref, loss_cfg=cfg.loss, cfg=cfg.train, pad_id=pad_id, out_dir=Path(run_dir) / stage.STAGE,
-          device=device, ref_cfg=cfg.reference,
-          evaluate_fn=stage.eval_callback(cfg, validated, precomputed, model, pad_id, device))
-
-
-def run_rank(spec: dict, rank: int) -> dict:
-    """This rank's part of the launched stage; rank 0 returns the stage result."""
-    from dpo_engine import stages
-
-    cfg = RunConfig.model_validate(spec["config"])
-    run_dir = Path(spec["run_dir"])
-    if spec["stage"] == "train" and rank > 0:
-        _follow_train(cfg, run_dir, *spec["inputs"])
-        return {}
-    if spec["stage"] not in ("train", "precompute"):
-        raise ConfigError(f"config error: the {spec['stage']} stage does not run under accelerate launch")
-    return getattr(stages, spec["stage"]).run(cfg, run_dir, *spec["inputs"])
-
-
-def main(argv: list[str] | None = None) -> int:
-    import torch
-    import torch.distributed as dist
-    from accelerate import PartialState
-
-    from data_contracts.errors import user_error
-
-    spec_path = Path((argv if argv is not None else sys.argv[1:])[0])
-    os.environ[WORKER_ENV] = "1"
-    state = PartialState(cpu=not torch.cuda.is_available())  # joins the process group (torchrun env)
-    rank = state.process_index
-    try:
-        result = run_rank(json.loads(spec_path.read_text()), rank)
-        if state.is_main_process:
-            tmp = spec_path.with_name(f".result.json.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(result, default=str))
-            os.replace(tmp, spec_path.with_name("result.json"))
-    except BaseException as e:
-        err = user_error(e) or e
-        spec_path.with_name(f"error-rank{rank}.json").write_text(json.dumps(
-            {"rank": rank, "type": type(err).__name__, "message": str(err).strip().splitlines()[0]
-             if str(err).strip() else type(err).__name__}))
-        if user_error(e) is not None:
-            print(f"error (rank {rank}): {err}", file=sys.stderr)
-            return 1
-        raise
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

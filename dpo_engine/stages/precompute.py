@@ -26,15 +26,31 @@ import torch
 from tqdm.auto import tqdm
 
 from data_contracts.config import RunConfig
-
-from data_contracts.state import state_home
-from dpo_engine.stages import launch
-from dpo_engine.modeling import ModelError, autocast_dtype, load_reference_model, load_tokenizer, model_fingerprint, pick_device, reference_model_path
-from dpo_engine.reference import COMPLETE, ENGINE_VERSION, cached_reference_logps, compute_reference_logps, follow_shards, release_followers, shard_across_ranks
-from dpo_engine.stages.runtime import Timer, crash_point
 from data_contracts.helpers import fingerprint, write_json
+from data_contracts.state import state_home
 from data_contracts.validation import read_valid
+from dpo_engine.modeling import (
+    ModelError,
+    autocast_dtype,
+    check_config,
+    load_reference_model,
+    load_tokenizer,
+    model_fingerprint,
+    pick_device,
+    reference_model_path,
+)
+from dpo_engine.reference import (
+    COMPLETE,
+    ENGINE_VERSION,
+    cached_reference_logps,
+    compute_reference_logps,
+    follow_shards,
+    release_followers,
+    shard_across_ranks,
+)
+from dpo_engine.stages import launch
 from dpo_engine.stages.index import record, reused
+from dpo_engine.stages.runtime import Timer, crash_point
 from dpo_engine.training import world
 
 STAGE = "precompute"
@@ -88,8 +104,6 @@ def _all_cached(cfg: RunConfig, validated: dict) -> bool:
 
 
 def run(cfg: RunConfig, run_dir: Path, validated: dict) -> dict:
-    from dpo_engine.modeling import check_config
-
     check_config(cfg)
     fp = key(cfg, validated)
     rank, n_ranks = world()

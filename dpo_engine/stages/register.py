@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_contracts.config import RunConfig
-
+from data_contracts.helpers import fingerprint
 from data_contracts.state import mlflow_uri
 from dpo_engine import tracking
 from dpo_engine.stages import validate
-from dpo_engine.stages.runtime import Timer, code_version, crash_point
-from data_contracts.helpers import fingerprint
 from dpo_engine.stages.index import record
+from dpo_engine.stages.runtime import Timer, code_version, crash_point
 
 STAGE = "register"
 
@@ -47,7 +46,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, trained: dict, evaluated
     fp = key(cfg, trained, evaluated)
     if not cfg.registry.enabled:
         return {"stage": STAGE, "fingerprint": fp, "reused": False, "seconds": 0.0, "outputs": [],
-                "metrics": {}, "summary": "register: skipped (tracking.enabled is false)"}
+                "metrics": {}, "summary": "register: skipped (registry.enabled is false)"}
     # no index reuse here: register_model itself is idempotent (one version per MLflow run)
     metrics = {**trained.get("metrics", {}), **evaluated.get("metrics", {})}
     run_id = trained["mlflow_run_id"]

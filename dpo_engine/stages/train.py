@@ -1,7 +1,7 @@
 """Stage 3: DPO training of the policy against the cached reference log-probs (or, with a PEFT
 adapter and ``reference.source: adapter_disabled``, against the policy with its adapter off; with
 ``reference.source: model``, against a reference model run online). With ``train.num_processes > 1``
-or ``train.accelerate_config`` the stage runs under ``accelerate launch`` (``dpo_engine.launch``)."""
+or ``train.accelerate_config`` the stage runs under ``accelerate launch`` (:mod:`dpo_engine.stages.launch`): every rank runs this same function."""
 
 from __future__ import annotations
 
@@ -11,21 +11,28 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from data_contracts.config import RunConfig
-
-from data_contracts.state import mlflow_uri
-from dpo_engine.stages import launch
-from dpo_engine import tracking
-from dpo_engine.modeling import apply_adapter, check_config, export_model
-from dpo_engine.modeling import load_model, load_tokenizer, model_fingerprint, packed_attention, pick_device
-from dpo_engine.reference import read_cache, training_reference
-from dpo_engine.stages.runtime import Timer, crash_point
-from dpo_engine.stages.index import claim_partial, record, reused
-from data_contracts.helpers import fingerprint, write_json, write_text
-from data_contracts.validation import read_valid
+from data_contracts.helpers import fingerprint, redact_credentials, write_json, write_text
 from data_contracts.sources import source_fingerprint
+from data_contracts.state import mlflow_uri
+from data_contracts.validation import read_valid
+from dpo_engine import tracking
 from dpo_engine.evaluation import preference_metrics
-from dpo_engine.training import check_optim, extra_stop_rule, total_steps, train
+from dpo_engine.modeling import (
+    apply_adapter,
+    check_config,
+    export_model,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    packed_attention,
+    pick_device,
+)
+from dpo_engine.reference import read_cache, training_reference
+from dpo_engine.stages import launch
+from dpo_engine.stages.index import claim_partial, record, reused
+from dpo_engine.stages.runtime import Timer, crash_point
 from dpo_engine.sweep import stop_rule
+from dpo_engine.training import check_optim, extra_stop_rule, total_steps, train, world
 
 STAGE = "train"
 
@@ -43,9 +50,9 @@ def logged_params(cfg: RunConfig) -> dict:
     MLflow run's name, not a param, so a re-run under a new name can continue it; user:password in
     ``tracking.mlflow_tracking_uri`` is not written down."""
     params = cfg.model_dump(mode="json", exclude={"run_name"})
-    tracking = params.get("tracking") or {}
-    if tracking.get("mlflow_tracking_uri"):
-        tracking["mlflow_tracking_uri"] = tracking._redact(tracking["mlflow_tracking_uri"])
+    section = params.get("tracking") or {}
+    if section.get("mlflow_tracking_uri"):
+        section["mlflow_tracking_uri"] = redact_credentials(section["mlflow_tracking_uri"])
     return params
 
 
@@ -64,24 +71,12 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
     ref = training_reference(cfg, validated, precomputed, pairs, device)
     tok = load_tokenizer(cfg.model, validated["model_path"])
 
-    claim_partial(STAGE, fp, out)  # a crashed earlier run of this training: go on from its checkpoints
-    tracking.connect(mlflow_uri(cfg), retry=tracking.RetryPolicy.from_config(cfg.registry))
-    id_file = out / "mlflow_run_id"  # a retried/resumed training logs into the same MLflow run
-    run_id = tracking.start_run(cfg.registry.experiment, Path(run_dir).name,
-                                tags={"dpo.fingerprint": fp, "dpo.run_dir": str(run_dir),
-                                      "dpo.base_model": cfg.model.name_or_path},
-                                run_id=id_file.read_text().strip() if id_file.is_file() else None)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(id_file, run_id)
-    crash_point(STAGE, "mlflow-run")
-    tracking.log_params(run_id, logged_params(cfg))
-    # metrics kept on disk while MLflow is away, sent when it is back, by a thread: a server that
-    # hangs never holds up a step
-    outbox = tracking.Outbox(run_id, background=True)
-    outbox.log_metrics(validated.get("metrics", {}))
-
-    def log_step(m, s):  # every train.logging_steps steps and at the last
-        outbox.log_metrics(m, step=s)
+    lead = world()[0] == 0  # a launched training's rank 0: it alone logs, checkpoints, exports, records
+    log_step, run_id = (None, None)
+    if lead:
+        claim_partial(STAGE, fp, out)  # a crashed earlier run of this training: go on from its checkpoints
+        run_id, outbox = _start_tracking(cfg, run_dir, fp, out, validated)
+        log_step = outbox.log_metrics  # every train.logging_steps steps and at the last
 
     with Timer() as t:
         model = load_model(packed_attention(cfg.model, cfg.train.padding_free, device), validated["model_path"],
@@ -91,7 +86,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
         steps = total_steps(len(pairs), cfg.train)
         evaluate_fn = eval_callback(cfg, validated, precomputed, model, tok.pad_token_id, device)
         lagging = stop_rule(run_dir)  # a sweep variant's "behind the best variant" stop, else None
-        with tqdm(total=steps, desc="train", unit="step") as bar, extra_stop_rule(lagging):
+        with tqdm(total=steps, desc="train", unit="step", disable=not lead) as bar, extra_stop_rule(lagging):
             def on_step(step, m):
                 if bar.n == 0 and step > 1:  # resumed from a checkpoint: the bar and its ETA start there
                     bar.n = bar.initial = step - 1
@@ -104,6 +99,8 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
                         out_dir=out, device=device, progress=on_step,
                         log_fn=log_step,
                         evaluate_fn=evaluate_fn, ref_cfg=cfg.reference)
+        if not lead:
+            return {}  # the other ranks took their share of every step; rank 0 has the result
         model_dir = export_model(model, tok, out / "model", cfg.peft.export if cfg.peft.enabled else "merged",
                                  base_model_path=validated["model_path"])
         del model
@@ -131,6 +128,26 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
         write_json(Path(run_dir) / f"{STAGE}.json", result)
         return result
     return record(STAGE, fp, result)
+
+
+def _start_tracking(cfg: RunConfig, run_dir: Path, fp: str, out: Path, validated: dict):
+    """The training's MLflow run (the same one when a retried or resumed training goes on) with the
+    config as params, and the outbox its step metrics go through."""
+    tracking.connect(mlflow_uri(cfg), retry=tracking.RetryPolicy.from_config(cfg.registry))
+    id_file = out / "mlflow_run_id"
+    run_id = tracking.start_run(cfg.registry.experiment, Path(run_dir).name,
+                                tags={"dpo.fingerprint": fp, "dpo.run_dir": str(run_dir),
+                                      "dpo.base_model": cfg.model.name_or_path},
+                                run_id=id_file.read_text().strip() if id_file.is_file() else None)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(id_file, run_id)
+    crash_point(STAGE, "mlflow-run")
+    tracking.log_params(run_id, logged_params(cfg))
+    # metrics kept on disk while MLflow is away, sent when it is back, by a thread: a server that
+    # hangs never holds up a step
+    outbox = tracking.Outbox(run_id, background=True)
+    outbox.log_metrics(validated.get("metrics", {}))
+    return run_id, outbox
 
 
 def eval_callback(cfg: RunConfig, validated: dict, precomputed: dict, model, pad_id: int, device):

@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_contracts.config import BUILTIN_DATASET, RunConfig
-from data_contracts.sources import load_rows, resolve_source
-from data_contracts.validation import split_rows, validate_split
-from dpo_engine.modeling import load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
-from dpo_engine.stages.runtime import Timer, crash_point
 from data_contracts.helpers import fingerprint
+from data_contracts.sources import resolve_source, source_fingerprint
+from data_contracts.validation import validate_split
+from dpo_engine.modeling import load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
 from dpo_engine.stages.index import record, reused
-from data_contracts.sources import source_fingerprint
+from dpo_engine.stages.runtime import Timer, crash_point
 
 STAGE = "validate"
 

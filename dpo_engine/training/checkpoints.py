@@ -4,8 +4,8 @@ A checkpoint is a folder ``step-N/`` holding the trained weights (safetensors: t
 adapter), the synced reference with TR-DPO (``reference/model.safetensors``), ``trainer.pt`` (optimizer,
 scheduler, master weights, loss scale and every rank's RNG states; read with ``weights_only=True``)
 and ``state.json``, written last, with the step, the metric history, every other file's size and
-sha256 and a digest of itself. It is written as ``.step-N.tmp<pid>`` and renamed, so a killed save
-leaves no ``step-N``; leftovers of dead writers are removed.
+sha256 and a digest of itself. It is written as ``.step-N.tmp<pid>`` and renamed (``atomic_write``),
+so a killed save leaves no ``step-N``; leftovers of dead writers are removed.
 
 A resume takes the newest checkpoint whose files match their recorded sizes and hashes (older ones
 without the record get structural checks), reading every file before applying any; a damaged one is
@@ -17,30 +17,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_model
 from torch import nn
 
+from data_contracts.helpers import atomic_write, pid_alive, sha256_file
 from dpo_engine.modeling import is_peft
+from dpo_engine.training.distributed import world
+from dpo_engine.training.errors import TrainingError
 from dpo_engine.training.master_weights import MasterWeights
-from data_contracts.helpers import pid_alive
-
-
-def _training_error(message: str) -> Exception:
-    from dpo_engine.training.loop import TrainingError  # the trainer's user error (imported late: no cycle)
-
-    return TrainingError(message)
-
-
-def _world() -> tuple[int, int]:
-    from dpo_engine.training.loop import world
-
-    return world()
-
 
 REF_WEIGHTS = "reference/model.safetensors"  # TR-DPO: the synced reference, next to the policy
 STATE = "state.json"
@@ -63,24 +57,12 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}"[:160] if first else type(e).__name__
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        if hasattr(hashlib, "file_digest"):  # Python 3.11+: no copy per block
-            return hashlib.file_digest(f, "sha256").hexdigest()
-        h = hashlib.sha256()
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-        return h.hexdigest()
-
-
 def _hash_files(folder: Path, names: list[str]) -> dict[str, str]:
     """sha256 of each file, in threads (hashlib releases the GIL): weights and trainer.pt at once."""
     if len(names) < 2:
-        return {n: _sha256(folder / n) for n in names}
-    from concurrent.futures import ThreadPoolExecutor
-
+        return {n: sha256_file(folder / n) for n in names}
     with ThreadPoolExecutor(max(1, min(len(names), os.cpu_count() or 1, 8))) as ex:
-        return dict(zip(names, ex.map(lambda n: _sha256(folder / n), names)))
+        return dict(zip(names, ex.map(lambda n: sha256_file(folder / n), names)))
 
 
 def _file_manifest(folder: Path) -> dict[str, dict]:
@@ -135,8 +117,6 @@ def _manifest_problem(path: Path, files: dict[str, dict]) -> str | None:
 def _structure_problem(path: Path) -> str | None:
     """A checkpoint written before the manifest: every safetensors header and trainer.pt's zip
     directory and pickle are read (not the tensor data, which only the manifest's hashes cover)."""
-    from safetensors import safe_open
-
     files = sorted(path.glob("*.safetensors")) + [f for f in [path / REF_WEIGHTS] if f.is_file()]
     for f in files:
         try:
@@ -205,7 +185,7 @@ def resume(ckpt_dir: Path, read: Callable[[Path], object], log: Callable[[str], 
             log(f"checkpoint skipped: {e}")
             touched = touched or (e if e.touched else None)
     if touched is not None:  # the weights hold part of a damaged checkpoint: no clean start from here
-        raise _training_error(f"checkpoint {ckpt_dir / touched.name} is damaged ({touched.reason}), found after "
+        raise TrainingError(f"checkpoint {ckpt_dir / touched.name} is damaged ({touched.reason}), found after "
                             f"its weights were loaded, and no older intact checkpoint is left; delete "
                             f"{ckpt_dir} and re-run to start from step 0")
     if _checkpoints(ckpt_dir):
@@ -217,10 +197,6 @@ def rng_state() -> dict:
     """This process's random generators (torch CPU and CUDA, Python, NumPy) in a form that
     ``torch.load(weights_only=True)`` reads back: dropout (e.g. LoRA's) draws from them, so a resumed
     run continues their streams where the checkpoint left them."""
-    import random
-
-    import numpy as np
-
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss))}
@@ -230,10 +206,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
@@ -262,23 +234,25 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history: list[
     random generator states (``rng_state``, in rank order), kept in trainer.pt. state.json, written
     last, lists every other file's size and sha256 and carries a digest of itself."""
     final = ckpt_dir / f"step-{step}"
-    tmp = ckpt_dir / f".step-{step}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": full_state[0]} if full_state else {}))
-    if ref_model is not None:  # TR-DPO changes the reference: a resumed run needs its weights too
-        from safetensors.torch import save_model
-        (tmp / REF_WEIGHTS).parent.mkdir()
-        save_model(ref_model, str(tmp / REF_WEIGHTS))
-    torch.save({"optimizer": full_state[1] if full_state else opt.state_dict(), "scheduler": sched.state_dict(),
-                "fsdp": full_state is not None, "master": master.state() if master else [],
-                "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
-                "rng": rng or []},
-               tmp / "trainer.pt")
-    state = {"step": step, "history": history, "files": _file_manifest(tmp)}
-    state["digest"] = _state_digest(state)
-    (tmp / STATE).write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+
+    def write(tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": full_state[0]} if full_state else {}))
+        if ref_model is not None:  # TR-DPO changes the reference: a resumed run needs its weights too
+            (tmp / REF_WEIGHTS).parent.mkdir()
+            save_model(ref_model, str(tmp / REF_WEIGHTS))
+        torch.save({"optimizer": full_state[1] if full_state else opt.state_dict(),
+                    "scheduler": sched.state_dict(), "fsdp": full_state is not None,
+                    "master": master.state() if master else [],
+                    "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
+                    "rng": rng or []},
+                   tmp / "trainer.pt")
+        state = {"step": step, "history": history, "files": _file_manifest(tmp)}
+        state["digest"] = _state_digest(state)
+        (tmp / STATE).write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)  # a rename does not replace a folder that has files
+
+    atomic_write(final, write)
 
 
 def _read_blob(path: Path, mmap: bool = False) -> dict:
@@ -328,11 +302,11 @@ def apply_trainer_state(path: Path, blob: dict, opt, sched, fsdp_root: nn.Module
     (read by ``read_checkpoint``). ``fsdp_root``: the optimizer state is a gathered one, scattered to
     this rank's shards."""
     if bool(blob.get("fsdp")) != (fsdp_root is not None):
-        raise _training_error(f"checkpoint {path} was written {'with' if blob.get('fsdp') else 'without'} FSDP; "
+        raise TrainingError(f"checkpoint {path} was written {'with' if blob.get('fsdp') else 'without'} FSDP; "
                             f"resume it the same way or delete {path.parent} to start over")
     if fsdp_root is None:
         opt.load_state_dict(blob["optimizer"])
-    else:
+    else:  # FSDP runs only: half a second of start-up otherwise
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(fsdp_root, opt, blob["optimizer"], options=StateDictOptions(full_state_dict=True))
     sched.load_state_dict(blob["scheduler"])
@@ -340,7 +314,7 @@ def apply_trainer_state(path: Path, blob: dict, opt, sched, fsdp_root: nn.Module
         master.load_state(blob["master"]) if blob.get("master") else master.from_model()
     if scaler is not None and scaler.is_enabled() and blob.get("scaler"):
         scaler.load_state_dict(blob["scaler"])
-    rank, n_ranks = _world()
+    rank, n_ranks = world()
     if len(blob.get("rng") or []) == n_ranks:  # another world size cannot continue the same streams
         set_rng_state(blob["rng"][rank])
 
@@ -357,9 +331,6 @@ def load_checkpoint(path: Path, model, opt, sched, ref_model: nn.Module | None =
 
 
 def _read_safetensors(path: Path, rel: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(path / rel)
     except (SafetensorError, OSError) as e:
@@ -374,13 +345,13 @@ def _load_weights(path: Path, model) -> None:
     for f in sorted(path.glob("*.safetensors")):
         state.update(_read_safetensors(path, f.name))
     if is_peft(model):  # an adapter checkpoint: adapter weights only
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict  # seconds to import: PEFT runs only
         missing = sorted(set(get_peft_model_state_dict(model)) - set(state))
         unexpected = list(set_peft_model_state_dict(model, state).unexpected_keys)
     else:
         missing, unexpected = _load_state(model, state)
     if unexpected or missing:
-        raise _training_error(f"checkpoint {path} does not match the model "
+        raise TrainingError(f"checkpoint {path} does not match the model "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
@@ -397,5 +368,5 @@ def _load_reference(path: Path, ref_model: nn.Module) -> None:
     """TR-DPO's synced reference: every weight."""
     missing, unexpected = _load_state(ref_model, _read_safetensors(path, REF_WEIGHTS))
     if unexpected or missing:
-        raise _training_error(f"checkpoint {path / REF_WEIGHTS} does not match the reference model "
+        raise TrainingError(f"checkpoint {path / REF_WEIGHTS} does not match the reference model "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

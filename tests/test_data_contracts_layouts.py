@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from data_contracts import sources, validation as validate_mod
+from data_contracts import sources
+from data_contracts.validation import encoding as encode_mod, holdout as holdout_mod, split as split_mod
 from data_contracts.config import ConfigError, DataConfig, ModelConfig
 from data_contracts.layouts import detect_layout, map_columns
 from data_contracts.templating import configure_eos, turn_end_problem
@@ -241,7 +242,7 @@ def test_validate_streams_50k_rows(tok, tmp_path, monkeypatch):
             f.write(json.dumps({"prompt": f"q{i}", "chosen": " y", "rejected": " n"}) + "\n")
         f.write("{broken\n")
     seen_batches, encoded = [], []
-    real_iter, real_encode = validate_mod.iter_batches, validate_mod.encode_batch
+    real_iter, real_encode = split_mod.iter_batches, encode_mod.encode_batch
 
     def spy_iter(source, batch_rows):
         for rows in real_iter(source, batch_rows):
@@ -254,9 +255,9 @@ def test_validate_streams_50k_rows(tok, tmp_path, monkeypatch):
 
     def no_load(*a, **kw):
         raise AssertionError("validate_split must not load a file source whole")
-    monkeypatch.setattr(validate_mod, "iter_batches", spy_iter)
-    monkeypatch.setattr(validate_mod, "encode_batch", spy_encode)
-    monkeypatch.setattr(validate_mod, "load_rows", no_load)
+    monkeypatch.setattr(split_mod, "iter_batches", spy_iter)
+    monkeypatch.setattr(encode_mod, "encode_batch", spy_encode)
+    monkeypatch.setattr(holdout_mod, "load_rows", no_load)
     monkeypatch.setattr(sources, "load_rows", no_load)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rep = validate_split(src, tmp_path / "out", tok, CFG, batch_rows=batch, limit=30_000)
@@ -268,7 +269,7 @@ def test_validate_streams_50k_rows(tok, tmp_path, monkeypatch):
     assert pf.metadata.num_rows == 30_000 and pf.num_row_groups > 1  # written batch by batch
     idx = pq.read_table(tmp_path / "out" / "valid.parquet", columns=["source_index"])["source_index"]
     assert idx.to_pylist() == sorted(idx.to_pylist())
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in (tmp_path / "out").iterdir() if ".tmp" in p.name]  # temporary files: .<name>.tmp<pid>
     assert grown_mb < 150, f"peak RSS grew {grown_mb:.0f} MiB"
 
 

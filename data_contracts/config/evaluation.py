@@ -1,0 +1,21 @@
+"""The ``eval`` section: held-out generation and its judge."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from data_contracts.config.base import Section, Seed
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(16, ge=1)
+    num_prompts: int = Field(32, ge=0, description="Held-out prompts to generate on (0: no generation).")
+    max_new_tokens: int = Field(32, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: Seed = 0
+    judge: str | None = Field("data_contracts.builtin:judge", description="'module:function' scoring "
+                              "(prompt, response, row) -> float (higher is better), or "
+                              "'reward_model:<folder or hub id>' (a sequence-classification reward "
+                              "model); null: no judge.")

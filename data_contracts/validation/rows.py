@@ -1,0 +1,108 @@
+"""Row checks of validation: parse a batch of raw rows into Examples, give each its example id,
+reject texts Parquet cannot store or that are too long, and turn a rejected row into its record in
+rejects.parquet."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from data_contracts.examples import Example, RowError
+from data_contracts.layouts import map_columns, to_example
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
+_ID_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str, sort_keys=True, separators=(",", ":"))
+
+json_str = json.encoder.encode_basestring  # what both encoders write for a str (ensure_ascii=False)
+
+
+def to_json(x: Any, **kw) -> str:
+    """``x`` as JSON (non-ASCII kept, other objects as str); ``kw``: further ``json.dumps`` options."""
+    if not kw:
+        return _ENCODER.encode(x)  # a prebuilt encoder: json.dumps(x, **kw) builds one per call
+    return json.dumps(x, ensure_ascii=False, default=str, **kw)
+
+
+def example_id(ex: Example) -> str:
+    """16 hex chars of sha256 over the canonical prompt/chosen/rejected JSON (+ tools and the row's
+    chat_template_kwargs when set)."""
+    if not ex.tools and not ex.template_kwargs and ex.prompt.__class__ is ex.chosen.__class__ is ex.rejected.__class__ is str:
+        # the same text as the encoder's, without building and walking a dict
+        text = (f'{{"chosen":{json_str(ex.chosen)},"prompt":{json_str(ex.prompt)},'
+                f'"rejected":{json_str(ex.rejected)}}}')
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+    key = {"chosen": ex.chosen, "prompt": ex.prompt, "rejected": ex.rejected}
+    if ex.tools:
+        key["tools"] = ex.tools
+    if ex.template_kwargs:
+        key["chat_template_kwargs"] = ex.template_kwargs
+    return hashlib.sha256(_ID_ENCODER.encode(key).encode()).hexdigest()[:16]
+
+
+def _utf8_safe(s: str) -> str:
+    """``s`` with lone surrogates (valid JSON escapes, not UTF-8) written as backslash escapes."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_texts(ex: Example, max_chars: int) -> None:
+    """Reject a text Parquet cannot store (lone surrogates from JSON escapes like \\ud800), and one
+    longer than ``max_chars`` characters before it is tokenized (tokenizing an absurdly long text
+    costs memory in proportion to it: an 8 MB text took 4 GB). One JSON rendering per structured
+    field serves both checks."""
+    for name in ("prompt", "chosen", "rejected", "tools", "template_kwargs", "meta"):
+        value = getattr(ex, name)
+        if not value:
+            continue
+        text = value if value.__class__ is str else to_json(value)
+        if len(text) > max_chars and name in ("prompt", "chosen", "rejected", "tools"):
+            raise RowError("TEXT_TOO_LONG", name, f"'{name}' has {len(text):,} characters, more than "
+                           f"data.max_text_chars ({max_chars:,}); raise it or shorten the row")
+        if not text.isascii():  # ASCII: always encodable
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RowError("INVALID_UNICODE", name, f"not encodable as UTF-8 ({e.reason} at "
+                               f"position {e.start})") from None
+
+
+RAW_KEPT = 1_000_000  # characters of a rejected row kept in rejects.parquet
+
+
+def reject_record(index: int, err: RowError, raw: Any) -> dict:
+    """The rejects.parquet row (REJECT_SCHEMA) of source row ``index``, rejected for ``err``."""
+    try:
+        text = to_json(raw)
+    except (ValueError, RecursionError, TypeError):
+        text = repr(raw)[:10000]
+    if len(text) > RAW_KEPT:  # bounded: the row is still named by source_index and code
+        text = text[:RAW_KEPT] + f"...[cut: {len(text):,} characters in all]"
+    return {"source_index": index, "code": err.code, "field": _utf8_safe(str(err.field)),
+            "message": _utf8_safe(str(err.message)), "raw": _utf8_safe(text)}
+
+
+def as_row_error(e: Exception) -> RowError:
+    """``e`` itself when it is a RowError, else a MALFORMED one naming it."""
+    return e if isinstance(e, RowError) else RowError("MALFORMED", "<row>",
+                                                      f"{type(e).__name__}: {e}"[:300])
+
+
+def parse_rows(rows: list, idx, layout, columns: dict, max_chars: int) -> tuple[list, list]:
+    """(bad, parsed): bad = [(index, RowError, raw)], parsed = [(offset, index, example id, raw,
+    Example)] in source order (raw after column mapping)."""
+    bad: list[tuple[int, RowError, Any]] = []
+    parsed: list[tuple[int, int, str, Any, Example]] = []
+    for off, raw in enumerate(rows):
+        if columns:
+            raw = map_columns(raw, columns)
+        try:
+            ex = to_example(raw, layout)
+            _check_texts(ex, max_chars)
+            parsed.append((off, idx[off], example_id(ex), raw, ex))
+        except Exception as e:  # a malformed row never stops the run under quarantine
+            bad.append((idx[off], as_row_error(e), raw))
+    return bad, parsed

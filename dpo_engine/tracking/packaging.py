@@ -1,0 +1,160 @@
+"""A Hugging Face folder (a full model, or a PEFT adapter with its base) as an MLflow model.
+
+A full model is an MLflow ``transformers`` model (task ``text-generation``): its artifacts hold
+``model/`` (config.json, generation_config.json, model.safetensors) and ``components/tokenizer/``
+(tokenizer files and chat_template.jinja).
+
+A PEFT adapter export (``peft.export: adapter``) is logged as base + adapter in MLflow's own PEFT
+layout: ``model/`` holds the base model's weights (read from the folder named by the adapter's
+``base_model_name_or_path``), ``peft/`` the adapter (adapter_config.json,
+adapter_model.safetensors) and the flavor's ``peft_adaptor`` key points at it, so
+``mlflow.pyfunc.load_model`` and ``mlflow.transformers.load_model`` apply the adapter to the base.
+The logged model is self-contained: the base folder is needed when logging, not when loading.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import mlflow
+from mlflow.models import Model, infer_signature
+from mlflow.transformers.flavor_config import FlavorKey
+from mlflow.transformers.peft import _PEFT_ADAPTOR_DIR_NAME
+from mlflow.utils.file_utils import get_total_file_size
+
+from dpo_engine.modeling import LOAD_LOCK
+from dpo_engine.tracking import client as tracking_client  # mlflow_client read per call: tests patch it
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FULL, ADAPTER = "full", "adapter"  # version tag model_format
+
+
+def _pip_requirements(adapter: bool = False) -> list[str]:
+    """Pinned requirements of a logged model (the installed versions; peft for an adapter)."""
+    reqs = []
+    packages = ("transformers", "torch", "tokenizers", "safetensors", "accelerate")
+    for pkg in packages + (("peft",) if adapter else ()):
+        try:
+            reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
+        except PackageNotFoundError:
+            if pkg != "accelerate":
+                reqs.append(pkg)
+    return reqs
+
+
+def model_format(model_dir: str | Path) -> str:
+    """``adapter`` for a PEFT adapter folder (adapter_config.json; safetensors weights required),
+    ``full`` for a Hugging Face model folder (config.json); FileNotFoundError otherwise."""
+    model_dir = Path(model_dir)
+    if (model_dir / ADAPTER_CONFIG).is_file():
+        if not (model_dir / ADAPTER_WEIGHTS).is_file():
+            raise FileNotFoundError(f"{model_dir} is a PEFT adapter folder without {ADAPTER_WEIGHTS} "
+                                    "(only safetensors adapter weights are registered)")
+        return ADAPTER
+    if (model_dir / "config.json").is_file():
+        return FULL
+    raise FileNotFoundError(f"{model_dir} is neither a Hugging Face model folder (no config.json) "
+                            f"nor a PEFT adapter folder (no {ADAPTER_CONFIG})")
+
+
+def adapter_base(adapter_dir: str | Path) -> tuple[str, str | None]:
+    """(base model folder or hub id, revision) an adapter folder was trained on, from its
+    adapter_config.json. A local base must exist (its weights are logged with the adapter)."""
+    adapter_dir = Path(adapter_dir)
+    conf = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    base = conf.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter_dir / ADAPTER_CONFIG} names no base_model_name_or_path")
+    path = Path(base).expanduser()
+    if path.is_absolute() or base.startswith((".", "~")) or path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"base model folder {base} of adapter {adapter_dir} not found (no "
+                                    "config.json): the adapter is registered with its base's weights")
+        return str(path.resolve()), None
+    return base, conf.get("revision")
+
+
+def adapter_tags(adapter_dir: Path) -> dict[str, str]:
+    """Version tags describing an adapter folder: ``model_format``, its base and PEFT type."""
+    conf = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    tags = {"model_format": ADAPTER, "adapter_base_model": conf.get("base_model_name_or_path"),
+            "adapter_peft_type": conf.get("peft_type")}
+    if conf.get("revision"):
+        tags["adapter_base_revision"] = conf["revision"]
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+class _TransformersWithAdapter:
+    """A flavor for ``Model.log``: ``mlflow.transformers.save_model`` of the plain base model, then
+    the adapter added where MLflow keeps a PEFT model's (``peft/`` and the flavor key
+    ``peft_adaptor``): MLflow's loaders build ``PeftModel.from_pretrained(base, peft/)``.
+
+    Not ``mlflow.transformers.log_model(PeftModel)``: for a base that is a local folder (no hub
+    id) it saves the base's state dict with the LoRA layers injected (``...q_proj.base_layer.weight``
+    and ``lora_A``/``lora_B``), which loads back with those projections newly initialised; and with
+    ``base_model_path`` it only references a folder that every machine loading it must have."""
+
+    __name__ = "mlflow.transformers"  # the flavor named on a LoggedModel that Model.log creates
+
+    def __init__(self, adapter_dir: Path):
+        self.adapter_dir = adapter_dir
+
+    def save_model(self, path, mlflow_model, **kwargs):
+        from peft import PeftModel  # optional dependency, and slow to import
+
+        mlflow.transformers.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+        path = Path(path)
+        dest = path / _PEFT_ADAPTOR_DIR_NAME
+        dest.mkdir()
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            shutil.copy2(self.adapter_dir / name, dest / name)
+        mlflow_model.flavors["transformers"][FlavorKey.PEFT] = _PEFT_ADAPTOR_DIR_NAME
+        if size := get_total_file_size(str(path)):
+            mlflow_model.model_size_bytes = size
+        mlflow_model.save(str(path / "MLmodel"))
+        # the base's weights are saved: the adapter must apply to it (shape mismatches raise here,
+        # before anything is uploaded; MLflow's own input-example check would only warn)
+        with LOAD_LOCK:
+            PeftModel.from_pretrained(kwargs["transformers_model"]["model"], str(dest))
+
+
+def log_hf_model(run_id: str, model_dir: Path, base_model_revision: str | None = None) -> tuple[str, str]:
+    """Log ``model_dir`` to the run as an MLflow transformers model; returns (model_uri, model_id).
+    An adapter folder is logged with its base model (see :class:`_TransformersWithAdapter`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: slow to import
+
+    adapter = model_format(model_dir) == ADAPTER
+    weights_dir, revision = adapter_base(model_dir) if adapter else (str(model_dir), None)
+    if adapter and not Path(weights_dir).is_dir():  # a hub id: the revision it was trained on
+        revision = revision or base_model_revision
+    client = tracking_client.mlflow_client()
+    run = client.get_run(run_id)
+    with LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(weights_dir, revision=revision, use_safetensors=True,
+                                                     trust_remote_code=False)
+    # the trained folder's tokenizer (chat template included); an adapter folder without one: the base's
+    if (model_dir / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(weights_dir, revision=revision, trust_remote_code=False)
+    # Create the LoggedModel in the run's experiment ourselves: left to MLflow it would land in the
+    # default experiment (./mlruns) since there is no active run.
+    logged = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id)
+    example = "Hello"
+    signature = infer_signature(example, ["text"],
+                                params={"max_new_tokens": 64, "do_sample": False,
+                                        "temperature": 1.0, "top_p": 1.0})
+    kw = dict(transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
+              task="text-generation", run_id=run_id, model_id=logged.model_id,
+              pip_requirements=_pip_requirements(adapter), signature=signature, input_example=example,
+              model_config={"max_new_tokens": 64}, tags={"run_id": run_id})
+    if adapter:
+        info = Model.log(artifact_path=None, flavor=_TransformersWithAdapter(model_dir), **kw)
+    else:
+        info = mlflow.transformers.log_model(**kw)
+    return info.model_uri, info.model_id
+
