@@ -12,7 +12,7 @@ tokenized rows with the same model, in inference mode, ``--batch-size`` sequence
   autocast.
 
 The rows are the UltraFeedback sample in ../shared/data tokenized as the validate stage does
-(``data_contracts.validate.validate_split``: explicit prompt, EOS appended, keep_start truncation to
+(``data_contracts.validation.validate_split``: explicit prompt, EOS appended, keep_start truncation to
 ``--max-length``, ``--rows`` valid rows picked by the seeded hash), the model the real tiny
 stories260K (../shared/models). Throughput counts real (non-padding) tokens: prompt + completion of
 every sequence. Each side runs once on a few rows first (warm-up), then ``--repeats`` times over all

@@ -34,8 +34,8 @@ class Section(BaseModel):
 
 
 # The metric names the trainer records per step in its history (train/history.json), which is what
-# train.early_stopping_metric is looked up in (dpo_engine.trainer.should_stop): TRL's pair metrics
-# (dpo_engine.losses.pair_metrics) and the step's own, and at every periodic evaluation
+# train.early_stopping_metric is looked up in (dpo_engine.training.should_stop): TRL's pair metrics
+# (dpo_engine.modeling.losses.pair_metrics) and the step's own, and at every periodic evaluation
 # (train.eval_steps) the pair metrics of the eval split under eval/ (dpo_engine.evaluation.preference_metrics).
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected")

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from data_contracts.config.base import Section
 
 # Loss names (TRL's ``loss_type`` values plus the reference-free SimPO and ORPO) and the facts the
-# validators need. The formulas live in ``dpo_engine.losses``.
+# validators need. The formulas live in ``dpo_engine.modeling.losses``.
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo", "orpo")
 SMOOTHED_LOSSES = frozenset({"sigmoid", "exo_pair", "robust", "aot", "aot_unpaired", "simpo"})  # read eps

@@ -11,7 +11,7 @@ precomputed: training gets its reference online.
 
 With ``train.num_processes > 1`` (or ``train.accelerate_config``) the stage runs under ``accelerate
 launch`` like training: every rank computes its share of each missing cache shard and rank 0 writes
-the shards (``dpo_engine.refcache.shard_across_ranks``); a cache that is already complete is read
+the shards (``dpo_engine.reference.shard_across_ranks``); a cache that is already complete is read
 in this process, without launching.
 """
 
