@@ -91,32 +91,38 @@ def splits(cfg: RunConfig) -> tuple[str, ...]:
     return ("train", "eval") if cfg.reference.source == "precomputed" else ("eval",)
 
 
-def key(cfg: RunConfig, validated: dict) -> str:
-    return fingerprint(STAGE, *(cache_key(cfg, validated, s) for s in splits(cfg)))
+def cache_keys(cfg: RunConfig, validated: dict) -> dict[str, str]:
+    """``{split: cache key}`` of the splits this run precomputes (resolved once per stage run)."""
+    return {s: cache_key(cfg, validated, s) for s in splits(cfg)}
+
+
+def key(cfg: RunConfig, validated: dict, keys: dict[str, str] | None = None) -> str:
+    return fingerprint(STAGE, *(keys or cache_keys(cfg, validated)).values())
 
 
 def _cache_dir() -> Path:
     return state_home() / "cache" / "reference"
 
 
-def _all_cached(cfg: RunConfig, validated: dict) -> bool:
-    return all((_cache_dir() / cache_key(cfg, validated, s) / COMPLETE).is_file() for s in splits(cfg))
+def _all_cached(keys: dict[str, str]) -> bool:
+    return all((_cache_dir() / k / COMPLETE).is_file() for k in keys.values())
 
 
 def run(cfg: RunConfig, run_dir: Path, validated: dict) -> dict:
     check_config(cfg)
-    fp = key(cfg, validated)
+    keys = cache_keys(cfg, validated)  # the stage's inputs, resolved once
+    fp = key(cfg, validated, keys)
     rank, n_ranks = world()
     if rank > 0:  # a launched worker: computes the shares of the shards that rank 0 hands out
         _computer(cfg, validated, follower=True)
         return {}
     hit = reused(STAGE, fp, run_dir)
-    if hit is None and launch.wants_launch(cfg) and not _all_cached(cfg, validated):
+    if hit is None and launch.wants_launch(cfg) and not _all_cached(keys):
         return launch.launch_stage(STAGE, cfg, run_dir, validated)
     if n_ranks == 1:
-        return hit or _run(cfg, run_dir, validated, fp, _computer(cfg, validated))
+        return hit or _run(cfg, run_dir, validated, fp, keys, _computer(cfg, validated))
     try:
-        return hit or _run(cfg, run_dir, validated, fp, shard_across_ranks(_computer(cfg, validated)))
+        return hit or _run(cfg, run_dir, validated, fp, keys, shard_across_ranks(_computer(cfg, validated)))
     finally:
         release_followers()
 
@@ -198,16 +204,15 @@ def check_token_ids(pairs: pd.DataFrame, vocab: int, where: str) -> None:
                          f"tokenizer (or use the model the data was tokenized for) and re-run validate")
 
 
-def _run(cfg: RunConfig, run_dir: Path, validated: dict, fp: str, compute) -> dict:
+def _run(cfg: RunConfig, run_dir: Path, validated: dict, fp: str, keys: dict[str, str], compute) -> dict:
     out = Path(run_dir) / STAGE
     result = {"stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False,
               "train_ref": None, "train_ref_key": None}
     computed, tokens = 0, 0
     ref_fp = reference_fingerprint(cfg, validated)
     with Timer() as t:
-        for split in splits(cfg):
+        for split, ck in keys.items():
             rows = read_valid(validated[split]["valid"])
-            ck = cache_key(cfg, validated, split)
             meta = {"split": split, "data": validated[split]["fingerprint"], "model": ref_fp,
                     "tokenizer": validated["tokenizer_fingerprint"],
                     "max_length": cfg.data.max_length, "truncation_mode": cfg.data.truncation_mode,
@@ -227,12 +232,12 @@ def _run(cfg: RunConfig, run_dir: Path, validated: dict, fp: str, compute) -> di
     result.update({
         "seconds": t.seconds, "computed_examples": computed, "processes": ranks,
         "reference_model": reference_model_path(cfg.reference.model_path, validated["model_path"]),
-        "outputs": [str(Path(result[f"{s}_ref"]) / "_COMPLETE.json") for s in splits(cfg)],
+        "outputs": [str(Path(result[f"{s}_ref"]) / "_COMPLETE.json") for s in keys],
         "metrics": {"precompute/computed_pairs": computed,
                     **({"precompute/tokens_per_second": tokens / max(t.seconds, 1e-9)} if computed else {})},
         "summary": (f"precompute: reference log-probs of {n_train} train + {n_eval} eval pairs "
                     f"({how}{f', {ranks} processes' if ranks > 1 and computed else ''}) in {t.seconds:.1f}s"),
     })
-    write_json(out / "reference_cache.json", {s: result[f"{s}_ref"] for s in splits(cfg)})
+    write_json(out / "reference_cache.json", {s: result[f"{s}_ref"] for s in keys})
     crash_point(STAGE, "before-record")
     return record(STAGE, fp, result)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from data_contracts.config import BUILTIN_DATASET, RunConfig
 from data_contracts.helpers import fingerprint
@@ -26,27 +28,43 @@ def _sources(cfg: RunConfig):
     return source, None  # eval carved out of source by eval_fraction
 
 
-def data_fingerprint(cfg: RunConfig) -> str:
+def data_fingerprint(cfg: RunConfig, sources: tuple[str, str | None] | None = None) -> str:
     """Content hash of the resolved train and eval sources (cheap: file hashes are cached)."""
-    return fingerprint(*(source_fingerprint(s) for s in _sources(cfg)))
+    return fingerprint(*(source_fingerprint(s) for s in (sources or _sources(cfg))))
 
 
-def key(cfg: RunConfig, tokenizer=None) -> str:
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model.name_or_path))
-    return fingerprint(STAGE, data_fingerprint(cfg), tokenizer_fingerprint(tokenizer),
-                       cfg.section_hash("data"))
+@dataclass(frozen=True)
+class Inputs:
+    """What the stage reads, resolved once: a ``{date}`` or newest partition is looked up one time,
+    so the fingerprint and the data validated can never disagree."""
+    model_path: str
+    tokenizer: Any
+    tokenizer_fingerprint: str
+    sources: tuple[str, str | None]  # (train, eval); eval None: carved out of train
+    data_fingerprint: str
+
+
+def resolve(cfg: RunConfig, tokenizer=None) -> Inputs:
+    model_path = resolve_model_path(cfg.model.name_or_path)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model, model_path)
+    sources = _sources(cfg)
+    return Inputs(model_path, tok, tokenizer_fingerprint(tok), sources, data_fingerprint(cfg, sources))
+
+
+def key(cfg: RunConfig, tokenizer=None, inputs: Inputs | None = None) -> str:
+    inputs = inputs or resolve(cfg, tokenizer)
+    return fingerprint(STAGE, inputs.data_fingerprint, inputs.tokenizer_fingerprint, cfg.section_hash("data"))
 
 
 def run(cfg: RunConfig, run_dir: Path) -> dict:
-    model_path = resolve_model_path(cfg.model.name_or_path)
-    tok = load_tokenizer(cfg.model, model_path)
-    fp = key(cfg, tok)
+    inputs = resolve(cfg)
+    model_path, tok = inputs.model_path, inputs.tokenizer
+    fp = key(cfg, inputs=inputs)
     hit = reused(STAGE, fp, run_dir)
     if hit:
         return hit
     out = Path(run_dir) / STAGE
-    train_src, eval_src = _sources(cfg)
+    train_src, eval_src = inputs.sources
     with Timer() as t:
         # without an eval source, both splits stream from the one source by a seeded hash split
         split = (lambda side: (cfg.data.eval_fraction, cfg.data.shuffle_seed, side)) \
@@ -70,8 +88,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         "stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False,
         "seconds": t.seconds, **splits,
         "model_path": model_path, "model_fingerprint": model_fingerprint(model_path, cfg.model.revision),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-        "sources": {"train": train_src, "eval": eval_src}, "data_fingerprint": data_fingerprint(cfg),
+        "tokenizer_fingerprint": inputs.tokenizer_fingerprint,
+        "sources": {"train": train_src, "eval": eval_src}, "data_fingerprint": inputs.data_fingerprint,
         "outputs": [s[k] for s in splits.values() for k in ("valid", "rejects", "report")],
         "metrics": {"data/train_pairs": tr["valid"], "data/eval_pairs": ev["valid"],
                     "data/train_rejected": tr["rejected"], "data/eval_rejected": ev["rejected"]},
