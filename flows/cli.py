@@ -58,8 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder for INPUT mode")
     p.add_argument("--format", help="input layout (default: auto)")
     p.add_argument("--tokenizer", help="tokenizer folder or id (default: the config's model)")
-    p.add_argument("--max-length", type=int, help="max prompt+completion tokens")
-    add_config_args(p)
+    p.add_argument("--max-length", type=int, help="max prompt+completion tokens (INPUT mode default: the "
+                   "config's data.max_length, TRL's 1024 without --config)")
+    p.add_argument("--config", "-c", default=None,
+                   help="run config YAML: INPUT mode checks with its data settings (default: TRL's defaults "
+                   "and every row); --run-dir mode: default the run folder's config.yaml, else "
+                   "configs/default.yaml")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one config field, e.g. --set data.format=sharegpt (repeatable)")
     p.add_argument("--run-dir", type=Path, help="run folder (pipeline-stage mode)")
     p.set_defaults(fn=cmd_validate)
 

@@ -131,23 +131,34 @@ def cmd_validate(args) -> int:
         raise ConfigError("dpo validate INPUT needs --out DIR")
     from data_contracts.errors import DataPolicyError
     from data_contracts.validation import validate_split
-    from dpo_engine.modeling import load_tokenizer, resolve_model_path
+    from dpo_engine.modeling import ModelError, load_tokenizer, resolve_model_path
 
+    # checking a file checks all of it: without --config, TRL's defaults (max_length 1024, no row
+    # limits), not the demo run's; --config opts into a run's settings
     overrides = list(args.set)
     if args.max_length:
         overrides.append(f"data.max_length={args.max_length}")
     if args.format:
         overrides.append(f"data.format={args.format}")
     cfg = load_config(args.config, overrides)
-    tok_src = args.tokenizer or resolve_model_path(cfg.model.name_or_path)
+    tok_src = args.tokenizer
+    if tok_src is None:
+        try:
+            tok_src = resolve_model_path(cfg.model.name_or_path)
+        except ModelError as e:
+            raise ConfigError(f"dpo validate: give --tokenizer FOLDER_OR_ID (the tokenizer of the model you will "
+                              f"train): the config's model {cfg.model.name_or_path!r} is not available here ({e})") \
+                from None
     tok = load_tokenizer(cfg.model, tok_src)
     try:
         rep = validate_split(args.input, Path(args.out), tok, cfg.data, split="input")
     except DataPolicyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    limited = f", {rep['limited_out']} over data.eval_limit" if rep.get("limited_out") else ""
     print(f"validate: {rep['valid']}/{rep['rows_in']} valid, {rep['rejected']} rejected, "
-          f"{rep.get('duplicates', 0)} duplicates -> {args.out}")
+          f"{rep.get('duplicates', 0)} duplicates{limited} (max_length {cfg.data.max_length}, "
+          f"{'config ' + str(args.config) if args.config else 'TRL defaults'}) -> {args.out}")
     return 0
 
 

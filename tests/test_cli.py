@@ -85,3 +85,36 @@ def test_config_overrides_and_errors(tmp_path):
 def test_stage_commands_need_earlier_results(dpo_home, tmp_path):
     out = dpo("train", "--run-dir", str(tmp_path / "r"))
     assert out.returncode == 1 and "dpo validate --run-dir" in out.stderr
+
+
+def test_validate_input_mode_checks_every_row_with_trl_defaults(dpo_home, tmp_path):
+    """`dpo validate FILE` checks the whole file with TRL's defaults (max_length 1024, no row limits),
+    not the demo run's train/eval limits and max_length 256; --config opts into a run's settings."""
+    import json
+    from pathlib import Path
+
+    from tiny import tiny_model_dir
+
+    tok = tiny_model_dir(tmp_path / "tok")
+    rows = [{"prompt": f"Question {i}: " + "tell me more " * 40, "chosen": f" Yes {i}.", "rejected": f" No {i}."}
+            for i in range(100)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = dpo("validate", str(data), "--out", str(tmp_path / "all"), "--tokenizer", str(tok))
+    assert out.returncode == 0, out.stderr
+    assert "100/100 valid" in out.stdout and "max_length 1024" in out.stdout, out.stdout
+    report = json.loads((tmp_path / "all" / "report.json").read_text())
+    assert report["valid"] == 100 and report["limited_out"] == 0
+    default = str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
+    run = dpo("validate", str(data), "--out", str(tmp_path / "run"), "--tokenizer", str(tok), "--config", default,
+              "--set", "data.max_invalid_fraction=1.0")
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["valid"] < 100  # the run's limits
+
+
+def test_validate_input_mode_without_a_usable_model_asks_for_a_tokenizer(dpo_home, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    out = dpo("validate", str(data), "--out", str(tmp_path / "o"), "--set", "model.name_or_path=/nonexistent/model")
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "--tokenizer" in out.stderr and "/nonexistent/model" in out.stderr
