@@ -60,17 +60,6 @@ def text_field(row: dict, key: str) -> str:
     return v
 
 
-def _content(v: Any, key: str, i: int) -> str | None:
-    """A message's content: a string, None, or OpenAI text parts [{type: text, text}] joined."""
-    if v is None or isinstance(v, str):
-        return v
-    if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                   and isinstance(p.get("text"), str) for p in v):
-        return "".join(p["text"] for p in v)
-    raise RowError("WRONG_TYPE", key, f"message {i} content must be a string or text parts, got "
-                   f"{type(v).__name__}")
-
-
 def _json_object(v: Any, code: str, key: str, what: str) -> Any:
     if isinstance(v, str):
         try:
@@ -151,42 +140,6 @@ def parse_template_kwargs(v: Any, key: str = "chat_template_kwargs") -> dict | N
         raise RowError("INVALID_TEMPLATE_KWARGS", key, f"'{key}' may not set {', '.join(map(str, bad))} "
                        "(the chat template call sets them)")
     return v or None
-
-
-def message_list(v: Any, key: str) -> list[dict]:
-    """``v`` (one message or a list of them, from field ``key``) as checked, normalised messages."""
-    if v is None:
-        raise RowError("MISSING_FIELD", key, f"'{key}' is missing or null")
-    if isinstance(v, dict):
-        v = [v]
-    if not isinstance(v, list) or not all(isinstance(m, dict) for m in v):
-        raise RowError("WRONG_TYPE", key, f"'{key}' must be a list of messages, got {type(v).__name__}")
-    out = []
-    for i, m in enumerate(v):
-        role = m.get("role")
-        if role not in ROLES:
-            raise RowError("UNKNOWN_ROLE", key, f"message {i} has role {role!r}; "
-                           f"expected one of {', '.join(ROLES)}")
-        msg = {k: val for k, val in m.items() if val is not None}
-        content = _content(m.get("content"), key, i)
-        calls = m.get("tool_calls")
-        if calls is not None and calls != []:
-            if role != "assistant":
-                raise RowError("INVALID_TOOL_CALL", key, f"message {i}: only assistant messages "
-                               f"carry tool_calls, not {role}")
-            msg["tool_calls"] = parse_tool_calls(calls, key, i)
-        else:
-            msg.pop("tool_calls", None)
-            if content is None:
-                raise RowError("WRONG_TYPE", key, f"message {i} content must be a string")
-        msg["content"] = content or ""
-        out.append(msg)
-    return out
-
-
-def message_field(row: dict, key: str) -> list[dict]:
-    """The messages of column ``key`` of a row (see :func:`message_list`)."""
-    return message_list(row.get(key), key)
 
 
 def _blank(x: str | list[dict]) -> bool:

@@ -24,10 +24,15 @@ class DataConfig(Section):
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Held-out share of source when "
                                  "eval_source is not given.")
     format: Name = Field("auto", description="Input layout: auto (detected from the first rows), or a "
-                        "named layout: preference (TRL columns), openai, sharegpt, hh.")
+                        "named layout: preference (TRL columns), openai, sharegpt, conversation_pair, "
+                        "instruction, hh.")
     columns: dict[str, str] = Field(default_factory=dict, description="Rename source columns before "
                                     "detection: {canonical: source}, e.g. {prompt: question, chosen: "
                                     "good, rejected: bad}; a dotted source ('meta.q') reads a nested field.")
+    min_score_margin: float | None = Field(None, description="Drop (reject as SCORE_MARGIN_TOO_SMALL) a "
+                                           "pair whose score_chosen - score_rejected (or chosen_rating, "
+                                           "chosen_score, metadata.score_chosen ...) is under this; "
+                                           "rows without scores are kept. null: no filter.")
     train_limit: int | None = Field(None, ge=1, description="Use only the first N valid train pairs "
                                     "(after a seeded shuffle).")
     eval_limit: int | None = Field(None, ge=1, description="Use only the first N valid eval pairs.")
@@ -68,7 +73,9 @@ class DataConfig(Section):
     @classmethod
     def _columns(cls, v: dict[str, str]) -> dict[str, str]:
         known = ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs", "system", "conversations",
-                 "input", "preferred_output", "non_preferred_output")
+                 "input", "preferred_output", "non_preferred_output", "messages", "system_prompt",
+                 "instruction", "question", "chosen_messages", "rejected_messages", "score_chosen",
+                 "score_rejected")
         for target, src in v.items():
             if target not in known:
                 raise ValueError(f"unknown target column {target!r}; use one of {', '.join(known)}")

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data_contracts.errors import DataError
 from data_contracts.helpers import write_json, write_text
 from data_contracts.validation.streaming import ValidStats
 
-REPORT_ORDER = ("split", "source", "layout", "is_conversational", "tokenizer", "rows_in", "valid",
-                "rejected", "duplicates", "limited_out", "reject_counts", "lengths", "truncated",
+REPORT_ORDER = ("split", "source", "layout", "layout_reason", "is_conversational", "tokenizer", "rows_in",
+                "valid", "rejected", "duplicates", "limited_out", "reject_counts", "lengths", "truncated",
                 "max_length", "truncation_mode", "fingerprint", "invalid_fraction",
                 "max_invalid_fraction", "policy", "policy_ok", "top_reasons")
 
@@ -21,7 +22,7 @@ def build_report(run, tokenizer, n_written: int, stats: ValidStats) -> dict:
     cfg, layout = run.cfg, run.layout
     fraction = run.rejected / run.rows_in
     report = {
-        "split": run.split, "source": run.label, "layout": layout.name,
+        "split": run.split, "source": run.label, "layout": layout.name, "layout_reason": layout.reason,
         "is_conversational": layout.conversational, "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "rows_in": run.rows_in, "valid": n_written, "rejected": run.rejected,
         "duplicates": run.duplicates, "limited_out": run.n_valid - n_written,
@@ -36,6 +37,33 @@ def build_report(run, tokenizer, n_written: int, stats: ValidStats) -> dict:
     report = {k: report[k] for k in REPORT_ORDER}
     assert report["rows_in"] == n_written + run.rejected + run.duplicates + report["limited_out"]
     return report
+
+
+# What to change when a split's main reject reason is this code (fallback: EMPTY_SPLIT_HINT).
+REJECT_HINTS = {
+    "PROMPT_TOO_LONG": "raise data.max_length or shorten the prompts",
+    "TEXT_TOO_LONG": "raise data.max_text_chars or data.max_length",
+    "ROW_TOO_LARGE": "split or shorten the oversized rows",
+    "NO_CHAT_TEMPLATE": "set model.chat_template_path or use plain-text rows",
+    "TEMPLATE_ERROR": "check the chat template (model.chat_template_path)",
+    "IDENTICAL_PAIR": "chosen and rejected must differ",
+}
+EMPTY_SPLIT_HINT = "check data.format / data.columns (the row layout) or data.max_length"
+
+
+def check_not_empty(report: dict, out_dir: Path, error: type[DataError] = DataError) -> None:
+    """Raise ``error`` (one line) when the split of ``report`` kept no valid row: names the split,
+    its source, the counts, the top 3 reject codes with counts, what to change, and the files
+    (already written) to look at. A split with valid rows passes."""
+    if report["valid"] > 0:
+        return
+    top = report["top_reasons"]
+    reasons = ", ".join(f"{r['code']} {r['count']}" for r in top) or "none"
+    dups = f", {report['duplicates']} duplicates" if report["duplicates"] else ""
+    hint = REJECT_HINTS.get(top[0]["code"], EMPTY_SPLIT_HINT) if top else EMPTY_SPLIT_HINT
+    raise error(f"data error: {report['split']} split of {report['source']}: 0 of {report['rows_in']} rows "
+                f"valid ({report['rejected']} rejected{dups}); top reasons: {reasons}; {hint}; see "
+                f"{Path(out_dir) / 'rejects.parquet'} / report.json")
 
 
 def summary_markdown(rep: dict) -> str:

@@ -45,7 +45,7 @@ from data_contracts.layouts import detect_layout, map_columns
 from data_contracts.sources import BATCH_ROWS, decode_line, describe, iter_batches, iter_line_batches
 from data_contracts.validation.encoding import encode_rows
 from data_contracts.validation.holdout import in_holdout
-from data_contracts.validation.report import build_report, write_report
+from data_contracts.validation.report import build_report, check_not_empty, write_report
 from data_contracts.validation.rows import parse_rows, reject_record
 from data_contracts.validation.schemas import REJECT_SCHEMA, VALID_SCHEMA
 from data_contracts.validation.streaming import ParquetSink, SeenIds, ValidStats
@@ -65,6 +65,7 @@ class SplitValidation:
         self.tok, self.cfg, self.split, self.label, self.limit = tok, cfg, split, label, limit
         self.layout = None
         self.rows_in = self.n_valid = self.rejected = self.duplicates = 0
+        self.source_rows = 0  # rows read from the source, both sides of a holdout split
         self.counts: Counter = Counter()
         self.first_msg: dict[str, str] = {}
         self.seen = SeenIds()
@@ -93,7 +94,7 @@ class SplitValidation:
         if self.layout is None:
             cols = self.cfg.columns
             self.layout = detect_layout([map_columns(r, cols) for r in rows[:200]] if cols else rows,
-                                        self.cfg.format)
+                                        self.cfg.format, self.cfg.min_score_margin)
 
     def batch(self, rows: list, indices=None, prepared: PreparedBatch | None = None,
               lines: bool = False) -> None:
@@ -230,10 +231,14 @@ class SplitValidation:
             self.scratch.unlink(missing_ok=True)
 
 
-def _batches(source: Any, batch_rows: int, holdout: tuple[float, int, str] | None):
-    """(rows, source indices or None for "running") per non-empty batch of the source."""
+def _batches(source: Any, batch_rows: int, holdout: tuple[float, int, str] | None,
+             run: SplitValidation | None = None):
+    """(rows, source indices or None for "running") per non-empty batch of the source; counts the
+    rows read into ``run.source_rows``."""
     seen = 0
     for rows in iter_batches(source, batch_rows):
+        if run is not None:
+            run.source_rows += len(rows)
         if holdout is None:
             yield rows, None
         else:
@@ -251,10 +256,25 @@ def _feed(run: SplitValidation, source: Any, batch_rows: int, holdout, num_proc:
     if lines is not None:  # JSON lines: the workers decode them too
         run_parallel(run, ((b, None) for b in lines), num_proc, lines=True)
     elif num_proc > 1:
-        run_parallel(run, _batches(source, batch_rows, holdout), num_proc)
+        run_parallel(run, _batches(source, batch_rows, holdout, run), num_proc)
     else:
-        for rows, idx in _batches(source, batch_rows, holdout):
+        for rows, idx in _batches(source, batch_rows, holdout, run):
             run.batch(rows, idx)
+
+
+def _no_rows_message(run: SplitValidation, holdout: tuple[float, int, str] | None) -> str:
+    """The one line for a split that got no row at all: an empty source, or a holdout side
+    (``data.eval_fraction``) that took none of the source's rows."""
+    where = f"data error: {run.split} split of {run.label}"
+    if holdout is None or run.source_rows == 0:
+        return f"{where}: the source has no rows (0 rows read); check data.source (an empty file?)"
+    fraction, _, side = holdout
+    if side == "eval":
+        return (f"{where}: 0 of the source's {run.source_rows} rows held out for eval "
+                f"(data.eval_fraction {fraction}); raise data.eval_fraction, add rows or set "
+                f"data.eval_source")
+    return (f"{where}: 0 of the source's {run.source_rows} rows left for training after holding out "
+            f"data.eval_fraction {fraction}; lower data.eval_fraction or add rows")
 
 
 def validate_split(source: Any, out_dir: Path, tokenizer, cfg: DataConfig, *, split: str = "train",
@@ -294,7 +314,7 @@ def validate_split(source: Any, out_dir: Path, tokenizer, cfg: DataConfig, *, sp
         try:
             _feed(run, source, batch_rows, holdout, num_proc)
             if run.rows_in == 0:
-                raise DataError(f"data error: {label}: no rows; check data.source")
+                raise DataError(_no_rows_message(run, holdout))
             written.extend(run.finish_valid())
         except BaseException:
             run.close(failing=True)
@@ -312,6 +332,7 @@ def validate_split(source: Any, out_dir: Path, tokenizer, cfg: DataConfig, *, sp
     report = build_report(run, tokenizer, n_written, stats)
     write_report(out_dir, report)
     if not report["policy_ok"]:
+        check_not_empty(report, out_dir, DataPolicyError)  # every row rejected: the empty-split line
         reasons = ", ".join(f"{r['code']} x{r['count']}" for r in report["top_reasons"])
         raise DataPolicyError(f"data error: {split}: {run.rejected}/{run.rows_in} rows rejected "
                               f"({fraction:.1%} > data.max_invalid_fraction "

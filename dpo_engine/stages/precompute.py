@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data_contracts.config import RunConfig
+from data_contracts.errors import DataError
 from data_contracts.helpers import fingerprint, write_json
 from data_contracts.state import state_home
 from data_contracts.validation import read_valid
@@ -213,6 +214,9 @@ def _run(cfg: RunConfig, run_dir: Path, validated: dict, fp: str, keys: dict[str
     with Timer() as t:
         for split, ck in keys.items():
             rows = read_valid(validated[split]["valid"])
+            if rows.empty:  # the cache cannot hold zero shards; validate stops such a split first
+                raise DataError(f"data error: {split} split {validated[split]['valid']} has no valid "
+                                f"rows; fix the data (see its report.json) and re-run validate")
             meta = {"split": split, "data": validated[split]["fingerprint"], "model": ref_fp,
                     "tokenizer": validated["tokenizer_fingerprint"],
                     "max_length": cfg.data.max_length, "truncation_mode": cfg.data.truncation_mode,

@@ -9,7 +9,7 @@ from typing import Any
 from data_contracts.config import BUILTIN_DATASET, RunConfig
 from data_contracts.helpers import fingerprint
 from data_contracts.sources import resolve_source, source_fingerprint
-from data_contracts.validation import validate_split
+from data_contracts.validation import check_not_empty, validate_split
 from dpo_engine.modeling import load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
 from dpo_engine.stages.index import record, reused
 from dpo_engine.stages.runtime import Timer, crash_point
@@ -73,11 +73,15 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
             "train": validate_split(train_src, out / "train", tok, cfg.data, split="train",
                                     limit=cfg.data.train_limit, holdout=split("train")),
         }
+        # a split with no valid pair stops here, whatever the policy allows: precompute cannot
+        # concatenate nothing and the trainer cannot order zero pairs (its files stay to inspect)
+        check_not_empty(reports["train"], out / "train")
         crash_point(STAGE, "train-written")  # crash drill: train split written, eval not yet
         reports |= {
             "eval": validate_split(eval_src or train_src, out / "eval", tok, cfg.data, split="eval",
                                    limit=cfg.data.eval_limit, holdout=split("eval")),
         }
+        check_not_empty(reports["eval"], out / "eval")  # evaluate needs held-out pairs
     splits = {name: {"valid": str(out / name / "valid.parquet"),
                      "rejects": str(out / name / "rejects.parquet"),
                      "report": str(out / name / "report.json"),

@@ -21,6 +21,9 @@ def total_steps(n_pairs: int, cfg: TrainConfig) -> int:
 
 def pair_order(n_pairs: int, n_needed: int, seed: int) -> list[int]:
     """Pair indices for the whole run: one seeded permutation per epoch, concatenated."""
+    if n_pairs <= 0:  # no permutation would ever add an index: the loop below would never end
+        raise TrainingError(f"no training pairs: {n_pairs} pairs to fill {n_needed} positions of the "
+                            "run; the train split is empty (see the validate stage's train/report.json)")
     order: list[int] = []
     epoch = 0
     while len(order) < n_needed:
