@@ -11,8 +11,10 @@ A JSON line that does not parse does not stop loading: it becomes a row ``{"__er
 :func:`iter_batches` streams: JSON lines are read line by line (gzip decompressed on the fly),
 Parquet by record batches (``ParquetFile.iter_batches``), CSV in pandas chunks, a hub dataset
 (memory-mapped Arrow) with ``Dataset.iter``; only one batch of Python rows exists at a time. A
-``.json`` file holding one JSON array (or ``{"data": [...]}``) is a single document and is read
-whole: use JSON lines for large data. :func:`load_rows` collects everything (small data only).
+``.json`` file holding one JSON array (or ``{"data": [...]}``) is streamed element by element
+(:mod:`data_contracts.readers`). Memory stays bounded on hostile files: a line, element, CSV record
+or Parquet cell over MAX_LINE_BYTES (decompressed) is a ROW_TOO_LARGE row, JSON nested too deep a
+TOO_DEEP one. :func:`load_rows` collects everything (small data only).
 
 Which source a scheduled run reads: :func:`resolve_source` fills in ``{date}`` and can take a
 folder's newest partition; :func:`source_fingerprint` is its content hash (the run's data identity).
@@ -21,12 +23,13 @@ folder's newest partition; :func:`source_fingerprint` is its content hash (the r
 from __future__ import annotations
 
 import datetime as dt
+import csv
 import gzip
 import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from data_contracts import builtin
+from data_contracts import builtin, readers
 from data_contracts.config import BUILTIN_DATASET
 from data_contracts.errors import DataError
 from data_contracts.helpers import file_sha256, fingerprint
@@ -55,8 +58,8 @@ def _open(path: Path):
 
 def _bad_line(n: int, line: bytes, e: Exception) -> dict:
     why = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
-    return {"__error__": f"line {n}: invalid JSON ({why})",
-            "__raw__": line.decode("utf-8", "replace").rstrip("\r\n")}
+    return readers.marker("BAD_JSON", f"line {n}: invalid JSON ({why})",
+                          line[:readers.RAW_KEPT * 4].decode("utf-8", "replace").rstrip("\r\n"))
 
 
 def decode_line(n: int, line: bytes | int) -> Any:
@@ -66,8 +69,13 @@ def decode_line(n: int, line: bytes | int) -> Any:
         return _too_large(n, line)
     try:
         return json.loads(line)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         return _bad_line(n, line, e)
+    except RecursionError:
+        return readers.marker("TOO_DEEP", f"line {n}: JSON nested too deep to parse ({len(line):,} "
+                                          "bytes); flatten it")
+    except MemoryError:
+        return _too_large(n, len(line))
 
 
 MAX_LINE_BYTES = 64 * 2**20  # a longer JSON line is not read into memory: it is a ROW_TOO_LARGE reject
@@ -101,14 +109,16 @@ def _iter_jsonl_lines(path: Path, batch_rows: int) -> Iterator[list[tuple[int, b
     """Batches of (line number, line) of the non-blank lines of a JSON lines file (a line over
     MAX_LINE_BYTES comes as its size in bytes, an int, and is never read whole)."""
     batch: list = []
+    size = 0  # bytes in the batch: a batch of long lines is cut early, so memory stays bounded
     with _open(path) as f:
         for n, line in enumerate(_lines(f, MAX_LINE_BYTES), 1):
             if not isinstance(line, int) and not line.strip():
                 continue
             batch.append((n, line))
-            if len(batch) >= batch_rows:
+            size += 0 if isinstance(line, int) else len(line)
+            if len(batch) >= batch_rows or size > MAX_LINE_BYTES:
                 yield batch
-                batch = []
+                batch, size = [], 0
     if batch:
         yield batch
 
@@ -118,22 +128,34 @@ def _iter_jsonl(path: Path, batch_rows: int) -> Iterator[list]:
         yield [decode_line(n, line) for n, line in lines]
 
 
-def _json_document(path: Path) -> list:
+def _iter_json_document(path: Path, batch_rows: int) -> Iterator[list]:
+    """A .json document streamed element by element (readers.iter_json_document, each element at
+    most MAX_LINE_BYTES characters); a file that turns out not to be one JSON document before its
+    first batch is read as JSON lines."""
     with _open(path) as f:
-        data = json.loads(f.read())
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(f"data error: {path}: JSON must be a list of rows or {{\"data\": [...]}}")
-    return data
+        gen = readers.iter_json_document(f, str(path), MAX_LINE_BYTES, batch_rows)
+        try:
+            first = next(gen, None)
+        except DataError as e:
+            if not getattr(e, "not_one_document", False):
+                raise
+            first = gen = None
+        if gen is not None:
+            if first is not None:
+                yield first
+            yield from gen
+            return
+    yield from _iter_jsonl(path, batch_rows)  # not one document: JSON lines after all
 
 
 def _is_json_lines(path: Path) -> bool:
     """A .json file whose first line is a whole JSON object (not a {"data": [...]} wrapper) and
     that has more lines: JSON lines under a .json name. A one-line file is one JSON document."""
     with _open(path) as f:
-        first = f.readline()
-        more = any(line.strip() for line in iter(f.readline, b""))
+        first = f.readline(MAX_LINE_BYTES + 1)
+        if len(first) > MAX_LINE_BYTES:
+            return False
+        more = any(isinstance(line, int) or line.strip() for line in _lines(f, MAX_LINE_BYTES))
     if not more:
         return False
     try:
@@ -154,28 +176,18 @@ def _iter_file(path: Path, batch_rows: int) -> Iterator[list]:
         raise DataError(f"data error: {path}: unknown file type; use one of {', '.join(EXTENSIONS)}")
     try:
         if ext == ".parquet":
-            import pyarrow.parquet as pq  # lazy: only Parquet sources pay for importing it
-            for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
-                yield rb.to_pylist()
+            yield from readers.iter_parquet(path, MAX_LINE_BYTES, batch_rows)
         elif ext.startswith(".csv"):
-            import pandas as pd  # lazy: only CSV sources pay for importing pandas
-            for df in pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=batch_rows,
-                                  compression="infer"):
-                yield df.to_dict("records")
+            with _open(path) as f:
+                yield from readers.iter_csv(f, str(path), MAX_LINE_BYTES, batch_rows)
         elif ext.startswith(".jsonl") or _is_json_lines(path):
             yield from _iter_jsonl(path, batch_rows)
         else:
-            try:
-                rows = _json_document(path)
-            except json.JSONDecodeError:
-                rows = None
-            if rows is None:
-                yield from _iter_jsonl(path, batch_rows)  # not one document: JSON lines after all
-            else:
-                yield from _chunks(rows, batch_rows)
+            yield from _iter_json_document(path, batch_rows)
     except DataError:
         raise
-    except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, csv.Error, RecursionError,
+            MemoryError) as e:
         raise _unreadable(path, e) from None
 
 
