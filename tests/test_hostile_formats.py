@@ -4,15 +4,12 @@ a small .json.gz that inflates to 256 MB, a CSV with a 100 MB field, a Parquet r
 
 import gzip
 import json
-import threading
-import time
-
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_contracts.config import DataConfig
 from data_contracts.validation import validate_split
+from memory import peak_rss
 from tiny import tiny_tokenizer
 
 RSS_GROWTH_LIMIT = 400 * 2**20
@@ -23,27 +20,13 @@ DEEP = "[" * 100_000 + "]" * 100_000
 def _validate(src, out):
     """(report, rejects by source index, peak RSS growth in bytes, seconds)."""
     cfg = DataConfig(max_length=64, invalid_policy="quarantine", max_invalid_fraction=1.0)
-    proc = psutil.Process()
-    rss0 = proc.memory_info().rss
-    peak, done = [rss0], threading.Event()
-
-    def sample():
-        while not done.wait(0.005):
-            peak[0] = max(peak[0], proc.memory_info().rss)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
-    try:
+    with peak_rss() as mem:
         rep = validate_split(str(src), out, tiny_tokenizer(), cfg, split="train")
-    finally:
-        done.set()
-        sampler.join()
-    seconds = time.perf_counter() - t0
+    seconds = mem.seconds
     assert rep["rows_in"] == rep["valid"] + rep["rejected"] + rep["duplicates"] + rep["limited_out"]
     rejects = pq.read_table(out / "rejects.parquet").to_pandas().set_index("source_index")
     assert (rejects["raw"].str.len() < 1_100_000).all()
-    growth = peak[0] - rss0
+    growth = mem.growth
     print(f"{src.name}: {seconds:.1f}s, RSS growth {growth / 2**20:.0f} MiB, {rep['reject_counts']}")
     assert growth < RSS_GROWTH_LIMIT, f"RSS grew {growth / 2**20:.0f} MiB"
     return rep, rejects, seconds

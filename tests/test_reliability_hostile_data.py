@@ -7,14 +7,12 @@ peak memory stays bounded, also with an 8 MB text and a 70 MB line.
 
 import json
 import random
-import threading
-import time
 
-import psutil
 import pyarrow.parquet as pq
 
 from data_contracts.config import DataConfig
 from data_contracts.validation import validate_split
+from memory import peak_rss
 from tiny import tiny_tokenizer
 
 N_ROWS = 10_000
@@ -104,24 +102,9 @@ def test_hostile_rows_are_valid_or_rejected_with_a_code(tmp_path):
     tok = tiny_tokenizer()
     cfg = DataConfig(max_length=64, invalid_policy="quarantine", max_invalid_fraction=1.0)
 
-    proc = psutil.Process()
-    rss0 = proc.memory_info().rss
-    peak, done = [rss0], threading.Event()
-
-    def sample():  # the peak, not the end state: a huge row's memory is given back after it
-        while not done.wait(0.005):
-            peak[0] = max(peak[0], proc.memory_info().rss)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
-    try:
+    with peak_rss() as mem:  # the peak, not the end state: a huge row's memory is given back after it
         rep = validate_split(str(src), tmp_path / "out", tok, cfg, split="train", batch_rows=500)
-    finally:
-        done.set()
-        sampler.join()
-    seconds = time.perf_counter() - t0
-    growth = peak[0] - rss0
+    seconds, growth = mem.seconds, mem.growth
 
     assert rep["rows_in"] == N_ROWS
     assert rep["rows_in"] == rep["valid"] + rep["rejected"] + rep["duplicates"] + rep["limited_out"]
