@@ -1,50 +1,67 @@
 """Row layouts: detect how a dataset is shaped and turn each raw row into one canonical
-:class:`~data_contracts.examples.Example`. Messages in any common spelling (``{role, content}``,
-``{from, value}``, text parts) are read by :mod:`data_contracts.messages`. Layouts:
+:class:`~data_contracts.examples.Example`.
 
-- ``preference``: TRL columns. Explicit (``prompt``, ``chosen``, ``rejected``) or implicit (``chosen``,
-  ``rejected`` only: the prompt is their common prefix, see :func:`data_contracts.examples.split_implicit`).
-  A conversational row may give the prompt as a string (one user turn); chosen/rejected that repeat
-  the prompt messages first (UltraFeedback-binarized style) have them removed.
-- ``openai``: OpenAI preference fine-tuning, ``input: {messages, tools?}``, ``preferred_output``,
-  ``non_preferred_output`` (lists of assistant messages).
-- :data:`SHAPES`, declarative (which columns hold the prompt, chosen, rejected, system and input):
-  ``sharegpt`` (``conversations`` or ``messages`` + ``chosen``/``rejected`` as a string, a message or
-  messages, + optional ``system``/``system_prompt``, ``tools``), ``conversation_pair`` (whole
-  conversations per side in ``chosen_messages``/``rejected_messages`` or ``chosen_conversations``/
-  ``rejected_conversations``, prompt implicit) and ``instruction`` (``question``/``instruction``/
-  ``prompt`` + optional ``input`` and ``system``/``system_prompt`` columns; conversational when a
-  system column or message completions appear, else plain strings).
-- ``hh``: Anthropic HH transcripts (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``), parsed into messages.
+Every layout is a :class:`Layout` description in :data:`LAYOUTS` (no layout has its own parser): which
+columns hold the prompt, chosen, rejected, system, input and tools (dotted names read nested fields,
+the first column a row has wins), how the completions are spelled (plain strings or messages, decided
+from the rows; or HH transcripts), and the column sets (``signatures``) whose presence identifies it.
+Detection takes the first layout, in table order, with a signature the rows have, and says why in
+``report.json``; ``preference`` (TRL's columns) explains everything else. Messages in any common
+spelling (``{role, content}``, ``{from, value}``, text parts) are read by
+:mod:`data_contracts.messages`.
 
-Any layout: score columns (:data:`SCORE_COLUMNS`) become ``score_chosen``/``score_rejected`` in the
-meta, and a pair whose margin is under ``min_score_margin`` is rejected (SCORE_MARGIN_TOO_SMALL).
-Any other layout: ``DataConfig.columns`` renames source columns first (:func:`map_columns`).
+Any layout: a string prompt with message completions becomes one user turn; completions that repeat
+the prompt turns first (UltraFeedback-binarized style) have them removed; without a prompt column the
+prompt is the shared prefix of the two sides (:func:`data_contracts.examples.split_implicit`). Score
+columns (:data:`SCORE_COLUMNS`) become ``score_chosen``/``score_rejected`` in the meta, and a pair
+whose margin is under ``min_score_margin`` is rejected (SCORE_MARGIN_TOO_SMALL). ``DataConfig.columns``
+renames source columns first (:func:`map_columns`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from data_contracts.errors import DataError
 from data_contracts.examples import Example, RowError, build_example, split_implicit, text_field
-from data_contracts.messages import completion_messages, message_field, message_list
+from data_contracts.messages import completion_messages, message_list
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
-LAYOUT_KEYS = ("chosen", "conversations", "preferred_output", "chosen_messages", "chosen_conversations",
-               "rejected_messages", "rejected_conversations")
 SYSTEM_COLUMNS = ("system", "system_prompt")
 # (chosen, rejected) score columns, first pair present wins; a dotted name reads a nested field.
 SCORE_COLUMNS = (("score_chosen", "score_rejected"), ("chosen_score", "rejected_score"),
                  ("chosen_rating", "rejected_rating"), ("metadata.score_chosen", "metadata.score_rejected"))
 
 
+@dataclass(frozen=True)
+class Shape:
+    """A row layout's description (see the module docstring)."""
+
+    name: str
+    why: str
+    chosen: tuple[str, ...]
+    rejected: tuple[str, ...]
+    prompt: tuple[str, ...] = ()  # none: whole conversations per side, the prompt is their prefix
+    system: tuple[str, ...] = ()  # a system message put first in the prompt
+    input: tuple[str, ...] = ()  # appended to a string prompt after a blank line (Alpaca's input)
+    tools: tuple[str, ...] = ("tools",)
+    # column sets that identify the layout: (columns all present, columns that must be absent)
+    signatures: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()
+    # completions: "messages" (lists of messages), "replies" (also a string: the assistant's reply) or
+    # "hh" (transcripts); text_ok: a dataset may instead be all plain strings (decided from its rows)
+    sides: str = "messages"
+    text_ok: bool = False
+    prompt_optional: bool = False  # rows without a prompt column are implicit (TRL's columns)
+    string_prompt: bool = False  # the prompt column holds text (instruction sets)
+
+
 @dataclass
 class Layout:
+    """The layout detected for a dataset (or named by ``data.format``)."""
+
     name: str  # a key of LAYOUTS
     conversational: bool
     explicit: bool
@@ -52,31 +69,35 @@ class Layout:
     min_score_margin: float | None = None  # reject pairs whose score_chosen - score_rejected is less
 
 
-@dataclass(frozen=True)
-class Shape:
-    """A declarative layout: the candidate columns of each part (the first one a row has is used)."""
-
-    name: str
-    why: str
-    chosen: tuple[str, ...]
-    rejected: tuple[str, ...]
-    prompt: tuple[str, ...] = ()  # none: whole conversations per side, the prompt is their prefix
-    system: tuple[str, ...] = SYSTEM_COLUMNS
-    input: tuple[str, ...] = ()  # appended to a string prompt after a blank line (Alpaca's input)
-    marker: tuple[str, ...] = ()  # columns that alone identify the layout (even if a row lacks others)
+def _pair(*extra: str) -> tuple[str, ...]:
+    return (*extra, "chosen", "rejected")
 
 
-SHAPES = {s.name: s for s in (
+LAYOUTS = {s.name: s for s in (
+    Shape("openai", "rows have 'preferred_output' (OpenAI preference)", ("preferred_output",),
+           ("non_preferred_output",), prompt=("input.messages",), tools=("input.tools", "tools"),
+           signatures=((("preferred_output",), ()),)),
     Shape("conversation_pair", "whole conversations per side (chosen_messages/chosen_conversations)",
-          ("chosen_messages", "chosen_conversations"), ("rejected_messages", "rejected_conversations"),
-          marker=("chosen_messages", "chosen_conversations", "rejected_messages", "rejected_conversations")),
+           ("chosen_messages", "chosen_conversations"), ("rejected_messages", "rejected_conversations"),
+           system=SYSTEM_COLUMNS, sides="replies",
+           signatures=tuple(((c,), ()) for c in ("chosen_messages", "chosen_conversations",
+                                                  "rejected_messages", "rejected_conversations"))),
     Shape("sharegpt", "a 'conversations'/'messages' prompt + 'chosen'/'rejected' (ShareGPT)",
-          ("chosen",), ("rejected",), prompt=("conversations", "messages"), marker=("conversations",)),
+           ("chosen",), ("rejected",), prompt=("conversations", "messages"), system=SYSTEM_COLUMNS,
+           signatures=((("conversations",), ()), (_pair("messages"), ("prompt",))), sides="replies"),
     Shape("instruction", "an instruction/question prompt (+ input, system columns) + 'chosen'/'rejected'",
-          ("chosen",), ("rejected",), prompt=("instruction", "question", "prompt"), input=("input",)),
+           ("chosen",), ("rejected",), prompt=("instruction", "question", "prompt"), system=SYSTEM_COLUMNS,
+           input=("input",), string_prompt=True, sides="replies", text_ok=True,
+           signatures=((_pair("instruction"), ("prompt",)), (_pair("question"), ("prompt",)),
+                       (_pair("prompt", "system"), ()), (_pair("prompt", "system_prompt"), ()))),
+    Shape("hh", "'chosen' is an HH transcript ('\\n\\nHuman: ...')", ("chosen",), ("rejected",),
+           signatures=((_pair(), ("prompt",)),), sides="hh"),
+    Shape("preference", "TRL columns", ("chosen",), ("rejected",), prompt=("prompt",),
+           text_ok=True, prompt_optional=True),
 )}
-
-
+# the columns any layout is recognised by: a row with none of them says nothing about the layout
+LAYOUT_KEYS = tuple(dict.fromkeys(c for s in LAYOUTS.values() for c in (
+    *s.chosen, *s.rejected, *(sig[0] for sig, _ in s.signatures if len(sig) == 1))))
 _MISSING = object()
 
 
@@ -95,7 +116,7 @@ def map_columns(row: Any, columns: dict[str, str] | None) -> Any:
     All renames happen at once (so ``{chosen: rejected, rejected: chosen}`` swaps); a source that
     names a top-level column is moved (it leaves ``meta``), a dotted one (``meta.question``) is
     copied out of a nested object. A row lacking a source column is left as is (and is then
-    rejected with MISSING_FIELD by its layout parser).
+    rejected with MISSING_FIELD by its layout).
     """
     if not columns or not isinstance(row, dict) or "__error__" in row:
         return row
@@ -111,89 +132,88 @@ def map_columns(row: Any, columns: dict[str, str] | None) -> Any:
     return out
 
 
+def _first(row: dict, names: tuple[str, ...]) -> tuple[str, Any]:
+    """(column, value) of the first of ``names`` the row has non-null (value None if none: the first
+    name is then the one a MISSING_FIELD reject names). A dotted name whose parent is not an object
+    is a WRONG_TYPE reject."""
+    for name in names:
+        val = _dig(row, name)
+        if val is not _MISSING and val is not None:
+            return name, val
+    parent = names[0].rpartition(".")[0] if names else ""
+    if parent and row.get(parent) is not None and not isinstance(row[parent], dict):
+        raise RowError("WRONG_TYPE", parent, f"'{parent}' must be an object with "
+                       f"'{names[0].rpartition('.')[2]}', got {type(row[parent]).__name__}")
+    return (names[0] if names else ""), None
+
+
 def _explains(shape: Shape, row: dict) -> bool:
-    """Whether a shape's columns are what this row has: one of its marker columns, or its prompt,
-    chosen and rejected columns."""
-    has = lambda names: any(row.get(n) is not None for n in names)
-    if any(n in row for n in shape.marker):
-        return True
-    if not (has(shape.chosen) and has(shape.rejected)) or (shape.prompt and not has(shape.prompt)):
+    """Whether the row has one of the shape's signatures (its columns present, the forbidden ones
+    absent or null), a string prompt where the shape needs one, an HH transcript for ``hh``."""
+    if not any(all(c in row for c in need) and all(row.get(c) is None for c in absent)
+               for need, absent in shape.signatures):
         return False
-    if shape.name == "instruction":  # a bare 'prompt' column is TRL's; it needs a system column here
-        _, text = _first(row, shape.prompt)
-        return isinstance(text, str) and (row.get("prompt") is None or has(shape.system))
-    return row.get("prompt") is None  # a 'prompt' column (with 'messages' say) is TRL's
+    if shape.string_prompt:
+        return isinstance(_first(row, shape.prompt)[1], str)
+    if shape.sides == "hh":
+        chosen = row.get(shape.chosen[0])
+        return isinstance(chosen, str) and chosen.startswith("\n\nHuman:")
+    return True
 
 
 def detect_layout(rows: list, fmt: str = "auto", min_score_margin: float | None = None) -> Layout:
-    """Decide the layout from the first well-formed rows (or take the named layout ``fmt``); the
-    Layout says why (``reason``). ``min_score_margin``: see :func:`to_example`."""
+    """Decide the layout from the first well-formed rows (or take the named layout ``fmt``): the
+    first of :data:`LAYOUTS` that explains the first row with a layout column, else ``preference``.
+    The Layout says why (``reason``). ``min_score_margin``: see :func:`to_example`."""
     sample = [r for r in rows[:200] if isinstance(r, dict) and "__error__" not in r]
     if fmt not in ("auto", *LAYOUTS):
         raise DataError(f"data error: data.format={fmt!r} is unknown; use auto or one of "
                         f"{', '.join(LAYOUTS)}")
     first = next((r for r in sample if any(k in r for k in LAYOUT_KEYS)), {})
-    explicit = any("prompt" in r for r in sample)
-    how = "named by data.format" if fmt != "auto" else ""
-
-    def made(name: str, conversational: bool, explicit: bool, why: str) -> Layout:
-        return Layout(name, conversational, explicit, how or why, min_score_margin)
-
-    if fmt == "openai" or (fmt == "auto" and "preferred_output" in first):
-        return made("openai", True, True, "rows have 'preferred_output' (OpenAI preference)")
-    for shape in SHAPES.values():
-        if fmt == shape.name or (fmt == "auto" and _explains(shape, first)):
-            conv = shape.name != "instruction" or any(
-                isinstance(_first(r, shape.system)[1], str) or isinstance(r.get("chosen"), (list, dict))
-                for r in sample)
-            return made(shape.name, conv, bool(shape.prompt), shape.why)
-    chosen = first.get("chosen")
-    if fmt == "hh" or (fmt == "auto" and not explicit and isinstance(chosen, str)
-                       and chosen.startswith("\n\nHuman:")):
-        return made("hh", True, False, "'chosen' is an HH transcript ('\\n\\nHuman: ...')")
-    conv = isinstance(chosen, (list, dict))
-    return made("preference", conv, explicit, f"TRL columns: {'explicit' if explicit else 'implicit'} "
-                f"prompt, {'conversational' if conv else 'standard'}")
+    shape = LAYOUTS[fmt] if fmt != "auto" else next(
+        (s for s in LAYOUTS.values() if _explains(s, first)), LAYOUTS["preference"])
+    explicit = bool(shape.prompt) and (not shape.prompt_optional or any(
+        _first(r, shape.prompt)[1] is not None for r in sample))
+    conv = not shape.text_ok or isinstance(_first(first, shape.chosen)[1], (list, dict)) or (
+        bool(shape.system) and any(isinstance(_first(r, shape.system)[1], str)
+                                   or isinstance(_first(r, shape.chosen)[1], (list, dict)) for r in sample))
+    why = shape.why if shape.name != "preference" else (
+        f"TRL columns: {'explicit' if explicit else 'implicit'} prompt, "
+        f"{'conversational' if conv else 'standard'}")
+    return Layout(shape.name, conv, explicit, "named by data.format" if fmt != "auto" else why,
+                  min_score_margin)
 
 
-def _preference(row: dict, layout: Layout) -> Example:
-    get = message_field if layout.conversational else text_field
-    chosen, rejected = get(row, "chosen"), get(row, "rejected")
-    if layout.explicit:
-        if layout.conversational and isinstance(row.get("prompt"), str):
-            prompt = [{"role": "user", "content": row["prompt"]}]
-        else:
-            prompt = get(row, "prompt")
-        if layout.conversational:  # completions that repeat the prompt turns (UltraFeedback-binarized)
-            n = len(prompt)
-            if chosen[:n] == prompt and rejected[:n] == prompt and len(chosen) > n and len(rejected) > n:
-                chosen, rejected = chosen[n:], rejected[n:]
-    else:
-        prompt, chosen, rejected = split_implicit(chosen, rejected)
-    return build_example(prompt, chosen, rejected, layout.conversational, row, set())
+def parse_hh(text: str, key: str) -> list[dict]:
+    """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> [{user: a}, {assistant: b}]."""
+    parts = HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise RowError("UNPARSEABLE", key, "not an HH transcript (must start with '\\n\\nHuman:')")
+    role = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": role[r], "content": c} for r, c in zip(parts[1::2], parts[2::2])]
 
 
-def _openai(row: dict, layout: Layout) -> Example:
-    inp = row.get("input")
-    if inp is None:
-        raise RowError("MISSING_FIELD", "input", "'input' is missing or null")
-    if not isinstance(inp, dict):
-        raise RowError("WRONG_TYPE", "input", f"'input' must be an object with 'messages', got "
-                       f"{type(inp).__name__}")
-    prompt = message_list(inp.get("messages"), "input.messages")
-    chosen = message_list(row.get("preferred_output"), "preferred_output")
-    rejected = message_list(row.get("non_preferred_output"), "non_preferred_output")
-    extra = {f"input.{k}": v for k, v in inp.items() if k not in ("messages", "tools")}
-    return build_example(prompt, chosen, rejected, True, row,
-                         {"input", "preferred_output", "non_preferred_output"},
-                         tools=inp.get("tools", row.get("tools")), extra_meta=extra)
+def _side(row: dict, names: tuple[str, ...], shape: Shape, conversational: bool) -> Any:
+    key, val = _first(row, names)
+    if shape.sides == "hh":
+        return parse_hh(text_field({key: val}, key), key)
+    if not conversational:
+        return text_field({key: val}, key)
+    return completion_messages(val, key) if shape.sides == "replies" else message_list(val, key)
 
 
-def _first(row: dict, names: tuple[str, ...]) -> tuple[str, Any]:
-    """(column, value) of the first of ``names`` the row has (value None if none); the first name
-    is the one a MISSING_FIELD reject names."""
-    name = next((n for n in names if row.get(n) is not None), names[0])
-    return name, row.get(name)
+def _prompt(row: dict, shape: Shape, conversational: bool) -> str | list[dict]:
+    """The explicit prompt: text (+ the input column after a blank line), or messages (a string
+    prompt of a conversational row is one user turn)."""
+    key, val = _first(row, shape.prompt)
+    if conversational and not shape.string_prompt and not isinstance(val, str):
+        return message_list(val, key)
+    text = text_field({key: val}, key)
+    _, extra = _first(row, shape.input) if shape.input else ("", None)
+    if extra is not None and not isinstance(extra, str):
+        raise RowError("WRONG_TYPE", shape.input[0], f"'{shape.input[0]}' must be a string")
+    text = f"{text}\n\n{extra}" if extra and extra.strip() else text
+    return [{"role": "user", "content": text}] if conversational else text
 
 
 def _with_system(row: dict, shape: Shape, prompt: list[dict]) -> list[dict]:
@@ -206,57 +226,32 @@ def _with_system(row: dict, shape: Shape, prompt: list[dict]) -> list[dict]:
     return prompt
 
 
-def _prompt_text(row: dict, shape: Shape) -> str:
-    key, text = _first(row, shape.prompt)
-    text = text_field({key: text}, key)
-    _, extra = _first(row, shape.input) if shape.input else ("", None)
-    if extra is not None and not isinstance(extra, str):
-        raise RowError("WRONG_TYPE", shape.input[0], f"'{shape.input[0]}' must be a string")
-    return f"{text}\n\n{extra}" if extra and extra.strip() else text
+def _nested_meta(row: dict, shape: Shape, used: set[str]) -> dict:
+    """The other keys of the objects a dotted column reads (OpenAI's ``input``), as ``input.key``."""
+    out = {}
+    for parent in {c.split(".")[0] for c in (*shape.prompt, *shape.tools) if "." in c}:
+        if isinstance(row.get(parent), dict):
+            out.update({f"{parent}.{k}": v for k, v in row[parent].items() if f"{parent}.{k}" not in used})
+    return out
 
 
-def _shaped(row: dict, layout: Layout) -> Example:
-    """A row of a declarative :class:`Shape` layout -> Example (fields checked prompt first)."""
-    shape = SHAPES[layout.name]
-    ckey, chosen = _first(row, shape.chosen)
-    rkey, rejected = _first(row, shape.rejected)
-    used = {*shape.prompt, *shape.chosen, *shape.rejected, *shape.system, *shape.input}
-    if not layout.conversational:  # plain strings (instruction sets without a system column)
-        return build_example(_prompt_text(row, shape), text_field({ckey: chosen}, ckey),
-                             text_field({rkey: rejected}, rkey), False, row, used)
-    if shape.input:
-        prompt = [{"role": "user", "content": _prompt_text(row, shape)}]
-    elif shape.prompt:
-        pkey, prompt = _first(row, shape.prompt)
-        prompt = message_list(prompt, pkey)
-    chosen, rejected = completion_messages(chosen, ckey), completion_messages(rejected, rkey)
-    if not shape.prompt:  # whole conversations per side: the prompt is their shared prefix
+def _parse(row: dict, layout: Layout) -> Example:
+    """A row -> Example by its layout's description (prompt first, then chosen, rejected)."""
+    shape, conv = LAYOUTS[layout.name], layout.conversational
+    prompt = _prompt(row, shape, conv) if layout.explicit and shape.prompt else None
+    chosen = _side(row, shape.chosen, shape, conv)
+    rejected = _side(row, shape.rejected, shape, conv)
+    if prompt is None:  # implicit: the prompt is the sides' shared prefix
         prompt, chosen, rejected = split_implicit(chosen, rejected)
-    elif not shape.input:
+    elif conv:  # completions that repeat the prompt turns first (UltraFeedback-binarized)
         n = len(prompt)
-        if chosen[:n] == prompt == rejected[:n] and len(chosen) > n < len(rejected):  # sides repeat it
+        if chosen[:n] == prompt == rejected[:n] and len(chosen) > n < len(rejected):
             chosen, rejected = chosen[n:], rejected[n:]
-    return build_example(_with_system(row, shape, prompt), chosen, rejected, True, row, used)
-
-
-def parse_hh(text: str, key: str) -> list[dict]:
-    """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> [{user: a}, {assistant: b}]."""
-    parts = HH_TURN.split(text)
-    if parts[0].strip() or len(parts) < 3:
-        raise RowError("UNPARSEABLE", key, "not an HH transcript (must start with '\\n\\nHuman:')")
-    role = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": role[r], "content": c} for r, c in zip(parts[1::2], parts[2::2])]
-
-
-def _hh(row: dict, layout: Layout) -> Example:
-    chosen, rejected = text_field(row, "chosen"), text_field(row, "rejected")
-    prompt, chosen, rejected = split_implicit(parse_hh(chosen, "chosen"), parse_hh(rejected, "rejected"))
-    return build_example(prompt, chosen, rejected, True, row, set())
-
-
-LAYOUTS: dict[str, Callable[[dict, Layout], Example]] = {
-    "preference": _preference, "openai": _openai, "hh": _hh, **{name: _shaped for name in SHAPES},
-}
+    if conv and shape.system:
+        prompt = _with_system(row, shape, prompt)
+    columns = {*shape.prompt, *shape.chosen, *shape.rejected, *shape.system, *shape.input, *shape.tools}
+    return build_example(prompt, chosen, rejected, conv, row, {c.split(".")[0] for c in columns},
+                         tools=_first(row, shape.tools)[1], extra_meta=_nested_meta(row, shape, columns))
 
 
 def _number(v: Any) -> bool:
@@ -286,6 +281,6 @@ def to_example(row: Any, layout: Layout) -> Example:
         raise RowError("WRONG_TYPE", "<row>", f"row must be an object, got {type(row).__name__}")
     if "__error__" in row:
         raise RowError(row.get("__code__", "BAD_JSON"), "<row>", row["__error__"])
-    ex = LAYOUTS[layout.name](row, layout)
+    ex = _parse(row, layout)
     _scores(row, ex, layout)
     return ex

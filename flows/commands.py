@@ -130,7 +130,7 @@ def cmd_validate(args) -> int:
     if args.out is None:
         raise ConfigError("dpo validate INPUT needs --out DIR")
     from data_contracts.errors import DataPolicyError
-    from data_contracts.validation import validate_split
+    from data_contracts.validation import check_not_empty, validate_split
     from dpo_engine.modeling import ModelError, load_tokenizer, resolve_model_path
 
     # checking a file checks all of it: without --config, TRL's defaults (max_length 1024, no row
@@ -152,6 +152,7 @@ def cmd_validate(args) -> int:
     tok = load_tokenizer(cfg.model, tok_src)
     try:
         rep = validate_split(args.input, Path(args.out), tok, cfg.data, split="input")
+        check_not_empty(rep, Path(args.out), DataPolicyError)  # a file with no usable pair fails
     except DataPolicyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

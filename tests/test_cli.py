@@ -65,6 +65,13 @@ def test_validate_input_mode_exit_codes(dpo_home, tmp_path):
     assert ok.returncode == 0 and "1/3 valid" in ok.stdout
     missing = dpo("validate", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o3"), "--tokenizer", str(tok))
     assert missing.returncode == 1 and "nope.jsonl" in missing.stderr
+    # a file with no usable pair fails even when the policy allows every row to be rejected
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps(r) for r in [{"chosen": 3}, {"prompt": "x", "chosen": "s", "rejected": "s"}]))
+    none = dpo("validate", str(bad), "--out", str(tmp_path / "o4"), "--tokenizer", str(tok),
+               "--set", "data.max_invalid_fraction=1.0")
+    assert none.returncode == 2 and none.stderr.count("\n") == 1, none.stderr
+    assert "0 of 2 rows valid" in none.stderr and "IDENTICAL_PAIR 1" in none.stderr
 
 
 def test_config_overrides_and_errors(tmp_path):
@@ -108,8 +115,9 @@ def test_validate_input_mode_checks_every_row_with_trl_defaults(dpo_home, tmp_pa
     default = str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
     run = dpo("validate", str(data), "--out", str(tmp_path / "run"), "--tokenizer", str(tok), "--config", default,
               "--set", "data.max_invalid_fraction=1.0")
-    assert run.returncode == 0, run.stderr
-    assert json.loads((tmp_path / "run" / "report.json").read_text())["valid"] < 100  # the run's limits
+    # the run's max_length 256 rejects every one of these prompts: a file with no usable pair fails
+    assert run.returncode == 2 and "PROMPT_TOO_LONG 100" in run.stderr, run.stderr
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["valid"] == 0
 
 
 def test_validate_input_mode_without_a_usable_model_asks_for_a_tokenizer(dpo_home, tmp_path):

@@ -167,3 +167,40 @@ def test_min_score_margin_and_layout_reason_through_validate_split(tmp_path):
     assert json.loads(valid[0]["meta"])["score_chosen"] == 9
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["layout"] == "preference" and report["layout_reason"]
+
+
+def test_rejected_rows_keep_no_more_raw_text_than_configured(tmp_path):
+    """rejects.parquet keeps at most data.max_text_chars characters of a rejected row's raw text."""
+    long = "x" * 50_000
+    rows = [{"prompt": "Say hi.", "chosen": " Hi!", "rejected": " No."},
+            {"prompt": long, "chosen": " a", "rejected": " b"}]
+    cfg = DataConfig(max_length=4096, max_invalid_fraction=1.0, max_text_chars=2_000)
+    rep, _, rejects = validate(rows, tmp_path, cfg)
+    assert rep["valid"] == 1 and [r["code"] for r in rejects] == ["TEXT_TOO_LONG"]
+    raw = rejects[0]["raw"]
+    assert raw.startswith('{"prompt": "xxx') and len(raw) < 2_100 and "characters in all" in raw
+    assert all(len(r["example"]) <= 200 for r in rep["top_reasons"])
+
+
+def test_every_layout_is_a_declarative_description():
+    """Each layout is a row of LAYOUTS (columns, spellings, signatures), parsed by one mechanism; and
+    detection picks each one from a row with its signature."""
+    from data_contracts.layouts import LAYOUTS, Shape
+
+    assert all(isinstance(s, Shape) for s in LAYOUTS.values())
+    assert set(LAYOUTS) == {"preference", "openai", "sharegpt", "conversation_pair", "instruction", "hh"}
+    rows = {
+        "openai": {"input": {"messages": [msg("user", "Hi")]}, "preferred_output": [msg("assistant", "Hello")],
+                   "non_preferred_output": [msg("assistant", "Go")]},
+        "conversation_pair": {"chosen_messages": [msg("user", "Hi"), msg("assistant", "Hello")],
+                              "rejected_messages": [msg("user", "Hi"), msg("assistant", "Go")]},
+        "sharegpt": {"conversations": [{"from": "human", "value": "Hi"}], "chosen": {"from": "gpt", "value": "Hello"},
+                     "rejected": {"from": "gpt", "value": "Go"}},
+        "instruction": {"system": "Be kind.", "question": "Hi", "chosen": "Hello", "rejected": "Go"},
+        "hh": {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go"},
+        "preference": {"prompt": "Hi", "chosen": " Hello", "rejected": " Go"},
+    }
+    for name, row in rows.items():
+        layout, (ex,) = parse([row])
+        assert layout.name == name and not isinstance(ex, str), (name, ex)
+        assert ex.chosen != ex.rejected and ex.prompt

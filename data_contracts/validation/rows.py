@@ -10,6 +10,7 @@ from typing import Any
 
 from data_contracts.examples import Example, RowError
 from data_contracts.layouts import map_columns, to_example
+from data_contracts.readers import RAW_KEPT
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
 _ID_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str, sort_keys=True, separators=(",", ":"))
@@ -70,17 +71,16 @@ def _check_texts(ex: Example, max_chars: int) -> None:
                                f"position {e.start})") from None
 
 
-RAW_KEPT = 1_000_000  # characters of a rejected row kept in rejects.parquet
-
-
-def reject_record(index: int, err: RowError, raw: Any) -> dict:
-    """The rejects.parquet row (REJECT_SCHEMA) of source row ``index``, rejected for ``err``."""
+def reject_record(index: int, err: RowError, raw: Any, max_chars: int = RAW_KEPT) -> dict:
+    """The rejects.parquet row (REJECT_SCHEMA) of source row ``index``, rejected for ``err``; its raw
+    text is cut to ``max_chars`` characters (at most RAW_KEPT)."""
+    keep = min(max_chars, RAW_KEPT)
     try:
         text = to_json(raw)
     except (ValueError, RecursionError, TypeError):
-        text = repr(raw)[:10000]
-    if len(text) > RAW_KEPT:  # bounded: the row is still named by source_index and code
-        text = text[:RAW_KEPT] + f"...[cut: {len(text):,} characters in all]"
+        text = repr(raw)[:keep + 1]
+    if len(text) > keep:  # bounded: the row is still named by source_index and code
+        text = text[:keep] + f"...[cut: {len(text):,} characters in all]"
     return {"source_index": index, "code": err.code, "field": _utf8_safe(str(err.field)),
             "message": _utf8_safe(str(err.message)), "raw": _utf8_safe(text)}
 

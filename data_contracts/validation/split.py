@@ -169,10 +169,11 @@ class SplitValidation:
     def _record_rejects(self, bad: list, dups: list) -> None:
         for i, err, _ in bad:
             self.counts[err.code] += 1
-            self.first_msg.setdefault(err.code, f"row {i} {err.field}: {err.message}")
+            self.first_msg.setdefault(err.code, f"row {i} {err.field}: {err.message}"[:500])
         self.rejected += len(bad)
         self.duplicates += len(dups)
-        recs = sorted((reject_record(i, err, raw) for i, err, raw in bad + dups),
+        keep = self.cfg.text_char_limit  # a kept raw row holds no more text than a valid field may
+        recs = sorted((reject_record(i, err, raw, keep) for i, err, raw in bad + dups),
                       key=lambda r: r["source_index"])
         if recs:
             self.rejects.write(pa.Table.from_pylist(recs, schema=REJECT_SCHEMA))
