@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dpo_engine.modeling.batching import SeqBatch, collate, pack, pair_batch
 from dpo_engine.modeling.fused_head import token_logps
+from dpo_engine.modeling.loading import ModelError
 
 # The batch builders are re-exported: a batch is what this module's functions take.
 __all__ = ["HEAD_BACKEND", "SDPA_BACKENDS", "SeqBatch", "collate", "compile_layers", "ld_token_weights",
@@ -69,10 +70,18 @@ def lm_body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     for attr in ("final_logit_softcapping", "logit_scale"):
         if cfg is not None and getattr(cfg, attr, None) not in (None, 1.0):
             raise NotImplementedError(f"models with config.{attr} are not supported by the fused head")
-    head = model.get_output_embeddings()
-    body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if body is None or head is None:
-        raise TypeError(f"{type(model).__name__} does not expose a decoder body and an LM head")
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    prefix = getattr(model, "base_model_prefix", "") or "model"
+    body = getattr(model, prefix, None)
+    if not isinstance(body, nn.Module) or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        missing = " and ".join(w for w, bad in (
+            (f"decoder body at .{prefix} (a module returning last_hidden_state)", not isinstance(body, nn.Module)),
+            ("output embedding (get_output_embeddings() with a .weight)",
+             not isinstance(getattr(head, "weight", None), torch.Tensor))) if bad)
+        raise ModelError(f"{type(model).__name__} cannot train on the fused head: it has no {missing}; "
+                         "pass the transformers *ForCausalLM (or *ForConditionalGeneration) model itself, "
+                         "patched or not")
     return body, head
 
 
