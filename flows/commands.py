@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from data_contracts.config import ConfigError, load_config
+from data_contracts.config import ConfigError, load_config, parse_overrides
 from data_contracts.helpers import redact_credentials
 from data_contracts.state import mlflow_uri, project_root
 from flows.prefect_server import check_prefect_api, require_prefect_server, start_local_server
@@ -33,7 +33,7 @@ def cmd_run(args) -> int:
     from dpo_engine.pipeline import prepare, summary_table
     from flows.dpo import dpo
 
-    overrides = dict(o.split("=", 1) for o in args.set)
+    overrides = parse_overrides(args.set)  # typed once: the flow gets these values
     if args.run_name:
         overrides["run_name"] = args.run_name
     # fail fast on user errors, before Prefect starts; the flow takes this config as it is
@@ -77,7 +77,7 @@ def cmd_sweep(args) -> int:
     from flows.dpo import dpo
 
     grid = sweep_grid(args)
-    overrides = dict(o.split("=", 1) for o in args.set)
+    overrides = parse_overrides(args.set)  # typed once: the flow gets these values
     variants = expand_grid(grid)
     if args.parallel < 1:
         raise ConfigError(f"sweep: --parallel must be >= 1 (got {args.parallel})")

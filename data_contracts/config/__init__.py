@@ -11,7 +11,7 @@ from data_contracts.config.base import (BUILTIN_DATASET, BUILTIN_MODEL, EVAL_STE
                                         TRAIN_STEP_METRICS, ConfigError)
 from data_contracts.config.data import DataConfig
 from data_contracts.config.evaluation import EvalConfig
-from data_contracts.config.loading import load_config
+from data_contracts.config.loading import load_config, parse_overrides
 from data_contracts.config.loss import LOSS_TYPES, REFERENCE_FREE_LOSSES, LossConfig
 from data_contracts.config.model import ModelConfig, PeftConfig, ReferenceConfig
 from data_contracts.config.run import RunConfig
@@ -20,5 +20,5 @@ from data_contracts.config.train import TrainConfig
 __all__ = [
     "BUILTIN_DATASET", "BUILTIN_MODEL", "EVAL_STEP_METRICS", "LOSS_TYPES", "PAIR_METRICS",
     "REFERENCE_FREE_LOSSES", "TRAIN_STEP_METRICS", "ConfigError", "DataConfig", "EvalConfig", "LossConfig",
-    "ModelConfig", "PeftConfig", "ReferenceConfig", "RunConfig", "TrainConfig", "load_config",
+    "ModelConfig", "PeftConfig", "ReferenceConfig", "RunConfig", "TrainConfig", "load_config", "parse_overrides",
 ]

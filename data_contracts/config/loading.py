@@ -47,6 +47,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-6", "data.eval_source=null"]`` -> ``{"train.lr": 1e-06, "data.eval_source": None}``:
+    the CLI's ``--set`` items parsed once (YAML values), so every later step sees typed values."""
+    return {".".join(path): value for path, value in map(parse_override, items)}
+
+
 def apply_overrides(data: dict, overrides: dict[str, Any] | list[str] | None) -> dict:
     """Apply ``{'train.lr': 1e-6}`` or ``['train.lr=1e-6']`` onto a nested dict (copied)."""
     out = json.loads(json.dumps(data))
