@@ -15,12 +15,19 @@ def project_root() -> Path | None:
 
 
 def state_home() -> Path:
-    """Where Prefect, MLflow, caches and runs live: $DPO_HOME, else <checkout>/.dpo, else ./.dpo."""
+    """Where Prefect, MLflow, caches and runs live: $DPO_HOME, else <checkout>/.dpo, else ./.dpo.
+    Created owner-only (0700) when missing: it holds the MLflow and Prefect databases, result
+    records and the outbox, which may carry credentials; an existing folder is left as it is."""
     env = os.environ.get("DPO_HOME")
     if env:
-        return Path(env).expanduser().resolve()
-    root = project_root()
-    return (root if root is not None else Path.cwd()) / ".dpo"
+        home = Path(env).expanduser().resolve()
+    else:
+        root = project_root()
+        home = (root if root is not None else Path.cwd()) / ".dpo"
+    if not home.is_dir():
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(home, 0o700)  # mkdir's mode is masked by the umask
+    return home
 
 
 def mlflow_uri(cfg=None) -> str:
@@ -41,6 +48,7 @@ def local_state_env() -> dict[str, str]:
         "PREFECT_HOME": str(home / "prefect"),
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "prefect" / "results"),
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json",  # never pickle (tasks/results.py refuses it on read)
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "true",
         "HF_HOME": str(home / "hf"),

@@ -41,6 +41,7 @@ from dpo_engine import sweep as sw
 from dpo_engine.pipeline import new_run_dir
 from dpo_engine.stages.table import STAGE
 from dpo_engine.sweep import plan
+from tasks import results
 from tasks import stages as t
 
 CONCURRENCY_LIMIT = "dpo-train"  # Prefect global concurrency limit: slots = parallel variants
@@ -130,7 +131,8 @@ def variant_task(index: int, cfg, variant: dict, run_dir: str, precomputed: dict
 
 # What `dpo sweep-worker` serves: the same task, its result persisted (the flow reads it back
 # from Prefect's result storage, since it ran in another process).
-remote_variant_task = variant_task.with_options(name="sweep-variant-remote", persist_result=True)
+remote_variant_task = variant_task.with_options(name="sweep-variant-remote", persist_result=True,
+                                                result_serializer=results.SERIALIZER)
 
 
 def task_workers(task_key: str) -> int:
