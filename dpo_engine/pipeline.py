@@ -147,7 +147,8 @@ def write_summary(run_dir: Path, results: dict[str, dict], status: str, error: s
             write_json(Path(run_dir) / f"{s}.json", {**r, "reused": was_reused})
     reg = results.get("register", {})
     summary = {
-        "run_dir": str(run_dir), "status": status, "error": error, "reason": reason, "stages": stages,
+        "run_dir": str(run_dir), "status": status, "error": redact_credentials(error) if error else error,
+        "reason": reason, "stages": stages,
         "mlflow_tracking_uri": redact_credentials(os.environ.get("MLFLOW_TRACKING_URI") or "")
         or None,  # user:password in the URI is not written down
         "mlflow_run_id": results.get("train", {}).get("mlflow_run_id"),

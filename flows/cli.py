@@ -14,6 +14,7 @@ from pathlib import Path
 
 import flows  # noqa: F401  (sets the project-local state environment before prefect is imported)
 from data_contracts.errors import user_error
+from data_contracts.helpers import redact_credentials
 from flows.commands import (
     cmd_compare,
     cmd_run,
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         err = user_error(e)  # Prefect may wrap the original exception
         if err is None:
             raise
-        print(f"error: {str(err).removeprefix('error: ')}", file=sys.stderr)
+        print(f"error: {redact_credentials(str(err)).removeprefix('error: ')}", file=sys.stderr)
         return 2 if type(err).__name__ == "DataPolicyError" else 1
 
 

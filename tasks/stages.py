@@ -9,6 +9,7 @@ reuses validate and precompute.
 from __future__ import annotations
 
 import logging
+import traceback
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +17,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from data_contracts.errors import user_error
+from data_contracts.helpers import redact_credentials
 from dpo_engine.stages.index import outputs_token
 from dpo_engine.stages.table import STAGE
 
@@ -54,11 +56,19 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
 
 
 class _OneLineUserErrors(logging.Filter):
-    """Log a user error as its one-line message, without the traceback."""
+    """Log a user error as its one-line message, without the traceback; and no credential (a
+    ``user:password@`` in a URI) in any flow or task log line, the console's or the Prefect API's."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and user_error(record.exc_info[1]) is not None:
             record.exc_info, record.exc_text = None, None
+        message = record.getMessage()
+        clean = redact_credentials(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        if record.exc_info and record.exc_info[1] is not None:  # the traceback's text, once formatted
+            text = redact_credentials("".join(traceback.format_exception(*record.exc_info)))
+            record.exc_info, record.exc_text = None, text
         return True
 
 

@@ -196,24 +196,40 @@ def _files(*roots: Path):
             yield from (p for p in root.rglob("*") if p.is_file())
 
 
-def test_no_planted_credential_leaks_into_outputs(tiny, dpo_home, monkeypatch, capfd):
-    from data_contracts.state import mlflow_uri
+@pytest.fixture(scope="module")
+def http_store(tmp_path_factory):
+    """A real `mlflow server` (127.0.0.1), shared by this module's drills."""
+    from test_reliability_mlflow import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-http"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_no_planted_credential_leaks_into_outputs(tiny, dpo_home, monkeypatch, capfd, http_store):
+    """A whole run against a real HTTP tracking server whose URI (from MLFLOW_TRACKING_URI) holds
+    user:password, with secrets planted in the environment: none of them in stdout/stderr (MLflow's
+    "View run ... at:" line included), the Prefect and flow logs, MLflow params/tags, artifacts, the
+    run folder or Prefect's state."""
+    from mlflow import MlflowClient
+
     from dpo_engine import tracking as registry
     from flows.dpo import dpo
     from test_flow_e2e import _overrides
 
-    store = mlflow_uri()  # this test's SQLite store; the planted URL below is never connected to
     for k, v in PLANTED.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://dpo-user:{URL_PASSWORD}@127.0.0.1:9")
-    summary = dpo(overrides=_overrides(tiny, **{"registry.model_name": "tiny-sec",
-                                                "tracking.mlflow_tracking_uri": store}), run_name="sec")
-    assert summary["status"] == "completed"
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")  # (it would be sent to the server as basic auth)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", http_store.uri.replace("http://", f"http://dpo-user:{URL_PASSWORD}@"))
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    summary = dpo(overrides=_overrides(tiny, **{"registry.model_name": "tiny-sec"}), run_name="sec")
+    assert summary["status"] == "completed" and summary["registered_version"]
     assert URL_PASSWORD not in str(summary)
     out, err = capfd.readouterr()
+    assert "127.0.0.1" in summary["mlflow_tracking_uri"]  # the run did use the HTTP store
 
-    registry.connect(store)
-    from mlflow import MlflowClient
+    registry.connect(http_store.uri)
     run = MlflowClient().get_run(summary["mlflow_run_id"])
     assert run.data.params["model.trust_remote_code"] == "False"
     recorded = [str(run.data.params), str(run.data.tags)]
@@ -225,12 +241,20 @@ def test_no_planted_credential_leaks_into_outputs(tiny, dpo_home, monkeypatch, c
     leaks += [f"mlflow params/tags: {s!r}" for s in secrets if s in "".join(recorded).encode()]
     n = 0
     prefect_home = Path(os.environ.get("PREFECT_HOME", SESSION_HOME / "prefect"))
-    for f in _files(dpo_home, SESSION_HOME / "prefect", prefect_home):
+    for f in _files(dpo_home, SESSION_HOME / "prefect", prefect_home, http_store.root / "artifacts"):
         n += 1
         data = f.read_bytes()
         leaks += [f"{f}: {s!r}" for s in secrets if s in data]
-    assert n > 20 and (dpo_home / "mlflow").is_dir()  # the run folder, MLflow store and artifacts
+    assert n > 20 and (http_store.root / "artifacts").is_dir()  # the run folder, Prefect state, artifacts
     assert not leaks, leaks
+
+
+def test_saved_and_printed_errors_are_redacted(tmp_path):
+    from dpo_engine.pipeline import write_summary
+
+    uri = f"http://dpo-user:{URL_PASSWORD}@127.0.0.1:9"
+    summary = write_summary(tmp_path, {}, "failed", error=f"TrackingUnavailable: cannot reach {uri}/api")
+    assert URL_PASSWORD not in (tmp_path / "summary.json").read_text() and "***@127.0.0.1:9" in summary["error"]
 
 
 def test_tracking_uri_password_is_refused_in_config_and_redacted_in_errors():

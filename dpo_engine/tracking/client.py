@@ -8,6 +8,7 @@ raises a one-line :class:`TrackingUnavailable`.
 
 from __future__ import annotations
 
+import base64
 import functools
 import logging
 import os
@@ -163,6 +164,8 @@ def connect(tracking_uri: str, timeout: float = 3.0, retry: RetryPolicy | None =
     if scheme in ("http", "https"):
         for k, v in HTTP_DEFAULTS.items():
             os.environ.setdefault(k, v)
+        if urlparse(tracking_uri).password is not None:  # MLflow would print the URI at each run's end
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         mlflow.set_tracking_uri(tracking_uri)  # named by call()'s message while waiting
         if not check:
             pass
@@ -205,10 +208,14 @@ def _open_sqlite_store(db: Path) -> None:
 
 def _check_health(tracking_uri: str, timeout: float) -> None:
     """GET <server>/health; a TrackingUnavailable marked ``transient`` when it does not answer."""
-    url = tracking_uri.rstrip("/") + "/health"
+    parts = urlparse(tracking_uri.rstrip("/") + "/health")
+    request = urllib.request.Request(parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl())
+    if parts.username is not None:  # user:password@ in the URI: sent as basic auth, as MLflow does
+        token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode())
+        request.add_header("Authorization", f"Basic {token.decode()}")
     status, reason = None, None
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             status = resp.status
     except urllib.error.HTTPError as e:
         status = e.code
