@@ -175,3 +175,51 @@ def test_log_table_and_metric_histories(store):
     tags = MlflowClient().get_run(rid).data.tags
     assert json.loads(tags["mlflow.loggedArtifacts"]) == [{"path": "evaluation/samples_table.json",
                                                           "type": "table"}]
+
+
+def test_concurrent_registrations_end_with_the_better_one_champion(store, tmp_path):
+    """Two registrations that both passed the gate check before either set an alias (the 0.7 one
+    creates its version first, the 0.6 one is the newest): the 0.7 version is champion, and each
+    result states the aliases it ended with."""
+    import threading
+
+    model_dir = tiny_model_dir(tmp_path / "m", hidden=16)
+    gate = {"beat_champion_metric": "eval/win_rate"}
+    runs = {"a": _run("a", {"eval/win_rate": 0.7}), "b": _run("b", {"eval/win_rate": 0.6})}
+    logged = threading.Barrier(2, timeout=30)  # both are past the gate check
+    a_created, b_created, a_aliased = threading.Event(), threading.Event(), threading.Event()
+    order = {  # (name, point): (event to set, event to wait for)
+        ("a", "version-created"): (a_created, b_created), ("a", "aliases-set"): (a_aliased, None),
+        ("b", "model-logged"): (None, a_created), ("b", "version-created"): (b_created, a_aliased)}
+
+    def steps(name):
+        def on_step(point):
+            if point == "model-logged":
+                logged.wait()
+            done, wait_for = order.get((name, point), (None, None))
+            if done is not None:
+                done.set()
+            if wait_for is not None:
+                wait_for.wait(10)  # the old code never reached some points: go on after a while
+        return on_step
+
+    out = {}
+
+    def register(name, value):
+        out[name] = registry.register_model(runs[name], model_dir, "tiny-race", metrics={"eval/win_rate": value},
+                                            gate_thresholds={}, on_step=steps(name), **gate)
+
+    threads = [threading.Thread(target=register, args=a) for a in (("a", 0.7), ("b", 0.6))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    a, b = out["a"], out["b"]
+    assert (a["version"], b["version"]) == (1, 2)
+    assert int(registry.champion("tiny-race").version) == 1
+    client = MlflowClient()
+    for res in (a, b):  # each summary is what the store says
+        assert res["aliases"] == sorted(client.get_model_version("tiny-race", str(res["version"])).aliases)
+    assert a["aliases"] == ["champion"] and a["gate_passed"]
+    assert b["aliases"] == ["challenger"] and not b["gate_passed"] and b["champion_version"] == 1
+    assert client.get_model_version("tiny-race", "2").tags["gate_passed"] == "false"

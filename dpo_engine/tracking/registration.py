@@ -79,11 +79,10 @@ def version_metric(mv, metric: str) -> float | None:
     return tracking_client.mlflow_client().get_run(mv.run_id).data.metrics.get(metric)
 
 
-def _champion_gate(model_name: str, run_id: str, metrics: dict[str, float], metric: str,
+def _champion_gate(champ, run_id: str, metrics: dict[str, float], metric: str,
                    min_improvement: float) -> list[str]:
-    """Reasons the candidate does not beat the current champion by ``min_improvement`` on
+    """Reasons the candidate does not beat the champion version ``champ`` by ``min_improvement`` on
     ``metric``. No champion yet, the candidate itself, or a champion without the metric: passes."""
-    champ = champion(model_name)
     if champ is None or champ.run_id == run_id:
         return []
     best = version_metric(champ, metric)
@@ -133,25 +132,43 @@ def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
     model_format(model_dir)  # a folder that cannot be registered fails before anything is logged
     client = tracking_client.mlflow_client()
     reasons = _gate(metrics, gate_thresholds)
-    if beat_champion_metric:
-        reasons += _champion_gate(model_name, run_id, metrics, beat_champion_metric, min_improvement)
     with _registration_lock(model_name, run_id):
-        mv, newest = _create_version_once(client, model_name, run_id, model_dir, metrics, reasons, tags,
-                                          on_step, base_model_revision)
-    if newest:
-        # aliases belong to the model: one writer at a time in this state home (two registrations
-        # setting the same alias at once hit a unique-key error in the store)
-        with _registration_lock(model_name, "\0aliases"):
+        mv = _create_version_once(client, model_name, run_id, model_dir, metrics, reasons, tags,
+                                  on_step, base_model_revision)
+    # The comparison with the champion and the aliases, under one per-model lock (one writer at a
+    # time in this state home): the champion is read inside it, so a better version registered at
+    # the same moment is never left without the alias it earned, and the result states the aliases
+    # as they are when the lock is let go.
+    with _registration_lock(model_name, "\0aliases"):
+        champ = champion(model_name)
+        if beat_champion_metric:
+            reasons = reasons + _champion_gate(champ, run_id, metrics, beat_champion_metric, min_improvement)
+        _record_gate(client, model_name, mv, reasons)
+        newest = max(int(v.version) for v in client.search_model_versions(f"name = '{model_name}'"))
+        if int(mv.version) == newest:
             _set_alias(client, model_name, CHALLENGER, mv.version)
-            if not reasons:
-                _set_alias(client, model_name, CHAMPION, mv.version)
+        # without a comparison metric the champion only moves forward, to a newer passing version
+        if not reasons and (beat_champion_metric or champ is None or int(champ.version) <= int(mv.version)):
+            _set_alias(client, model_name, CHAMPION, mv.version)
         on_step("aliases-set")
-    aliases = sorted(client.get_model_version(model_name, mv.version).aliases)
-    champ = champion(model_name)
+        aliases = sorted(client.get_model_version(model_name, mv.version).aliases)
+        champ = champion(model_name)
     return {"model_name": model_name, "version": int(mv.version),
             "model_uri": f"models:/{model_name}/{mv.version}", "aliases": aliases,
             "gate_passed": not reasons, "gate_reasons": reasons, "run_id": run_id,
             "champion_version": int(champ.version) if champ else None}
+
+
+def _record_gate(client, model_name: str, mv, reasons: list[str]) -> None:
+    """The version's gate tags as decided now (the champion comparison happens after it exists)."""
+    passed = str(not reasons).lower()
+    if mv.tags.get("gate_passed") != passed:
+        client.set_model_version_tag(model_name, mv.version, "gate_passed", passed)
+    text = "; ".join(reasons)[:MAX_TAG_LEN]
+    if reasons and mv.tags.get("gate_reasons") != text:
+        client.set_model_version_tag(model_name, mv.version, "gate_reasons", text)
+    elif not reasons and "gate_reasons" in mv.tags:
+        client.delete_model_version_tag(model_name, mv.version, "gate_reasons")
 
 
 def _set_alias(client, model_name: str, alias: str, version) -> None:
@@ -170,7 +187,7 @@ def _set_alias(client, model_name: str, alias: str, version) -> None:
 
 def _create_version_once(client, model_name, run_id, model_dir, metrics, reasons, tags, on_step,
                          base_model_revision=None):
-    """(version, newest): the run's version, created unless it exists. Two registrations of one run
+    """The run's version, created unless it exists. Two registrations of one run
     that race past the lock (processes on other machines) both create; each then keeps the lowest
     version of the run and deletes its own if it is not that one, so exactly one remains."""
     mv = version_of_run(model_name, run_id)
@@ -198,7 +215,5 @@ def _create_version_once(client, model_name, run_id, model_dir, metrics, reasons
         if first is not None and int(first.version) < int(mv.version):
             client.delete_model_version(model_name, mv.version)
             mv = first
-    # only set aliases if this is still the newest version
-    latest = max(int(v.version) for v in client.search_model_versions(f"name = '{model_name}'"))
-    return mv, int(mv.version) == latest
+    return mv
 
