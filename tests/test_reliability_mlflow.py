@@ -304,3 +304,47 @@ def test_background_outbox_never_waits_for_a_hanging_server(dpo_home, monkeypatc
     assert box.send(wait=True) and box.pending() == []
     steps = sorted(m.step for m in MlflowClient().get_metric_history(run_id, "loss"))
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_an_entry_the_store_refuses_for_good_is_set_aside_not_blocking(dpo_home, tmp_path, monkeypatch):
+    """A permanently failing entry (HTTP 413 for an artifact) is reported in one line and set aside;
+    the entries around it are sent and a wait=True send (what registration does) returns."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from dpo_engine import tracking as registry
+    from dpo_engine.tracking import client as tracking_client
+
+    registry.connect(f"sqlite:///{dpo_home / 'mlflow' / 'mlflow.db'}",
+                     retry=registry.RetryPolicy(timeout_s=2, backoff_s=0.05, max_backoff_s=0.1))
+    run_id = registry.start_run("outbox-413", "r")
+    said = []
+    box = registry.Outbox(run_id, log=said.append)
+    big, small = tmp_path / "big.bin", tmp_path / "small.json"
+    big.write_bytes(b"x" * 1000)
+    small.write_text("{}")
+    real = tracking_client.mlflow_client()
+
+    class Refusing:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def log_artifact(self, run, path, artifact_path=None):
+            if Path(path).name == "big.bin":
+                raise MlflowException("API request to endpoint /api/2.0/mlflow-artifacts/artifacts failed with "
+                                      "error code 413 != 200. Response body: 'Request Entity Too Large'")
+            return real.log_artifact(run, path, artifact_path)
+
+    monkeypatch.setattr(tracking_client, "mlflow_client", lambda: Refusing())
+    box.log_metrics({"loss": 1.0}, step=1)
+    box.log_artifact(big, "evaluation")
+    box.log_artifact(small, "evaluation")
+    box.log_metrics({"loss": 0.5}, step=2)
+    assert box.send(wait=True) and box.pending() == []
+    assert box.send(wait=True)  # nothing pending: the refused entry is not retried
+    lines = [s for s in said if "refused" in s]
+    assert len(lines) == 1 and "big.bin" in lines[0] and "413" in lines[0] and "\n" not in lines[0]
+    assert [a["entry"]["artifact"] for a in box.set_aside()] == [str(big.resolve())]
+    client = MlflowClient()
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2]
+    assert [a.path for a in client.list_artifacts(run_id, "evaluation")] == ["evaluation/small.json"]

@@ -3,7 +3,8 @@
 Training and evaluation write through an :class:`Outbox`: entries go to a JSONL file under
 ``state_home()/mlflow/outbox/`` first and are sent when the server answers (training never waits
 for it); registration sends what is still pending, waiting for the server under the retry policy,
-before it registers.
+before it registers. An entry the store refuses for good (not an outage) is set aside with its
+reason and said in one line, so it never blocks registration.
 """
 
 from __future__ import annotations
@@ -140,29 +141,61 @@ class Outbox:
         client = tracking_client.mlflow_client()
         done = 0
         while done < len(entries):
-            e = entries[done]
-            if "metrics" in e:
-                batch, n = [], 0
-                while done + n < len(entries) and "metrics" in entries[done + n] and len(batch) < 900:
-                    m = entries[done + n]
-                    batch += [Metric(k, v, m["ts"], m["step"]) for k, v in m["metrics"].items()]
+            n = 1
+            if "metrics" in entries[done]:  # consecutive metric entries go as one batch
+                while done + n < len(entries) and "metrics" in entries[done + n] and n < 900:
                     n += 1
-                for i in range(0, len(batch), 1000):  # MLflow's limit per request
-                    client.log_batch(self.run_id, metrics=batch[i:i + 1000])
-            else:
-                n = 1
-                src = e.get("artifact") or e.get("table")
-                if not Path(src).exists():  # said, not silently dropped
-                    self.log(f"outbox {self.path}: {src} no longer exists; not sent to MLflow")
-                elif "artifact" in e:
-                    if Path(e["artifact"]).is_dir():
-                        client.log_artifacts(self.run_id, e["artifact"], e.get("artifact_path"))
-                    else:
-                        client.log_artifact(self.run_id, e["artifact"], e.get("artifact_path"))
-                elif "table" in e:
-                    log_table(self.run_id, pd.read_json(e["table"], lines=True), e["artifact_file"])
+            try:
+                self._send_entries(client, entries[done:done + n])
+            except Exception as e:  # noqa: BLE001 - an outage stops here; a refusal is set aside
+                if is_transient(e):
+                    raise
+                self._set_aside(entries[done:done + n], e)
             done += n
             self._drop_sent(n)
+
+    def _send_entries(self, client, group: list[dict]) -> None:
+        """One artifact or table entry, or a run of metric entries."""
+        e = group[0]
+        if "metrics" in e:
+            batch = [Metric(k, v, m["ts"], m["step"]) for m in group for k, v in m["metrics"].items()]
+            for i in range(0, len(batch), 1000):  # MLflow's limit per request
+                client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+            return
+        src = e.get("artifact") or e.get("table")
+        if not Path(src).exists():  # said, not silently dropped
+            self.log(f"outbox {self.path}: {src} no longer exists; not sent to MLflow")
+        elif "artifact" in e:
+            if Path(e["artifact"]).is_dir():
+                client.log_artifacts(self.run_id, e["artifact"], e.get("artifact_path"))
+            else:
+                client.log_artifact(self.run_id, e["artifact"], e.get("artifact_path"))
+        elif "table" in e:
+            log_table(self.run_id, pd.read_json(e["table"], lines=True), e["artifact_file"])
+
+    @property
+    def set_aside_path(self) -> Path:
+        return self.path.with_name(f"{self.run_id}.set-aside.jsonl")
+
+    def _set_aside(self, group: list[dict], exc: BaseException) -> None:
+        """Entries the store refused for good (not an outage: e.g. HTTP 413, an invalid request):
+        kept in ``<run_id>.set-aside.jsonl`` with the reason, said in one line, never retried, so
+        they cannot block registration."""
+        reason = failure_reason(exc)
+        with self._file_lock(), open(self.set_aside_path, "ab") as fh:
+            for e in group:
+                fh.write(json.dumps({"entry": e, "reason": reason}).encode() + b"\n")
+        what = (f"{sum(len(e['metrics']) for e in group)} metric values" if "metrics" in group[0]
+                else f"{group[0].get('artifact') or group[0].get('table')}")
+        self.log(f"outbox {self.path}: MLflow refused {what} ({reason}); set aside in "
+                 f"{self.set_aside_path}, not retried")
+
+    def set_aside(self) -> list[dict]:
+        """The entries set aside so far, with their reasons."""
+        try:
+            return [json.loads(line) for line in self.set_aside_path.read_bytes().splitlines() if line.strip()]
+        except FileNotFoundError:
+            return []
 
     def send(self, wait: bool = False, policy: RetryPolicy | None = None) -> bool:
         """Send what is pending. ``wait=False``: one try (none while backing off); an unreachable
