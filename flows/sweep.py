@@ -4,9 +4,11 @@ module is the Prefect composition (tasks, concurrency, task workers); what a swe
 stop rule, winner, summary) lives in :mod:`dpo_engine.sweep`.
 
 Variants run one after another (``parallel=1``: one GPU), or ``parallel=N`` at a time: each
-variant's train + evaluate is a Prefect task submitted to the flow's thread-pool task runner that
-holds one slot of the global concurrency limit ``dpo-train`` (created or resized to N slots), so
+variant's train + evaluate is a Prefect task submitted to a thread-pool task runner of N threads
+that holds one slot of the global concurrency limit ``dpo-train`` (created or resized to N slots), so
 the limit bounds the sweep's variants, and those of any other flow run using the same limit.
+A variant that fails is reported (its row in ``summary.json`` has ``status: failed`` and the
+error) and the best of the others is still registered; the sweep fails only when every variant did.
 
 With ``workers=True`` the variants run on Prefect task workers instead (``dpo sweep-worker``, each
 serving :data:`remote_variant_task`: e.g. one per GPU, or on other machines): each variant is a
@@ -33,10 +35,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.futures import wait
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.task_worker import serve
 
 from data_contracts.config import ConfigError
-from data_contracts.helpers import write_json
+from data_contracts.helpers import redact_credentials, write_json
 from dpo_engine import sweep as sw
 from dpo_engine.pipeline import new_run_dir
 from dpo_engine.stages.table import STAGE
@@ -78,16 +81,24 @@ def run_sweep(config: str | None, overrides: dict[str, Any] | None, run_name: st
         ensure_concurrency_limit(CONCURRENCY_LIMIT, parallel)
         wait_for_task_workers(remote_variant_task.task_key, worker_wait_s)
         futures = [remote_variant_task.delay(**job, **common, limit=CONCURRENCY_LIMIT) for job in jobs]
-        wait(futures)  # every variant finishes (or fails) before the first failure is raised
-        rows = [f.result() for f in futures]
+        wait(futures)  # every variant finishes (or fails)
+        rows = [_outcome(job, f.result) for job, f in zip(jobs, futures)]
     elif parallel == 1 or len(jobs) == 1:
-        rows = [train_and_evaluate(**job, **common) for job in jobs]
+        rows = [_outcome(job, lambda job=job: train_and_evaluate(**job, **common)) for job in jobs]
     else:
         ensure_concurrency_limit(CONCURRENCY_LIMIT, parallel)
-        futures = [variant_task.with_options(task_run_name=f"variant-{job['index']:02d}")
-                   .submit(**job, **common, limit=CONCURRENCY_LIMIT) for job in jobs]
-        wait(futures)  # every variant finishes (or fails) before the first failure is raised
-        rows = [f.result() for f in futures]
+        # at most `parallel` variant threads (each also holds a slot of the concurrency limit)
+        with ThreadPoolTaskRunner(max_workers=parallel) as runner:
+            futures = [runner.submit(variant_task.with_options(task_run_name=f"variant-{job['index']:02d}"),
+                                     parameters={**job, **common, "limit": CONCURRENCY_LIMIT}) for job in jobs]
+            wait(futures)  # every variant finishes (or fails)
+            rows = [_outcome(job, f.result) for job, f in zip(jobs, futures)]
+    failed = [r for r in rows if r.get("error")]
+    if len(failed) == len(rows):  # nothing to choose from: the first failure is the sweep's
+        raise failed[0]["exception"]
+    for r in failed:
+        print(f"sweep: variant {r['index']:02d} {r['variant']} failed ({r['error']}); the best of the "
+              "others is registered")
 
     among, to_evaluate = plan.candidates(rows)
     for i in to_evaluate:  # every variant was stopped early: evaluate them all and pick among them
@@ -99,10 +110,22 @@ def run_sweep(config: str | None, overrides: dict[str, Any] | None, run_name: st
                             winner["evaluated"])
     summary = plan.summary(sweep_dir, rows, best, metric, parent=parent, parallel=parallel, workers=workers,
                            stop=stop, board=board, precomputes=len(precomputed), registered=registered)
-    sw.close_parent(parent, [r["trained"]["mlflow_run_id"] for r in rows], best, metric, summary["best_value"])
+    sw.close_parent(parent, [r["trained"]["mlflow_run_id"] for r in rows if r["trained"]], best, metric,
+                    summary["best_value"])
     write_json(Path(sweep_dir) / "summary.json", summary)
     print(plan.summary_line(summary, rows, registered))
     return summary
+
+
+def _outcome(job: dict, result) -> dict:
+    """The row of a variant: ``result()`` (its train_and_evaluate row), or, when that raises, a failed
+    row naming the error (a user interrupt still stops the sweep)."""
+    try:
+        return {"index": job["index"], **result()}
+    except Exception as e:  # noqa: BLE001 - one variant's failure is reported, not the sweep's end
+        return {"index": job["index"], "cfg": job["cfg"], "variant": job["variant"], "run_dir": job["run_dir"],
+                "precomputed": job["precomputed"], "trained": None, "evaluated": None, "stop_reason": None,
+                "ran_on": None, "error": redact_credentials(f"{type(e).__name__}: {e}")[:500], "exception": e}
 
 
 def train_and_evaluate(index: int, cfg, variant: dict, run_dir: str, precomputed: dict, parent: str,

@@ -299,3 +299,71 @@ def test_variant_tasks_never_exceed_the_concurrency_limit(dpo_home, monkeypatch)
 
     assert three() == [0, 1, 2]
     assert peak[0] == 2
+
+
+def _fake_sweep(monkeypatch, fail: set[int], values: dict[int, float]):
+    """flows.sweep.run_sweep with every stage faked: records the threads variants ran on and what
+    was registered."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import flows.sweep as fs
+    from data_contracts.config import load_config
+
+    seen = {"threads": set(), "registered": []}
+
+    def variant(index, cfg, variant, run_dir, precomputed, parent, validated, stop, board):
+        seen["threads"].add(threading.get_ident())
+        time.sleep(0.3)
+        if index in fail:
+            raise RuntimeError(f"variant {index} broke")
+        return {"cfg": cfg, "variant": variant, "run_dir": run_dir, "precomputed": precomputed,
+                "trained": {"mlflow_run_id": f"run{index}", "steps": 1}, "stop_reason": None,
+                "evaluated": {"metrics": {"eval/win_rate": values[index]}}, "ran_on": "here"}
+
+    monkeypatch.setattr(fs, "train_and_evaluate", variant)
+    monkeypatch.setattr(fs.t, "validate", lambda cfg, d: {})
+    monkeypatch.setattr(fs.t, "precompute", lambda cfg, d, v: {})
+    monkeypatch.setattr(fs, "STAGE", {"precompute": SimpleNamespace(key=lambda cfg, up: "k")})
+    monkeypatch.setattr(fs.t, "register", lambda cfg, d, v, tr, ev: seen["registered"].append(tr["mlflow_run_id"])
+                        or {"model_name": "m", "version": 1, "summary": "registered"})
+    monkeypatch.setattr(fs.sw, "open_parent", lambda *a, **k: "parent")
+    monkeypatch.setattr(fs.sw, "close_parent", lambda *a, **k: None)
+    monkeypatch.setattr(fs.plan, "variant_configs",
+                        lambda config, overrides, name, variants, stop: (load_config(), [load_config()] * len(variants)))
+    return seen
+
+
+def test_a_failed_variant_does_not_discard_the_best_and_threads_are_bounded(dpo_home, monkeypatch):
+    from prefect import flow
+
+    import flows.sweep as fs
+
+    seen = _fake_sweep(monkeypatch, fail={1}, values={0: 0.5, 1: 0.0, 2: 0.7, 3: 0.6})
+
+    @flow
+    def sweep_of_four():
+        return fs.run_sweep(None, None, "bounded", {"loss.beta": [0.1, 0.2, 0.3, 0.4]}, "eval/win_rate", parallel=2)
+
+    summary = sweep_of_four()
+    assert len(seen["threads"]) <= 2  # the thread pool is bounded by `parallel`
+    assert seen["registered"] == ["run2"] and summary["best"] == 2
+    assert summary["failed"] == 1 and summary["variants"][1]["status"] == "failed"
+    assert "variant 1 broke" in summary["variants"][1]["error"]
+    assert json.loads((Path(summary["run_dir"]) / "summary.json").read_text())["variants"][1]["status"] == "failed"
+
+
+def test_a_sweep_whose_every_variant_failed_fails(dpo_home, monkeypatch):
+    from prefect import flow
+
+    import flows.sweep as fs
+
+    _fake_sweep(monkeypatch, fail={0, 1}, values={0: 0.5, 1: 0.4})
+
+    @flow
+    def sweep_of_two():
+        return fs.run_sweep(None, None, "allfail", {"loss.beta": [0.1, 0.2]}, "eval/win_rate", parallel=1)
+
+    with pytest.raises(RuntimeError, match="variant 0 broke"):
+        sweep_of_two()

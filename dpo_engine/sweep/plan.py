@@ -48,10 +48,11 @@ def candidates(rows: list[dict]) -> tuple[list[int], list[int]]:
     """(variants the winner is chosen among, variants to evaluate before choosing). A variant stopped
     early never wins while another ran to the end; when every variant stopped, all are evaluated
     and compared."""
-    running = [i for i, r in enumerate(rows) if not r["stop_reason"]]
+    ok = [i for i, r in enumerate(rows) if not r.get("error")]  # a failed variant is never chosen
+    running = [i for i in ok if not rows[i]["stop_reason"]]
     if running:
         return running, []
-    return list(range(len(rows))), list(range(len(rows)))
+    return ok, ok
 
 
 def summary(sweep_dir: str, rows: list[dict], best: int, metric: str, *, parent: str, parallel: int,
@@ -62,9 +63,12 @@ def summary(sweep_dir: str, rows: list[dict], best: int, metric: str, *, parent:
         "run_dir": sweep_dir, "status": "completed", "mlflow_parent_run_id": parent, "metric": metric,
         "parallel": parallel, "workers": workers, **(stop or {}), "board": str(board) if board else None,
         "precomputes": precomputes, "best": best, "best_value": metrics[best][metric],
+        "failed": sum(1 for r in rows if r.get("error")),
         "variants": [{"overrides": r["variant"], "run_dir": r["run_dir"],
-                      "mlflow_run_id": r["trained"]["mlflow_run_id"], "steps": r["trained"]["steps"],
-                      "status": r["stop_reason"] or "completed", "ran_on": r["ran_on"],
+                      "mlflow_run_id": (r["trained"] or {}).get("mlflow_run_id"),
+                      "steps": (r["trained"] or {}).get("steps"),
+                      "status": "failed" if r.get("error") else r["stop_reason"] or "completed",
+                      **({"error": r["error"]} if r.get("error") else {}), "ran_on": r["ran_on"],
                       metric: m.get(metric)} for r, m in zip(rows, metrics)],
         "registered_model": registered.get("model_name"), "registered_version": registered.get("version"),
         "aliases": registered.get("aliases"), "gate_passed": registered.get("gate_passed"),
@@ -75,6 +79,8 @@ def summary_line(summary: dict, rows: list[dict], registered: dict) -> str:
     """One line: the best variant, how many stopped early, what was registered."""
     best, metric = summary["best"], summary["metric"]
     n_stopped = sum(1 for r in rows if r["stop_reason"])
+    n_failed = sum(1 for r in rows if r.get("error"))
     return (f"sweep: best of {len(rows)} by {metric}: variant {best} {rows[best]['variant']} "
-            f"({summary['best_value']:.4g}){f'; {n_stopped} stopped early' if n_stopped else ''}; "
+            f"({summary['best_value']:.4g}){f'; {n_stopped} stopped early' if n_stopped else ''}"
+            f"{f'; {n_failed} failed' if n_failed else ''}; "
             f"{registered.get('summary', '')}")
