@@ -142,19 +142,22 @@ def sha256_file(path: Path) -> str:
 
 def file_sha256(path: Path) -> str:
     """:func:`sha256_file`, memoised under the state home on (path, size, mtime) so that big weights
-    are hashed once across runs."""
+    are hashed once across runs. One small memo file per (path, size, mtime), written atomically:
+    constant cost per file however many are memoised, and concurrent writers never lose each
+    other's entries."""
     path = Path(path)
     st = path.stat()
-    memo_file = state_home() / "cache" / "file_hashes.json"
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo = state_home() / "cache" / "file_hashes" / hashlib.sha256(key.encode()).hexdigest()[:32]
     try:
-        memo = json.loads(memo_file.read_text())
+        stored_key, digest = memo.read_text().split("\n")[:2]
+        if stored_key == key and len(digest) == 64:
+            return digest
     except (OSError, ValueError):
-        memo = {}
-    if key not in memo:
-        memo[key] = sha256_file(path)
-        write_text(memo_file, json.dumps(memo))
-    return memo[key]
+        pass
+    digest = sha256_file(path)
+    write_text(memo, f"{key}\n{digest}\n")
+    return digest
 
 
 # Redaction.

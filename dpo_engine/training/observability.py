@@ -7,6 +7,7 @@ the logging window as TRL does.
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import torch
@@ -58,7 +59,8 @@ def logged_metrics(history: list[dict], every: int) -> dict[str, float]:
     the previous logging step (``every`` steps, fewer at the end), totals and peaks as of now, and
     eval/ metrics as last evaluated in that window."""
     step = history[-1]["step"]
-    window = [h for h in history if h["step"] > step - (step - 1) % every - 1]
+    first = step - (step - 1) % every  # the window's first step; read from the end: constant per step
+    window = list(reversed(list(itertools.takewhile(lambda h: h["step"] >= first, reversed(history)))))
     out: dict[str, float] = {}
     for name in dict.fromkeys(k for h in window for k in h):
         values = [h[name] for h in window if name in h]
