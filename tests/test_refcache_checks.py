@@ -228,3 +228,65 @@ def test_precompute_stage_refuses_ids_outside_the_vocabulary_before_any_forward(
     assert rc == 1 and forwards == []
     assert len(err) == 1 and err[0].startswith("error: train split"), err
     assert "example_id" in err[0] and "vocabulary of 40 tokens" in err[0] and "do not match" in err[0]
+
+
+# ------------------------------------------------------------------------------ content hashes
+
+def _logps(rows: pd.DataFrame) -> pd.DataFrame:
+    i = rows["example_id"].str[1:].astype(int).to_numpy()
+    return pd.DataFrame({"example_id": rows["example_id"], "ref_chosen_logps": -1.5 - i * 0.25,
+                         "ref_rejected_logps": -3.0 - i * 0.5})
+
+
+def _flip_quietly(path, truth: pd.DataFrame) -> None:
+    """Change one byte of a Parquet file such that it still reads, with finite but different values
+    (the damage only a content hash can see): the first such byte."""
+    raw = path.read_bytes()
+    for at in range(4, len(raw) - 8):  # between the magic numbers
+        flipped = raw[:at] + bytes([raw[at] ^ 0x04]) + raw[at + 1:]
+        path.write_bytes(flipped)
+        try:
+            df = pq.read_table(path).to_pandas()
+        except Exception:  # noqa: BLE001 - unreadable: not the quiet kind
+            continue
+        if list(df.columns) != list(truth.columns) or len(df) != len(truth):
+            continue
+        values = df[["ref_chosen_logps", "ref_rejected_logps"]].to_numpy(dtype=float)
+        if np.isfinite(values).all() and df["example_id"].tolist() == truth["example_id"].tolist() \
+                and not np.array_equal(values, truth[["ref_chosen_logps", "ref_rejected_logps"]].to_numpy()):
+            return
+    raise AssertionError("no quiet byte flip found")
+
+
+def test_a_flipped_byte_in_a_shard_is_found_and_the_next_run_heals_it(tmp_path):
+    """A byte changed inside a shard's data page (still a valid Parquet file, still finite values) is
+    caught by the recorded sha256 on any read; the shard and _COMPLETE.json are removed, so the next
+    precompute recomputes just that shard and reads back the true values."""
+    rows = pd.DataFrame({"example_id": [f"e{i}" for i in range(10)]})
+    calls = []
+
+    def compute(part):
+        calls.append(len(part))
+        return _logps(part)
+
+    df, stats = cached_reference_logps(tmp_path, "k", rows, {"split": "train"}, compute, shard_size=4)
+    folder = tmp_path / "k"
+    assert stats["computed_examples"] == 10 and set(json.loads((folder / COMPLETE).read_text())["sha256"]) == {
+        "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"}
+    shard = folder / "part-00001.parquet"
+    truth = pq.read_table(shard).to_pandas()
+    _flip_quietly(shard, truth)
+    with pytest.raises(CacheError, match="part-00001.parquet does not match the sha256"):
+        read_cache(folder, expect_ids=rows["example_id"].tolist(), expect_key="k")  # e.g. training
+    assert not (folder / COMPLETE).exists() and not shard.exists()  # not trusted by any stage now
+
+    calls.clear()
+    healed, stats = cached_reference_logps(tmp_path, "k", rows, {"split": "train"}, compute, shard_size=4)
+    assert calls == [4] and stats["computed_examples"] == 4
+    assert healed["ref_chosen_logps"].tolist() == _logps(rows)["ref_chosen_logps"].tolist()
+
+    # found by the precompute itself (holding the folder's lock): healed in the same call
+    _flip_quietly(shard, truth)
+    calls.clear()
+    again, stats = cached_reference_logps(tmp_path, "k", rows, {"split": "train"}, compute, shard_size=4)
+    assert calls == [4] and again["ref_chosen_logps"].tolist() == _logps(rows)["ref_chosen_logps"].tolist()

@@ -7,8 +7,11 @@ key (fingerprints of model, tokenizer, data, length settings, dtype, engine vers
     <cache>/<key>/_COMPLETE.json           written last: metadata, row count, shard list
 
 A crash leaves finished shards behind and the next run computes only the missing ones. Reading
-verifies metadata, row count, example ids and that every log-prob is finite (no NaN or inf); a
-damaged shard is reported, removed and recomputed. A SIGKILL mid-write leaves a temporary file
+verifies metadata, row count, example ids, that every log-prob is finite (no NaN or inf) and each
+shard's sha256 against the one ``_COMPLETE.json`` recorded (a flipped byte in a data page would
+otherwise read back as a different finite log-prob); a damaged shard is reported, removed with the
+folder's ``_COMPLETE.json`` (so the precompute stage is not reused and its next run heals the cache,
+whoever found the damage: precompute or training) and recomputed. A SIGKILL mid-write leaves a temporary file
 (``.part-00000.parquet.tmp<pid>``); the next write or read of the folder removes those whose writer
 process is gone (never a live one's). Concurrent runs on one key serialise on a file lock, so the
 work is done once and never corrupted.
@@ -25,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_contracts.helpers import atomic_write, dead_writer_temp, file_lock, write_json
+from data_contracts.helpers import atomic_write, dead_writer_temp, file_lock, sha256_file, write_json
 
 ENGINE_VERSION = "0.2"
 META_KEY = b"dpo_refcache"
@@ -34,6 +37,14 @@ COMPLETE = "_COMPLETE.json"
 
 class CacheError(RuntimeError):
     pass
+
+
+class DamagedShard(CacheError):
+    """A shard whose bytes differ from the sha256 recorded when it was written."""
+
+    def __init__(self, message: str, shard: str):
+        super().__init__(message)
+        self.shard = shard
 
 
 def write_cache(df: pd.DataFrame, path: Path, meta: dict) -> None:
@@ -135,6 +146,18 @@ def _remove_leftovers_unless_writing(folder: Path) -> None:
         return  # a read-only cache
 
 
+def _invalidate(folder: Path, shard: str) -> None:
+    """Remove a damaged shard and the folder's completion marker (unless a writer holds the folder:
+    it is rewriting it), so that no stage trusts the folder until it is rebuilt."""
+    try:
+        with file_lock(folder.parent / f".{folder.name}.lock", block=False) as mine:
+            if mine:
+                (folder / COMPLETE).unlink(missing_ok=True)
+                (folder / shard).unlink(missing_ok=True)
+    except OSError:
+        return  # a read-only cache: reported by the caller's error
+
+
 def _shard_name(i: int) -> str:
     return f"part-{i:05d}.parquet"
 
@@ -147,6 +170,12 @@ def _read_folder(folder: Path, expect_ids, expect_key) -> pd.DataFrame:
     if expect_key is not None and meta.get("key") != expect_key:
         raise CacheError(f"reference cache {folder} has key {meta.get('key')}, expected {expect_key}")
     parts = [read_cache(folder / name, expect_key=meta["key"]) for name in meta["shards"]]
+    for name, digest in (meta.get("sha256") or {}).items():  # readable, finite: but the bytes written?
+        if sha256_file(folder / name) != digest:
+            _invalidate(folder, name)
+            raise DamagedShard(f"reference cache {folder}: shard {name} does not match the sha256 recorded "
+                               f"when it was written (damaged on disk); it and {COMPLETE} are removed: the "
+                               "next precompute recomputes that shard", name)
     df = pd.concat(parts, ignore_index=True)
     if len(df) != meta["rows"]:
         raise CacheError(f"reference cache {folder}: {len(df)} rows, metadata says {meta['rows']}")
@@ -175,6 +204,8 @@ def cached_reference_logps(cache_dir: Path, key: str, rows: pd.DataFrame, meta: 
             except CacheError as e:
                 log(f"{e}; rebuilding the damaged parts")
                 (folder / COMPLETE).unlink(missing_ok=True)
+                if isinstance(e, DamagedShard):  # (this process holds the lock: _invalidate left it)
+                    (folder / e.shard).unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
         shards, computed = [], 0
         for i, s0 in enumerate(range(0, len(rows), shard_size)):
@@ -197,7 +228,8 @@ def cached_reference_logps(cache_dir: Path, key: str, rows: pd.DataFrame, meta: 
             computed += len(part)
         for stale in set(p.name for p in folder.glob("part-*.parquet")) - set(shards):
             (folder / stale).unlink()
-        complete = {**meta, "key": key, "rows": len(rows), "shards": shards}
+        complete = {**meta, "key": key, "rows": len(rows), "shards": shards,
+                    "sha256": {name: sha256_file(folder / name) for name in shards}}
         write_json(folder / COMPLETE, complete, sort_keys=True)
         df = _read_folder(folder, ids, key)
     return df.set_index("example_id").loc[ids].reset_index(), {"computed_examples": computed,
