@@ -10,7 +10,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from data_contracts.helpers import atomic_write, fingerprint, owner_alive, write_json
+from data_contracts.helpers import atomic_write, fingerprint, owner_alive, sha256_file, write_json
 from data_contracts.state import state_home
 
 
@@ -18,16 +18,33 @@ def _index_path(stage: str, fp: str) -> Path:
     return state_home() / "cache" / "stage_index" / f"{stage}-{fp}.json"
 
 
+def content_digest(path: Path) -> str:
+    """The sha256 of a file, or of a folder's files (relative names and contents), read in full."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file())
+        return fingerprint([(str(f.relative_to(path)), sha256_file(f)) for f in files])
+    return sha256_file(path)
+
+
 def lookup(stage: str, fp: str) -> dict | None:
-    """A previous result with this fingerprint whose outputs all still exist, else None."""
+    """A previous result with this fingerprint whose outputs all still exist with the content they
+    were recorded with (sha256), else None: an output changed since, or a record without hashes
+    (an older version's), is not trusted and the stage runs again."""
     p = _index_path(stage, fp)
     try:
         res = json.loads(p.read_text())
     except (OSError, ValueError):
         return None
-    if all(Path(o).exists() for o in res.get("outputs", [])):
-        return res
-    return None
+    outputs, hashes = res.get("outputs", []), res.get("output_sha256")
+    if not all(Path(o).exists() for o in outputs) or (outputs and not isinstance(hashes, dict)):
+        return None
+    try:
+        if any(content_digest(Path(o)) != hashes.get(o) for o in outputs):
+            return None
+    except OSError:
+        return None
+    return res
 
 
 def outputs_token(stage: str, fp: str) -> str | None:
@@ -40,7 +57,9 @@ def outputs_token(stage: str, fp: str) -> str | None:
 
 
 def record(stage: str, fp: str, result: dict) -> dict:
-    """Index a fresh result for reuse and save it as <run_dir>/<stage>.json."""
+    """Index a fresh result for reuse (with its outputs' content hashes) and save it as
+    <run_dir>/<stage>.json."""
+    result = {**result, "output_sha256": {o: content_digest(Path(o)) for o in result.get("outputs", [])}}
     write_json(_index_path(stage, fp), result)
     write_json(Path(result["run_dir"]) / f"{stage}.json", result)
     _partial_path(stage, fp).unlink(missing_ok=True)
