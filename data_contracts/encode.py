@@ -11,9 +11,18 @@ a prefix of the full ids (else TEMPLATE_PREFIX_MISMATCH); completion = full[len(
 its last EOS (ChatML puts "\\n" after <|im_end|>), or given one EOS when the template adds none. So
 every untruncated completion ends with exactly one EOS, and no BOS/EOS is doubled.
 
+Rows with images (``Example.images``, conversational): the prompt is rendered with its ``{"type":
+"image"}`` parts as above, then tokenized again by the model's processor with the images, which
+expands each image placeholder into the image's tokens (their number depends on the image for some
+models); the completions are as above. ``Encoded.keep_from`` marks where the prompt's image tokens
+(and the markers the template puts around them) begin: the position where the prompt rendered
+without its image parts stops matching.
+
 Truncation to max_length (prompt + longest completion): ``keep_start`` cuts the completions' ends;
 ``keep_end`` drops prompt tokens from the start (after a leading BOS), then cuts completions if still
-too long. A prompt alone of max_length tokens or more is rejected (PROMPT_TOO_LONG).
+too long. A prompt alone of max_length tokens or more is rejected (PROMPT_TOO_LONG), and a row whose
+image tokens would be cut (the prompt does not fit, or keep_end would drop tokens past ``keep_from``)
+as IMAGE_TOKENS_TRUNCATED.
 
 :func:`encode_batch` does the same for a list of examples with one tokenizer call per kind of text
 (a fast tokenizer encodes a list in Rust, in parallel): the ids are identical to row-by-row calls.
@@ -26,6 +35,7 @@ from dataclasses import dataclass
 
 from data_contracts import fast_bpe
 from data_contracts.examples import Example, RowError
+from data_contracts.images import VisionRows, image_truncation_error, without_image_parts
 
 
 @dataclass
@@ -34,6 +44,7 @@ class Encoded:
     chosen: list[int]
     rejected: list[int]
     truncated: int = 0  # tokens removed by truncation
+    keep_from: int | None = None  # rows with images: the first prompt position truncation must keep
 
 
 def _ids(tok, text: str, special: bool) -> list[int]:
@@ -121,10 +132,47 @@ def _from_rendered(ids: list[list[int]], bos: int | None, eos: int) -> Encoded:
     return Encoded(prompt, *sides)
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _expand_images(out: list, examples: list[Example], owners: list[int], texts: list[str], tok,
+                   vision: VisionRows | None, template_kwargs: dict | None) -> None:
+    """The prompts of the encoded rows with images, expanded by the processor (see the module
+    docstring), in place in ``out``."""
+    todo = [(k, i) for k, i in enumerate(owners) if examples[i].images and isinstance(out[i], Encoded)]
+    if not todo:
+        return
+    bos = tok.bos_token_id
+    plain = []
+    for k, i in todo:
+        ex = examples[i]
+        try:
+            plain.append(_render(tok, without_image_parts(ex.prompt), ex, "prompt", True, template_kwargs))
+        except RowError:
+            plain.append("")
+    plain_ids = batch_ids(tok, plain, False)
+    for (k, i), before in zip(todo, plain_ids):
+        enc = out[i]
+        try:
+            if vision is None:
+                raise RowError("IMAGE_NEEDS_VISION_MODEL", "images", "the row has images but no processor was given")
+            keep_from = _common_prefix(enc.prompt, _one_bos(before, bos))
+            expanded = _one_bos(vision.expanded_prompt(texts[3 * k], examples[i].images), bos)
+            if expanded[:keep_from] != enc.prompt[:keep_from] or len(expanded) < len(enc.prompt):
+                raise RowError("IMAGE_TOKENS_MISMATCH", "prompt", "the processor tokenizes the prompt differently "
+                               "from the tokenizer outside the image tokens")
+            out[i] = Encoded(expanded, enc.chosen, enc.rejected, keep_from=keep_from)
+        except RowError as e:
+            out[i] = e
+
+
 def encode_batch(examples: list[Example], tok, max_length: int | None = None,
-                 mode: str = "keep_start", template_kwargs: dict | None = None) -> list[Encoded | RowError]:
+                 mode: str = "keep_start", template_kwargs: dict | None = None,
+                 vision: VisionRows | None = None) -> list[Encoded | RowError]:
     """Tokenize (and, given max_length, truncate) many examples: an Encoded or a RowError each.
-    ``template_kwargs``: extra chat template variables for conversational rows."""
+    ``template_kwargs``: extra chat template variables for conversational rows; ``vision``: the
+    processor that expands the image placeholders of rows with images."""
     bos, eos = tok.bos_token_id, tok.eos_token_id
     out: list[Encoded | RowError | None] = [None] * len(examples)
     std = [i for i, ex in enumerate(examples) if not ex.is_conversational]
@@ -150,6 +198,7 @@ def encode_batch(examples: list[Example], tok, max_length: int | None = None,
             out[i] = _from_rendered(ids[3 * k:3 * k + 3], bos, eos)
         except RowError as e:
             out[i] = e
+    _expand_images(out, examples, owners, texts, tok, vision, template_kwargs)
     if max_length is not None:
         for i, enc in enumerate(out):
             if isinstance(enc, Encoded):
@@ -170,6 +219,8 @@ def encode_example(ex: Example, tok) -> Encoded:
 
 def truncate(enc: Encoded, max_length: int, mode: str, bos: int | None) -> Encoded:
     p, c, r = enc.prompt, enc.chosen, enc.rejected
+    if enc.keep_from is not None and len(p) >= max_length:
+        raise image_truncation_error(len(p), enc.keep_from, max_length, 0)
     if len(p) >= max_length:
         raise RowError("PROMPT_TOO_LONG", "prompt", f"prompt has {len(p)} tokens, max_length is "
                        f"{max_length}; raise data.max_length or shorten the prompt")
@@ -178,6 +229,9 @@ def truncate(enc: Encoded, max_length: int, mode: str, bos: int | None) -> Encod
     if over > 0 and mode == "keep_end":
         head = 1 if bos is not None and p and p[0] == bos else 0
         drop = max(0, min(over, len(p) - head - 1))  # keep a BOS and at least one prompt token
+        if enc.keep_from is not None and drop and (err := image_truncation_error(
+                len(p), enc.keep_from, max_length, head + drop)) is not None:
+            raise err
         p = p[:head] + p[head + drop:]
         over -= drop
     if over > 0:

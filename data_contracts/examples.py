@@ -45,6 +45,7 @@ class Example:
     tools: list | None = None
     meta: dict = field(default_factory=dict)
     template_kwargs: dict | None = None  # the row's chat_template_kwargs (extra template variables)
+    images: list[dict] | None = None  # references of the row's images (data_contracts.images)
 
 
 _MISSING = object()  # "not given", as opposed to a given None
@@ -142,15 +143,23 @@ def parse_template_kwargs(v: Any, key: str = "chat_template_kwargs") -> dict | N
     return v or None
 
 
+def _blank_content(c) -> bool:
+    """A message content with nothing in it: no text (a string or text parts) and no image part."""
+    if isinstance(c, list):
+        return all(p.get("type") != "image" and not (p.get("text") or "").strip() for p in c)
+    return not (c or "").strip()
+
+
 def _blank(x: str | list[dict]) -> bool:
     if isinstance(x, str):
         return not x.strip()
-    return not x or all(not (m.get("content") or "").strip() and not m.get("tool_calls") for m in x)
+    return not x or all(_blank_content(m.get("content")) and not m.get("tool_calls") for m in x)
 
 
 def _check_roles(prompt: list[dict], completion: list[dict], key: str) -> None:
     """System only first; prompt ends with a user or tool turn; the completion is assistant turns
-    (tool results allowed between them); a tool turn answers an assistant tool call."""
+    (tool results allowed between them); a tool turn answers an assistant tool call; no two user
+    turns in a row (two assistant turns are allowed: an assistant that goes on, as in HH)."""
     convo = prompt + completion
     if any(m["role"] == "system" for m in convo[1:]):
         raise RowError("BAD_ROLE_ORDER", key, "a system message may only come first")
@@ -165,9 +174,8 @@ def _check_roles(prompt: list[dict], completion: list[dict], key: str) -> None:
     if turns and turns[0]["role"] == "tool":
         raise RowError("BAD_ROLE_ORDER", "prompt", "a tool message must follow an assistant tool call")
     for a, b in zip(turns, turns[1:]):
-        if a["role"] == b["role"] == "user" or (a["role"] == b["role"] == "assistant"
-                                                and not a.get("tool_calls")):
-            raise RowError("BAD_ROLE_ORDER", key, f"two {a['role']} messages in a row")
+        if a["role"] == b["role"] == "user":  # two assistant turns in a row are real (HH), and TRL's
+            raise RowError("BAD_ROLE_ORDER", key, "two user messages in a row")
         if b["role"] == "tool" and not (a["role"] == "tool" or a.get("tool_calls")):
             raise RowError("BAD_ROLE_ORDER", key, "a tool message must follow an assistant tool call")
 
@@ -190,7 +198,7 @@ def split_implicit(chosen, rejected) -> tuple[Any, Any, Any]:
     return chosen[:i], chosen[i:], rejected[i:]
 
 
-_CANONICAL = {"prompt", "chosen", "rejected", "tools", "chat_template_kwargs"}
+_CANONICAL = {"prompt", "chosen", "rejected", "tools", "chat_template_kwargs", "image", "images"}
 
 
 def build_example(prompt, chosen, rejected, conversational: bool, row: dict, skip: set,

@@ -8,6 +8,7 @@ the project's except the state home (for the file-hash memo).
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -45,7 +46,14 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Any:
     tmp = atomic_path(path)
     try:
         result = write(tmp)
-        if tmp.exists():
+        if tmp.is_dir() and path.is_dir():  # a rename does not replace a folder that has files:
+            old = path.with_name(f".{path.name}.old{tmp.name[len(path.name) + 1:]}")  # .<name>.old[.thread].tmp<pid>
+            os.replace(path, old)  # the old one aside first, so a kill leaves it whole (or the new one)
+            os.replace(tmp, path)
+            import shutil  # only for folder writes
+
+            shutil.rmtree(old, ignore_errors=True)
+        elif tmp.exists():
             os.replace(tmp, path)
         return result
     except BaseException:
@@ -71,6 +79,24 @@ def write_json(path: Path, obj: Any, **dumps_kwargs) -> None:
     dumps_kwargs.setdefault("indent", 2)
     dumps_kwargs.setdefault("default", str)
     write_text(path, json.dumps(obj, **dumps_kwargs))
+
+
+def remove_dead_temps(path: Path) -> list[str]:
+    """Remove the temporary siblings of ``path`` (``.<name>.tmp<pid>``, ``.<name>.old.tmp<pid>``) whose
+    writer no longer runs on this machine: what a killed :func:`atomic_write` left (a whole copy of a
+    model's weights, say). Call it before writing ``path``; a live writer's are left alone (a writer
+    on another machine sharing the folder would look dead: do not share a target across machines)."""
+    path = Path(path)
+    mine = re.compile(rf"^\.{re.escape(path.name)}(\.old)?(\.\d+)?\.tmp\d+$")
+    removed = []
+    for f in path.parent.glob(f".{glob.escape(path.name)}*.tmp*"):
+        if not mine.match(f.name) or not dead_writer_temp(f.name):
+            continue
+        import shutil
+
+        shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
+        removed.append(f.name)
+    return removed
 
 
 def dead_writer_temp(name: str) -> bool:

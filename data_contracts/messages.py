@@ -5,7 +5,9 @@ A message is read by the first :data:`SPELLINGS` entry whose role key it has: ``
 (OpenAI / TRL) or ``{from, value}`` (ShareGPT). Its role goes through :data:`ROLE_ALIASES`
 (``human`` -> user, ``gpt`` -> assistant, ``observation`` -> tool, ``function_call`` -> an assistant
 turn whose content is the JSON tool call). Content is a string, or a list of typed parts whose text is
-under ``text`` or ``value`` (``[{"type": "text", "text": "..."}]``), joined. Any other key of the
+under ``text`` or ``value`` (``[{"type": "text", "text": "..."}]``), joined; parts with image
+placeholders (``{"type": "image"}``, TRL's vision format) stay a list of image and text parts (the
+images themselves come from the row's ``image``/``images`` column: :mod:`data_contracts.images`). Any other key of the
 message (``name``, ``loss_weight``, ``tool_call_id``, ...) is kept as is, so a chat template that
 reads it sees it and one that does not ignores it; such a key never fails the row.
 """
@@ -23,10 +25,31 @@ ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant"
 PART_TEXT_KEYS = ("text", "value")
 
 
-def content_text(v: Any, key: str, i: int) -> str | None:
-    """A message's content: a string, None, or text parts (``{type: text, text|value}``) joined."""
+def _vision_parts(v: list) -> list[dict] | None:
+    """Typed parts with an image placeholder, as ``[{type: image}, {type: text, text}]`` (the image
+    itself comes from the row's image column; keys an image part carries are dropped); None when
+    ``v`` has no image part or a part that is neither."""
+    if not any(isinstance(p, dict) and p.get("type") == "image" for p in v):
+        return None
+    out = []
+    for p in v:
+        text = next((p[k] for k in PART_TEXT_KEYS if isinstance(p, dict) and isinstance(p.get(k), str)), None)
+        if isinstance(p, dict) and p.get("type") == "image":
+            out.append({"type": "image"})
+        elif isinstance(p, dict) and p.get("type", "text") == "text" and text is not None:
+            out.append({"type": "text", "text": text})
+        else:
+            return None
+    return out
+
+
+def content_text(v: Any, key: str, i: int) -> str | list[dict] | None:
+    """A message's content: a string, None, or text parts (``{type: text, text|value}``) joined;
+    parts with ``{type: image}`` placeholders stay parts (:func:`_vision_parts`)."""
     if v is None or isinstance(v, str):
         return v
+    if isinstance(v, list) and (parts := _vision_parts(v)) is not None:
+        return parts
     if isinstance(v, list):
         texts = []
         for p in v:

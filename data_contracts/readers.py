@@ -1,9 +1,11 @@
-"""Bounded readers of whole-document and columnar files: a ``.json`` document streamed element by
-element, CSV record by record, Parquet by record batches. Memory stays bounded whatever the file:
-an element, CSV record or cell over ``cap`` bytes (decompressed) is never held whole and becomes a
+"""Bounded readers of whole-document files: a ``.json`` document streamed element by element, CSV
+record by record (Parquet: :mod:`data_contracts.parquet_reader`). Memory stays bounded whatever the
+file: an element or CSV record over ``cap`` bytes (decompressed) is never held whole and becomes a
 ROW_TOO_LARGE marker row, JSON nested deeper than the parser can go a TOO_DEEP one, an element that
 does not parse a BAD_JSON one. Marker rows are ``{"__error__": ..., "__code__": ..., "__raw__": ...}``
 (validation rejects them with that code); their raw text is at most ``RAW_KEPT`` characters.
+Batches are :class:`Rows`, with the size of each row as read (validation's workers bound the bytes
+in flight by them); :func:`json_head` writes a rejected row's JSON without writing a huge text whole.
 """
 
 from __future__ import annotations
@@ -23,6 +25,55 @@ _DEC = json.JSONDecoder()
 _WS = " \t\n\r"
 _SKIP_OUT = re.compile(r'["\[\]{},]')  # outside a string: what changes depth or ends a value
 _SKIP_IN = re.compile(r'["\\]')  # inside a string: its end or an escape
+
+
+_JSON = json.JSONEncoder(ensure_ascii=False, default=str)
+_ESCAPED = re.compile(r'[\x00-\x1f"\\]')  # what JSON (ensure_ascii=False) writes as an escape
+
+
+def _escaped_len(s: str) -> int:
+    """len() of ``s`` written as a JSON string (quotes and escapes included), without writing it."""
+    n = len(s) + 2
+    if _ESCAPED.search(s) is None:
+        return n
+    return n + s.count('"') + s.count("\\") + sum(s.count(chr(c)) * (1 if chr(c) in "\b\f\n\r\t" else 5)
+                                                  for c in range(32))
+
+
+def json_head(x: Any, keep: int) -> tuple[str, int]:
+    """(text, n): ``n`` is the length of ``x`` written as JSON (ensure_ascii=False, other objects as
+    str), ``text`` a JSON text whose first ``keep`` characters are those of it: strings over ``keep``
+    characters are written cut (so a huge text is never written whole just to be cut); ``text`` is
+    the whole JSON when it has no such string."""
+    extra = 0
+
+    def cut(v, depth: int):
+        nonlocal extra
+        if isinstance(v, str):
+            if len(v) <= keep + 1:
+                return v
+            head = v[:keep + 1]
+            extra += _escaped_len(v) - _escaped_len(head)
+            return head
+        if depth > 64:  # as it is: writing it fails (too deep, circular) as it would have
+            return v
+        if isinstance(v, dict):
+            return {k: cut(w, depth + 1) for k, w in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [cut(w, depth + 1) for w in v]
+        return v
+
+    text = _JSON.encode(cut(x, 0))
+    return text, len(text) + extra
+
+
+class Rows(list):
+    """A batch of rows with the size of each as read in ``sizes`` (bytes or characters of its source
+    text; 0 for a marker row): validation's workers bound the input in flight by them."""
+
+    def __init__(self, rows=(), sizes: list[int] | None = None):
+        super().__init__(rows)
+        self.sizes = sizes
 
 
 def marker(code: str, message: str, raw: str = "") -> dict:
@@ -186,7 +237,7 @@ def _broken(name: str, t: _Text, why: str) -> DataError:
 def _array(t: _Text, name: str, cap: int, batch_rows: int):
     """Yields the full batches of the rows of the array at pos; returns the last, partial one."""
     t.pos += 1  # the '['
-    batch, size, k = [], 0, 0
+    batch, size, k = Rows(sizes=[]), 0, 0
     while not t.take("]"):
         if not t.peek():
             raise _broken(name, t, "ends before its closing ']' (truncated?)")
@@ -194,11 +245,13 @@ def _array(t: _Text, name: str, cap: int, batch_rows: int):
             raise _broken(name, t, "is not valid JSON (expected ',' or ']' between rows)")
         start = t.offset + t.pos
         batch.append(t.value(cap, f"{name}: row {k}"))
-        size += t.offset + t.pos - start
+        n = t.offset + t.pos - start
+        size += n
+        batch.sizes.append(n if n <= cap else 0)  # over the cap: a marker row
         k += 1
         if len(batch) >= batch_rows or size > cap:
             yield batch
-            batch, size = [], 0
+            batch, size = Rows(sizes=[]), 0
     return batch
 
 
@@ -231,8 +284,9 @@ def iter_csv(f, name: str, cap: int, batch_rows: int) -> Iterator[list]:
     header = next(reader, None)
     if header is None:
         return
-    batch, size = [], 0
+    batch, size = Rows(sizes=[]), 0
     for rec in reader:
+        n = 0
         if "too_large" in state:
             line, n = state.pop("too_large")
             batch.append(marker("ROW_TOO_LARGE", f"line {line}: {n:,} characters, more than the "
@@ -245,37 +299,11 @@ def iter_csv(f, name: str, cap: int, batch_rows: int) -> Iterator[list]:
                                            f"has {len(header)}", ",".join(rec)))
         else:
             batch.append(dict(zip(header, rec + [None] * (len(header) - len(rec)))))
-            size += sum(len(v) for v in rec)
+            n = sum(len(v) for v in rec)
+            size += n
+        batch.sizes.append(n)
         if len(batch) >= batch_rows or size > cap:
             yield batch
-            batch, size = [], 0
+            batch, size = Rows(sizes=[]), 0
     if batch:
         yield batch
-
-
-def iter_parquet(path, cap: int, batch_rows: int) -> Iterator[list]:
-    """Batches of the rows of a Parquet file, by record batches; a row with a cell over ``cap``
-    bytes is a ROW_TOO_LARGE marker (the cell never becomes a Python object)."""
-    import pyarrow.compute as pc  # lazy: only Parquet sources pay for importing pyarrow
-    import pyarrow.parquet as pq
-    import pyarrow.types as pt
-
-    start = 0
-    for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
-        big = None
-        for col in rb.columns:
-            t = col.type
-            if pt.is_string(t) or pt.is_binary(t) or pt.is_large_string(t) or pt.is_large_binary(t):
-                over = pc.greater(pc.binary_length(col), cap).fill_null(False)
-                big = over if big is None else pc.or_(big, over)
-        if big is not None and pc.any(big).as_py():
-            flags = big.to_pylist()
-            rows = []
-            for k, flag in enumerate(flags):
-                rows.append(marker("ROW_TOO_LARGE", f"row {start + k}: a cell of more than "
-                                                    f"{cap:,} bytes (not read; shorten it)")
-                            if flag else rb.slice(k, 1).to_pylist()[0])
-            yield rows
-        else:
-            yield rb.to_pylist()
-        start += len(rb)

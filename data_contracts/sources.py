@@ -9,12 +9,13 @@ A JSON line that does not parse does not stop loading: it becomes a row ``{"__er
 "__raw__": line}`` that validation rejects with code BAD_JSON.
 
 :func:`iter_batches` streams: JSON lines are read line by line (gzip decompressed on the fly),
-Parquet by record batches (``ParquetFile.iter_batches``), CSV in pandas chunks, a hub dataset
-(memory-mapped Arrow) with ``Dataset.iter``; only one batch of Python rows exists at a time. A
-``.json`` file holding one JSON array (or ``{"data": [...]}``) is streamed element by element
-(:mod:`data_contracts.readers`). Memory stays bounded on hostile files: a line, element, CSV record
-or Parquet cell over MAX_LINE_BYTES (decompressed) is a ROW_TOO_LARGE row, JSON nested too deep a
-TOO_DEEP one. :func:`load_rows` collects everything (small data only).
+Parquet a few rows at a time by what its pages hold (:mod:`data_contracts.parquet_reader`), CSV
+record by record, a hub dataset (memory-mapped Arrow) with ``Dataset.iter``; only one batch of
+Python rows exists at a time. A ``.json`` file holding one JSON array (or ``{"data": [...]}``) is
+streamed element by element (:mod:`data_contracts.readers`). Memory stays bounded on hostile files:
+a line, element, CSV record or Parquet cell over MAX_LINE_BYTES (decompressed) is a ROW_TOO_LARGE
+row, JSON nested too deep a TOO_DEEP one; a file's batches are :class:`readers.Rows` with each
+row's size. :func:`load_rows` collects everything (small data only).
 
 Which source a scheduled run reads: :func:`resolve_source` fills in ``{date}`` and can take a
 folder's newest partition; :func:`source_fingerprint` is its content hash (the run's data identity).
@@ -25,11 +26,12 @@ from __future__ import annotations
 import datetime as dt
 import csv
 import gzip
+import io
 import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from data_contracts import builtin, readers
+from data_contracts import builtin, parquet_reader, readers
 from data_contracts.config import BUILTIN_DATASET
 from data_contracts.errors import DataError
 from data_contracts.helpers import file_sha256, fingerprint
@@ -65,38 +67,71 @@ def _bad_line(n: int, line: bytes, e: Exception) -> dict:
 def decode_line(n: int, line: bytes | int) -> Any:
     """The row of JSON line number ``n`` (a BAD_JSON marker row when it does not parse, a
     ROW_TOO_LARGE one for a line given as its size)."""
+    return _decode_owned(n, [line])
+
+
+def decode_lines(lines: list) -> None:
+    """Decode a batch of ``(line number, line)`` pairs in place, as :func:`decode_line` does, each
+    line let go as soon as it is decoded to text (a huge line is then held as its text and its
+    value, not also as bytes); the caller must hold no other reference to the lines."""
+    for k in range(len(lines)):
+        n, line = lines[k]
+        lines[k] = None
+        box, line = [line], None
+        lines[k] = _decode_owned(n, box)
+
+
+def _decode_owned(n: int, box: list) -> Any:
+    line = box.pop()
     if isinstance(line, int):
         return _too_large(n, line)
-    try:
-        return json.loads(line)
+    size, kept = len(line), readers.RAW_KEPT * 4
+    head = line if size <= kept else line[:kept]  # all a BAD_JSON marker keeps of it
+    try:  # what json.loads(bytes) does, the bytes let go before parsing
+        text = line.decode(json.detect_encoding(line), "surrogatepass")
+        line = None
+        return json.loads(text)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        return _bad_line(n, line, e)
+        return _bad_line(n, head, e)
     except RecursionError:
-        return readers.marker("TOO_DEEP", f"line {n}: JSON nested too deep to parse ({len(line):,} "
+        return readers.marker("TOO_DEEP", f"line {n}: JSON nested too deep to parse ({size:,} "
                                           "bytes); flatten it")
     except MemoryError:
-        return _too_large(n, len(line))
+        return _too_large(n, size)
 
 
 MAX_LINE_BYTES = 64 * 2**20  # a longer JSON line is not read into memory: it is a ROW_TOO_LARGE reject
 
 
+LONG_LINE = 2**20  # bytes: a longer line of a plain file is measured first, then read in one piece
+
+
 def _lines(f, limit: int) -> Iterator[bytes | int]:
     """The lines of ``f``; a line longer than ``limit`` bytes is skipped in chunks (memory stays
-    bounded) and given as its length instead."""
+    bounded) and given as its length instead. In a plain file a line over LONG_LINE bytes is
+    measured, then read in one piece (``readline`` would hold it twice while joining its chunks)."""
+    plain = isinstance(f, io.BufferedReader)
+    first = min(limit, LONG_LINE) if plain else limit
     while True:
-        line = f.readline(limit + 1)
+        line = f.readline(first + 1)
         if not line:
             return
-        if len(line) <= limit or line.endswith(b"\n"):
-            yield line
+        if len(line) <= first or line.endswith(b"\n"):
+            box, line = [line], None  # not kept here while the caller holds it
+            yield box.pop()
             continue
-        size = len(line)
+        start, size = f.tell() - len(line) if plain else 0, len(line)
         while not line.endswith(b"\n"):
             line = f.readline(2**20)
             if not line:
                 break
             size += len(line)
+        if plain and (size <= limit or (size == limit + 1 and line.endswith(b"\n"))):
+            f.seek(start)
+            box, line = [f.read(size)], None
+            yield box.pop()
+            continue
+        line = None
         yield size
 
 
@@ -110,22 +145,29 @@ def _iter_jsonl_lines(path: Path, batch_rows: int) -> Iterator[list[tuple[int, b
     MAX_LINE_BYTES comes as its size in bytes, an int, and is never read whole)."""
     batch: list = []
     size = 0  # bytes in the batch: a batch of long lines is cut early, so memory stays bounded
+    n = 0  # not enumerate(): its result tuple would keep the last line while a batch is out
     with _open(path) as f:
-        for n, line in enumerate(_lines(f, MAX_LINE_BYTES), 1):
-            if not isinstance(line, int) and not line.strip():
+        for line in _lines(f, MAX_LINE_BYTES):
+            n += 1
+            if not isinstance(line, int) and (not line or line.isspace()):  # blank (strip() would copy it)
                 continue
             batch.append((n, line))
             size += 0 if isinstance(line, int) else len(line)
             if len(batch) >= batch_rows or size > MAX_LINE_BYTES:
+                line = None  # only the batch holds its lines (a caller may let them go)
                 yield batch
                 batch, size = [], 0
     if batch:
+        line = None
         yield batch
 
 
 def _iter_jsonl(path: Path, batch_rows: int) -> Iterator[list]:
     for lines in _iter_jsonl_lines(path, batch_rows):
-        yield [decode_line(n, line) for n, line in lines]
+        sizes = [0 if isinstance(line, int) else len(line) for _, line in lines]
+        decode_lines(lines)
+        yield readers.Rows(lines, sizes)
+        lines = None  # not kept while the next batch is read
 
 
 def _iter_json_document(path: Path, batch_rows: int) -> Iterator[list]:
@@ -155,7 +197,7 @@ def _is_json_lines(path: Path) -> bool:
         first = f.readline(MAX_LINE_BYTES + 1)
         if len(first) > MAX_LINE_BYTES:
             return False
-        more = any(isinstance(line, int) or line.strip() for line in _lines(f, MAX_LINE_BYTES))
+        more = any(isinstance(line, int) or (line and not line.isspace()) for line in _lines(f, MAX_LINE_BYTES))
     if not more:
         return False
     try:
@@ -176,7 +218,7 @@ def _iter_file(path: Path, batch_rows: int) -> Iterator[list]:
         raise DataError(f"data error: {path}: unknown file type; use one of {', '.join(EXTENSIONS)}")
     try:
         if ext == ".parquet":
-            yield from readers.iter_parquet(path, MAX_LINE_BYTES, batch_rows)
+            yield from parquet_reader.iter_parquet(path, MAX_LINE_BYTES, batch_rows)
         elif ext.startswith(".csv"):
             with _open(path) as f:
                 yield from readers.iter_csv(f, str(path), MAX_LINE_BYTES, batch_rows)

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from data_contracts.config import BUILTIN_DATASET, BUILTIN_MODEL, ConfigError, RunConfig, load_config
+from data_contracts.config import BUILTIN_DATASET, BUILTIN_MODELS, ConfigError, RunConfig, load_config
 from data_contracts.helpers import redact_credentials, write_json, write_text
 from data_contracts.layouts import LAYOUTS
 from data_contracts.sources import fill_date
@@ -17,6 +17,7 @@ from data_contracts.state import mlflow_uri, state_home
 from dpo_engine import tracking
 from dpo_engine.evaluation import load_judge
 from dpo_engine.modeling import check_config
+from dpo_engine.modeling.router import check_router_setting
 from dpo_engine.stages.launch import accelerate_config
 from dpo_engine.stages.register import config_hash
 from dpo_engine.stages.table import STAGES
@@ -76,9 +77,9 @@ def preflight(cfg: RunConfig) -> None:
             raise ConfigError(f"data.{field}: file not found: {src}")
     if cfg.data.source.startswith("builtin:") and not cfg.data.source.startswith(BUILTIN_DATASET):
         raise ConfigError(f"data.source: unknown builtin dataset {cfg.data.source!r}; known: {BUILTIN_DATASET}")
-    if cfg.model.name_or_path.startswith("builtin:") and cfg.model.name_or_path != BUILTIN_MODEL:
+    if cfg.model.name_or_path.startswith("builtin:") and cfg.model.name_or_path not in BUILTIN_MODELS:
         raise ConfigError(f"model.name_or_path: unknown builtin model {cfg.model.name_or_path!r}; "
-                          f"known: {BUILTIN_MODEL}")
+                          f"known: {', '.join(BUILTIN_MODELS)}")
     if cfg.data.eval_source is None and cfg.data.eval_fraction == 0 \
             and not cfg.data.source.startswith(BUILTIN_DATASET):
         raise ConfigError("data.eval_fraction is 0 and data.eval_source is not set: evaluation needs "
@@ -109,6 +110,7 @@ def _check_local_paths(cfg: RunConfig) -> None:
         raise ConfigError(f"model.chat_template_path: file not found: {tmpl}")
     accelerate_config(cfg)  # train.accelerate_config: file not found / not YAML / not a mapping
     check_config(cfg)  # peft.adapter_path holds an adapter; adapter_disabled needs peft.enabled
+    check_router_setting(cfg)  # train.router_aux_loss_coef needs a model with a router
 
 
 def nothing_new(cfg: RunConfig) -> str | None:

@@ -131,7 +131,7 @@ def cmd_validate(args) -> int:
         raise ConfigError("dpo validate INPUT needs --out DIR")
     from data_contracts.errors import DataPolicyError
     from data_contracts.validation import check_not_empty, validate_split
-    from dpo_engine.modeling import ModelError, load_tokenizer, resolve_model_path
+    from dpo_engine.modeling import ModelError, load_processor, load_tokenizer, resolve_model_path
 
     # checking a file checks all of it: without --config, TRL's defaults (max_length 1024, no row
     # limits), not the demo run's; --config opts into a run's settings
@@ -150,8 +150,9 @@ def cmd_validate(args) -> int:
                               f"train): the config's model {cfg.model.name_or_path!r} is not available here ({e})") \
                 from None
     tok = load_tokenizer(cfg.model, tok_src)
+    proc = load_processor(cfg.model, tok_src, tok)  # a vision-language model: images are checked too
     try:
-        rep = validate_split(args.input, Path(args.out), tok, cfg.data, split="input")
+        rep = validate_split(args.input, Path(args.out), tok, cfg.data, split="input", processor=proc)
         check_not_empty(rep, Path(args.out), DataPolicyError)  # a file with no usable pair fails
     except DataPolicyError as e:
         print(f"error: {e}", file=sys.stderr)

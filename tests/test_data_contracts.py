@@ -282,7 +282,7 @@ def test_files_and_columns(tok, tmp_path):
     assert schema.names == ["example_id", "source_index", "prompt", "chosen", "rejected",
                             "is_conversational", "tools", "chat_template_kwargs", "meta", "prompt_input_ids",
                             "chosen_input_ids", "rejected_input_ids", "prompt_len", "chosen_len",
-                            "rejected_len"]
+                            "rejected_len", "images"]
     assert str(schema.field("prompt_input_ids").type) == "list<element: int32>"
     assert str(schema.field("prompt_len").type) == "int32"
     assert str(schema.field("source_index").type) == "int64"

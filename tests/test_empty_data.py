@@ -6,12 +6,14 @@ import json
 import re
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from data_contracts.config import load_config
 from data_contracts.errors import DataError, DataPolicyError
+from data_contracts.helpers import sha256_file
 from dpo_engine.stages import precompute, validate
 from dpo_engine.training import pair_order
 from dpo_engine.training.errors import TrainingError
@@ -124,6 +126,8 @@ def test_precompute_refuses_an_empty_split(dpo_home, tmp_path, model_dir):
     validated = validate.run(cfg, tmp_path / "run")
     eval_valid = validated["eval"]["valid"]
     pd.read_parquet(eval_valid).iloc[:0].to_parquet(eval_valid)  # as if validate had let it through
+    report = Path(eval_valid).parent / "report.json"  # (and recorded it)
+    report.write_text(json.dumps({**json.loads(report.read_text()), "valid_sha256": sha256_file(Path(eval_valid))}))
     with pytest.raises(DataError) as info:
         precompute.run(cfg, tmp_path / "run", validated)
     msg = str(info.value)
@@ -152,3 +156,23 @@ def test_cli_on_all_rejected_data_is_one_line(dpo_home, tmp_path, model_dir, cap
     assert code != 0 and "Traceback" not in err
     assert len(lines) == 1 and lines[0].startswith("error: data error: train split of "), err
     assert "MISSING_FIELD" in lines[0] and "precompute" not in err
+
+
+def test_a_changed_valid_parquet_is_refused_in_one_line(tmp_path):
+    """valid.parquet's sha256 is recorded in report.json and checked by read_valid: a byte changed on
+    disk is a one-line DataError naming the file, not other token ids read silently."""
+    from data_contracts.config import DataConfig
+    from data_contracts.errors import DataError
+    from data_contracts.validation import read_valid, validate_split
+    from tiny import tiny_tokenizer
+
+    rows = [{"prompt": f"Say {i}.", "chosen": f" {i}!", "rejected": f" no {i}."} for i in range(20)]
+    rep = validate_split(rows, tmp_path / "v", tiny_tokenizer(), DataConfig(max_length=256))
+    path = tmp_path / "v" / "valid.parquet"
+    assert len(read_valid(path)) == 20 and len(rep["valid_sha256"]) == 64
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="valid.parquet differs from what validation wrote") as e:
+        read_valid(path)
+    assert "\n" not in str(e.value)

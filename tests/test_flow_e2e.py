@@ -87,3 +87,20 @@ def test_bad_config_fails_before_compute(dpo_home):
 
     with pytest.raises(ConfigError, match="train.learning_rate"):
         dpo.fn(overrides={"train.learning_rate": "fast"})
+
+
+def test_a_rerun_under_the_same_name_with_new_inputs_never_resumes_the_other_training(dpo_home, tiny):
+    """Same --run-name, changed config: the second training starts from step 0 in a new MLflow run and
+    registers its own version; the first one's folder is kept aside, not resumed."""
+    from flows.dpo import dpo
+
+    s1 = dpo(overrides=_overrides(tiny), run_name="same")
+    t1 = json.loads((Path(s1["run_dir"]) / "train.json").read_text())
+    s2 = dpo(overrides=_overrides(tiny, **{"train.learning_rate": 5e-4}), run_name="same")
+    t2 = json.loads((Path(s2["run_dir"]) / "train.json").read_text())
+    assert s1["run_dir"] == s2["run_dir"] and t1["fingerprint"] != t2["fingerprint"]
+    assert t2["resumed_from"] == 0 and t2["mlflow_run_id"] != t1["mlflow_run_id"]
+    assert s2["registered_version"] != s1["registered_version"]
+    assert [p.name.split("-")[1] for p in Path(s2["run_dir"]).glob("train.other-*")] == [t1["fingerprint"]]
+    s3 = dpo(overrides=_overrides(tiny, **{"train.learning_rate": 5e-4}), run_name="same")  # same again: reused
+    assert json.loads((Path(s3["run_dir"]) / "train.json").read_text())["mlflow_run_id"] == t2["mlflow_run_id"]

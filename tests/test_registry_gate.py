@@ -223,3 +223,29 @@ def test_concurrent_registrations_end_with_the_better_one_champion(store, tmp_pa
     assert a["aliases"] == ["champion"] and a["gate_passed"]
     assert b["aliases"] == ["challenger"] and not b["gate_passed"] and b["champion_version"] == 1
     assert client.get_model_version("tiny-race", "2").tags["gate_passed"] == "false"
+
+
+def test_load_registered_reads_weights_only_while_pyfunc_runs_the_registry_s_code(store, tmp_path):
+    """A registry writer who plants code in a version's artifact (an MLmodel loader_module) gets it
+    run by mlflow.pyfunc.load_model, never by load_registered, which reads config and safetensors."""
+    import mlflow
+    import yaml
+
+    marker = tmp_path / "planted-code-ran"
+    r1 = _run("r1", {})
+    _register(r1, tiny_model_dir(tmp_path / "m", hidden=16), {})
+    mlmodels = sorted((store / "mlflow").rglob("MLmodel"), key=lambda p: p.stat().st_mtime)
+    stored = mlmodels[-1].parent
+    (stored / "code").mkdir(exist_ok=True)
+    (stored / "code" / "planted.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "def _load_pyfunc(path, model_config=None):\n    raise RuntimeError('planted')\n")
+    meta = yaml.safe_load((stored / "MLmodel").read_text())
+    meta["flavors"]["python_function"].update({"loader_module": "planted", "code": "code"})
+    (stored / "MLmodel").write_text(yaml.safe_dump(meta))
+
+    model, tok = registry.load_registered("models:/tiny-gate@champion")
+    assert model.config.model_type == "llama" and tok("hi")["input_ids"] and not marker.exists()
+    with pytest.raises(Exception, match="planted"):
+        mlflow.pyfunc.load_model("models:/tiny-gate@champion")
+    assert marker.exists()  # what the README warns about

@@ -13,6 +13,7 @@ from data_contracts.config import LossConfig, ModelConfig, TrainConfig, load_con
 from data_contracts.errors import DataError
 from dpo_engine.modeling import ModelError, load_model
 from dpo_engine.reference import CacheError, cached_reference_logps, compute_reference_logps, read_cache
+from dpo_engine.training.history_log import read_history
 from test_trainer import _load, _pairs
 from tiny import tiny_model_dir
 
@@ -148,7 +149,8 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_resumed(tiny_dir, thre
 
 
 def test_checkpoints_without_a_manifest_get_structural_checks(tiny_dir, three_steps, tmp_path, capsys):
-    """Checkpoints written before state.json listed the files' hashes still resume; a truncated
+    """Checkpoints written before state.json listed the files' hashes (and held the history itself)
+    still resume; a truncated
     trainer.pt in one of them is told from its zip directory."""
     pairs, ref, done, final = three_steps
     out = tmp_path / "run"
@@ -156,7 +158,8 @@ def test_checkpoints_without_a_manifest_get_structural_checks(tiny_dir, three_st
     for step in (2, 3):
         f = out / "checkpoints" / f"step-{step}" / "state.json"
         state = json.loads(f.read_text())
-        f.write_text(json.dumps({"step": state["step"], "history": state["history"]}))
+        history = read_history(f.parent.parent, state["history_len"], state["history_bytes"], state["history_sha256"])
+        f.write_text(json.dumps({"step": state["step"], "history": history}))  # the history inside, no files
     _damage(out / "checkpoints" / "step-3" / "trainer.pt", "truncate")
     capsys.readouterr()
     model, res = _run(tiny_dir, pairs, ref, out, max_steps=3)

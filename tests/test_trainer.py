@@ -91,7 +91,7 @@ def test_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(
     with pytest.raises(TrainingError, match="non-finite loss/gradient at step 3") as e:
         train(model, pairs, bad, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=tmp_path)
     assert str(tmp_path / "checkpoints" / f"step-{n_steps_ok}") in str(e.value)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-1", "step-2"]
     with pytest.raises(TrainingError, match="no checkpoint was written"):  # save_steps=0: said so
         train(_load(tiny_dir), pairs, bad, loss_cfg=LossConfig(), cfg=cfg.model_copy(update={"save_steps": 0}),
               pad_id=0, out_dir=tmp_path / "none")
@@ -101,12 +101,12 @@ def test_checkpoint_at_the_end_and_keep_the_last_k(tiny_dir, tmp_path):
     pairs = _pairs()
     ref = _ref(_load(tiny_dir), pairs)
     model, res = _train(tiny_dir, pairs, ref, tmp_path / "end", max_steps=3)  # save_steps=0: at the end only
-    assert [p.name for p in (tmp_path / "end" / "checkpoints").iterdir()] == ["step-3"]
+    assert [p.name for p in (tmp_path / "end" / "checkpoints").glob("step-*")] == ["step-3"]
     again, res2 = _train(tiny_dir, pairs, ref, tmp_path / "end", max_steps=3)  # a finished run re-run
     assert res2.resumed_from == 3 and torch.equal(_weights(again), _weights(model))
     (tmp_path / "k" / "checkpoints" / ".step-9.tmp999999999").mkdir(parents=True)  # a killed save's leftover
     _train(tiny_dir, pairs, ref, tmp_path / "k", max_steps=5, save_steps=1, save_total_limit=3)
-    assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir()) == ["step-3", "step-4", "step-5"]
+    assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").glob("step-*")) == ["step-3", "step-4", "step-5"]
 
 
 def test_logging_steps_average_like_trl():

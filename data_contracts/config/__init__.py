@@ -7,8 +7,8 @@ max_length 1024, truncation ``keep_start``...). Each section lives in its own mo
 re-exports the names the rest of the project imports.
 """
 
-from data_contracts.config.base import (BUILTIN_DATASET, BUILTIN_MODEL, EVAL_STEP_METRICS, PAIR_METRICS,
-                                        TRAIN_STEP_METRICS, ConfigError)
+from data_contracts.config.base import (BUILTIN_DATASET, BUILTIN_MODEL, BUILTIN_MODELS, BUILTIN_MOE_MODEL,
+                                        EVAL_STEP_METRICS, PAIR_METRICS, TRAIN_STEP_METRICS, ConfigError)
 from data_contracts.config.data import DataConfig
 from data_contracts.config.evaluation import EvalConfig
 from data_contracts.config.loading import load_config, parse_overrides
@@ -18,7 +18,8 @@ from data_contracts.config.run import RunConfig
 from data_contracts.config.train import TrainConfig
 
 __all__ = [
-    "BUILTIN_DATASET", "BUILTIN_MODEL", "EVAL_STEP_METRICS", "LOSS_TYPES", "PAIR_METRICS",
+    "BUILTIN_DATASET", "BUILTIN_MODEL", "BUILTIN_MODELS", "BUILTIN_MOE_MODEL", "EVAL_STEP_METRICS", "LOSS_TYPES",
+    "PAIR_METRICS",
     "REFERENCE_FREE_LOSSES", "TRAIN_STEP_METRICS", "ConfigError", "DataConfig", "EvalConfig", "LossConfig",
     "ModelConfig", "PeftConfig", "ReferenceConfig", "RunConfig", "TrainConfig", "load_config", "parse_overrides",
 ]

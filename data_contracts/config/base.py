@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 BUILTIN_DATASET = "builtin:answer-format"
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+# a tiny, randomly initialised mixture-of-experts model (Qwen3-MoE) built offline: configs/moe-tiny.yaml
+BUILTIN_MOE_MODEL = "builtin:tiny-qwen3-moe"
+BUILTIN_MODELS = (BUILTIN_MODEL, BUILTIN_MOE_MODEL)
 
 
 class ConfigError(ValueError):
@@ -42,4 +45,4 @@ PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
 EVAL_STEP_METRICS = tuple(f"eval/{m}" for m in PAIR_METRICS)
 TRAIN_STEP_METRICS = PAIR_METRICS + ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy",
                                      "grad_norm", "learning_rate", "tokens_per_second", "num_tokens",
-                                     "peak_memory_mb", "mfu", "loss_scale", "overflow_skipped")
+                                     "peak_memory_mb", "mfu", "loss_scale", "overflow_skipped", "aux_loss")

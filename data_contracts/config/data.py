@@ -46,6 +46,10 @@ class DataConfig(Section):
                                        "rejected or tools field longer than this many characters before "
                                        "tokenizing it (memory grows with a text's length). null: 64 x "
                                        "max_length, at least 100,000.")
+    max_image_bytes: int = Field(64 * 2**20, ge=1, description="Reject (IMAGE_TOO_LARGE) an image file or "
+                                 "payload larger than this many bytes, before it is read.")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="Reject (IMAGE_TOO_LARGE) an image with more "
+                                  "pixels than this (width x height from its header), before it is decoded.")
     truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
     invalid_policy: Literal["fail", "quarantine"] = "quarantine"
     max_invalid_fraction: float = Field(0.05, ge=0.0, le=1.0)

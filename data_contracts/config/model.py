@@ -46,7 +46,7 @@ def peft_type_names_from_source() -> frozenset[str] | None:
 
 class ModelConfig(Section):
     name_or_path: Name = Field(BUILTIN_MODEL, description="Hugging Face id, local folder, or "
-                              "'builtin:smollm2-135m-instruct'.")
+                              "'builtin:smollm2-135m-instruct' (or 'builtin:tiny-qwen3-moe').")
     tokenizer: str | None = Field(None, description="Tokenizer id/folder (default: the model's).")
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -57,6 +57,9 @@ class ModelConfig(Section):
                                   "of the chat template, else the tokenizer load fails with a config error.")
     init_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra from_pretrained "
                                         "arguments: dtype, attn_implementation, device_map, revision...")
+    freeze_vision: bool = Field(True, description="Vision-language models: the vision encoder is not trained "
+                                "(its parameters are frozen in full fine-tuning, and a PEFT adapter goes on the "
+                                "language model only); false trains it too.")
 
     @field_validator("init_kwargs")
     @classmethod

@@ -35,6 +35,12 @@ class TrainConfig(Section):
     disable_dropout: bool = Field(True, description="Dropout off in the policy (TRL's default); the reference "
                                   "never uses dropout. A LoRA adapter's own dropout (peft.lora_dropout) "
                                   "is not affected.")
+    router_aux_loss_coef: float | None = Field(None, ge=0.0, description="Mixture-of-experts models: weight of "
+                                               "the routers' load-balancing loss added to the preference loss "
+                                               "(TRL: loss + coef * aux_loss), logged as aux_loss. null: the model "
+                                               "config's router_aux_loss_coef; 0: off. A value for a model without "
+                                               "a router is a config error. A step's aux_loss is that of all its "
+                                               "tokens, whatever the micro-batch and rank split (README).")
     grad_filter_eps: float = Field(0.0, ge=0.0, lt=1.0, description="Fused head: skip vocabulary tiles whose "
                                    "largest softmax value is below this in backward (cut cross-entropy's "
                                    "gradient filtering; 2**-12 is its default). 0: off; the gradients are "

@@ -8,6 +8,7 @@ import pyarrow as pa
 from data_contracts.config import DataConfig
 from data_contracts.encode import Encoded, encode_batch
 from data_contracts.examples import Example, RowError
+from data_contracts.images import VisionRows
 from data_contracts.validation.rows import as_row_error, json_str, to_json
 from data_contracts.validation.schemas import VALID_SCHEMA
 
@@ -28,28 +29,30 @@ def _valid_table(recs: list[tuple[int, Example, str, Encoded]]) -> pa.Table:
         "rejected_input_ids": [e.rejected for e in encs],
         "prompt_len": [len(e.prompt) for e in encs], "chosen_len": [len(e.chosen) for e in encs],
         "rejected_len": [len(e.rejected) for e in encs],
+        "images": [to_json(ex.images) if ex.images else None for ex in exs],
     }
     return pa.Table.from_pydict(cols, schema=VALID_SCHEMA)
 
 
-def _encode(examples: list[Example], tok, cfg: DataConfig) -> list:
+def _encode(examples: list[Example], tok, cfg: DataConfig, vision: VisionRows | None = None) -> list:
     try:
-        return encode_batch(examples, tok, cfg.max_length, cfg.truncation_mode, cfg.chat_template_kwargs)
+        return encode_batch(examples, tok, cfg.max_length, cfg.truncation_mode, cfg.chat_template_kwargs, vision)
     except Exception:  # one bad row broke the batch call: isolate it
         out = []
         for ex in examples:
             try:
-                out += encode_batch([ex], tok, cfg.max_length, cfg.truncation_mode, cfg.chat_template_kwargs)
+                out += encode_batch([ex], tok, cfg.max_length, cfg.truncation_mode, cfg.chat_template_kwargs, vision)
             except Exception as e:
                 out.append(as_row_error(e))
         return out
 
 
-def encode_rows(todo: list, tok, cfg: DataConfig) -> tuple[list, pa.Table | None, list[int]]:
+def encode_rows(todo: list, tok, cfg: DataConfig, vision: VisionRows | None = None
+                ) -> tuple[list, pa.Table | None, list[int]]:
     """Tokenize parsed rows (see :func:`~data_contracts.validation.rows.parse_rows`): (status, table,
     truncated). ``status[k]`` is the row's position in ``table`` (VALID_SCHEMA) or its RowError;
-    ``truncated[p]``: tokens cut from table row p."""
-    encs = _encode([ex for *_, ex in todo], tok, cfg)
+    ``truncated[p]``: tokens cut from table row p. ``vision``: the processor of rows with images."""
+    encs = _encode([ex for *_, ex in todo], tok, cfg, vision)
     status: list = []
     recs: list[tuple[int, Example, str, Encoded]] = []
     for (_, i, eid, _, ex), enc in zip(todo, encs):

@@ -33,7 +33,8 @@ def split_rows(rows: list, fraction: float, seed: int = 0) -> tuple[list, list]:
 
 def in_holdout(row: Any, fraction: float, seed: int = 0) -> bool:
     """Whether a raw row falls in the held-out share (a seeded hash of its prompt)."""
-    h = hashlib.sha256(f"{seed}\0{_split_key(row)}".encode()).hexdigest()
+    # surrogatepass: a lone surrogate (a valid JSON escape) is hashed, not a crash; other text as UTF-8
+    h = hashlib.sha256(f"{seed}\0{_split_key(row)}".encode("utf-8", "surrogatepass")).hexdigest()
     return int(h[:15], 16) / 16 ** 15 < fraction
 
 

@@ -47,6 +47,9 @@ REJECT_HINTS = {
     "NO_CHAT_TEMPLATE": "set model.chat_template_path or use plain-text rows",
     "TEMPLATE_ERROR": "check the chat template (model.chat_template_path)",
     "IDENTICAL_PAIR": "chosen and rejected must differ",
+    "IMAGE_MISSING": "check the image paths (relative ones are read from the data file's folder)",
+    "IMAGE_NEEDS_VISION_MODEL": "use a vision-language model (one with an image processor) for rows with images",
+    "IMAGE_TOKENS_TRUNCATED": "raise data.max_length (image tokens are never cut)",
 }
 EMPTY_SPLIT_HINT = "check data.format / data.columns (the row layout) or data.max_length"
 

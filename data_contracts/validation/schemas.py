@@ -13,6 +13,7 @@ VALID_SCHEMA = pa.schema([
     ("meta", pa.string()),
     ("prompt_input_ids", _ids), ("chosen_input_ids", _ids), ("rejected_input_ids", _ids),
     ("prompt_len", pa.int32()), ("chosen_len", pa.int32()), ("rejected_len", pa.int32()),
+    ("images", pa.string()),  # JSON list of image references (data_contracts.images), null: no images
 ])
 REJECT_SCHEMA = pa.schema([("source_index", pa.int64()), ("code", pa.string()),
                            ("field", pa.string()), ("message", pa.string()), ("raw", pa.string())])

@@ -14,7 +14,7 @@ checked, deduplicated, tokenized with one tokenizer call per batch and appended 
 with ``pq.ParquetWriter``, so memory does not grow with the raw data. With ``num_proc`` > 1
 (``data.num_proc``; auto: only for large inputs) forked workers parse, check and tokenize the
 batches (JSON lines files: decode them too) while this process deduplicates and writes them in
-source order, at most 2 x num_proc batches in flight; the output is byte-identical to a serial
+source order, at most 2 x num_proc batches in flight, bounded in bytes too (:mod:`.workers`); the output is byte-identical to a serial
 run. What does grow with the row count is small and fixed per row: the example ids seen (8-byte
 key + 8-byte row index, in sorted numpy arrays) and three int32 lengths for the report's statistics.
 
@@ -40,8 +40,10 @@ import pyarrow.parquet as pq
 from data_contracts.config import DataConfig
 from data_contracts.errors import DataError, DataPolicyError
 from data_contracts.examples import RowError
-from data_contracts.helpers import atomic_path, atomic_write
+from data_contracts.helpers import atomic_path, atomic_write, remove_dead_temps, sha256_file
+from data_contracts.images import ImageStore, VisionRows, base_dir
 from data_contracts.layouts import detect_layout, map_columns
+from data_contracts.readers import Rows
 from data_contracts.sources import BATCH_ROWS, decode_line, describe, iter_batches, iter_line_batches
 from data_contracts.validation.encoding import encode_rows
 from data_contracts.validation.holdout import in_holdout
@@ -74,6 +76,11 @@ class SplitValidation:
         self.valid_path: Path | None = None
         self.scratch: Path | None = None
         self.valid = self.rejects = None
+        self.vision: VisionRows | None = None  # rows with images: their store and the processor
+
+    @property
+    def image_store(self) -> ImageStore | None:
+        return self.vision.store if self.vision is not None else None
 
     def open(self, valid_path: Path, rejects_path: Path) -> None:
         """Start writing valid rows to ``valid_path`` and rejects to ``rejects_path``. With a limit
@@ -110,7 +117,7 @@ class SplitValidation:
         self.detect(rows)
         self.rows_in += len(rows)
         if prepared is None:
-            bad, parsed = parse_rows(rows, idx, self.layout, cfg.columns, cfg.text_char_limit)
+            bad, parsed = parse_rows(rows, idx, self.layout, cfg.columns, cfg.text_char_limit, self.image_store)
         else:
             bad, parsed = prepared.bad, prepared.parsed
 
@@ -136,7 +143,7 @@ class SplitValidation:
                 todo.append(k)
 
         if prepared is None:
-            status, table, truncs = encode_rows([parsed[k] for k in todo], self.tok, cfg)
+            status, table, truncs = encode_rows([parsed[k] for k in todo], self.tok, cfg, self.vision)
         else:  # the worker encoded every first occurrence in the batch: a superset of todo
             status = [prepared.status[parsed[k][1]] for k in todo]
             table, truncs = prepared.table, prepared.truncated
@@ -238,8 +245,9 @@ def _batches(source: Any, batch_rows: int, holdout: tuple[float, int, str] | Non
     rows read into ``run.source_rows``."""
     seen = 0
     for rows in iter_batches(source, batch_rows):
+        n = len(rows)
         if run is not None:
-            run.source_rows += len(rows)
+            run.source_rows += n
         if holdout is None:
             yield rows, None
         else:
@@ -247,20 +255,30 @@ def _batches(source: Any, batch_rows: int, holdout: tuple[float, int, str] | Non
             picked = [(seen + k, r) for k, r in enumerate(rows)
                       if in_holdout(r, fraction, seed) == (side == "eval")]
             if picked:
-                yield [r for _, r in picked], [k for k, _ in picked]
-        seen += len(rows)
+                sizes = getattr(rows, "sizes", None)  # for the workers' bounds (readers.Rows)
+                yield (Rows([r for _, r in picked], [sizes[k - seen] for k, _ in picked] if sizes else None),
+                       [k for k, _ in picked])
+        rows = picked = None  # not kept while the next batch is read
+        seen += n
+
+
+def _unindexed(batches):
+    for b in batches:
+        yield b, None
+        b = None  # not kept while the next batch is read
 
 
 def _feed(run: SplitValidation, source: Any, batch_rows: int, holdout, num_proc: int) -> None:
     """Every batch of the source through ``run``: in this process, or with ``num_proc`` workers."""
     lines = iter_line_batches(source, batch_rows) if num_proc > 1 and holdout is None else None
     if lines is not None:  # JSON lines: the workers decode them too
-        run_parallel(run, ((b, None) for b in lines), num_proc, lines=True)
+        run_parallel(run, _unindexed(lines), num_proc, lines=True)
     elif num_proc > 1:
         run_parallel(run, _batches(source, batch_rows, holdout, run), num_proc)
     else:
         for rows, idx in _batches(source, batch_rows, holdout, run):
             run.batch(rows, idx)
+            rows = idx = None  # not kept while the next batch is read
 
 
 def _no_rows_message(run: SplitValidation, holdout: tuple[float, int, str] | None) -> str:
@@ -282,7 +300,7 @@ def validate_split(source: Any, out_dir: Path, tokenizer, cfg: DataConfig, *, sp
                    limit: int | None = None, name: str | None = None,
                    batch_rows: int = BATCH_ROWS,
                    holdout: tuple[float, int, str] | None = None,
-                   num_proc: int | None = None) -> dict:
+                   num_proc: int | None = None, processor=None) -> dict:
     """Check, tokenize and write one split, streaming; return the report dict.
 
     ``limit`` (default: cfg.train_limit for split "train", else cfg.eval_limit) keeps N valid rows
@@ -298,6 +316,10 @@ def validate_split(source: Any, out_dir: Path, tokenizer, cfg: DataConfig, *, sp
     ``num_proc`` (default: :func:`resolve_num_proc` of ``cfg.num_proc``): with more than 1, forked
     workers parse and tokenize the batches while this process deduplicates and writes them in
     source order; the files are byte-identical to a serial run.
+
+    ``processor``: the model's processor (a vision-language model): rows with images are checked, their
+    images stored under ``out_dir/images/`` and their image tokens expanded
+    (:mod:`data_contracts.images`); without one such rows are rejected (IMAGE_NEEDS_VISION_MODEL).
     """
     out_dir = Path(out_dir)
     label = name or describe(source)
@@ -306,7 +328,12 @@ def validate_split(source: Any, out_dir: Path, tokenizer, cfg: DataConfig, *, sp
     if tokenizer.eos_token_id is None:
         raise DataError("data error: the tokenizer has no eos_token; set one before validating data")
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("valid.parquet", "rejects.parquet"):  # what a killed earlier validation left
+        remove_dead_temps(out_dir / name)
     run = SplitValidation(tokenizer, cfg, split, label, limit)
+    if processor is not None:
+        run.vision = VisionRows(ImageStore(out_dir, base_dir(source), cfg.max_image_bytes, cfg.max_image_pixels),
+                                processor)
     num_proc = resolve_num_proc(cfg, source) if num_proc is None else num_proc
     written: list = []  # [rows written, their stats] once the valid file is complete
 
@@ -331,6 +358,7 @@ def validate_split(source: Any, out_dir: Path, tokenizer, cfg: DataConfig, *, sp
 
     fraction = run.rejected / run.rows_in
     report = build_report(run, tokenizer, n_written, stats)
+    report["valid_sha256"] = sha256_file(out_dir / "valid.parquet")  # checked by read_valid
     write_report(out_dir, report)
     if not report["policy_ok"]:
         check_not_empty(report, out_dir, DataPolicyError)  # every row rejected: the empty-split line

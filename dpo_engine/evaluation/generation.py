@@ -17,8 +17,11 @@ from dpo_engine.modeling import collate, seeded, sequence_logps
 @torch.inference_mode()
 def generate(model: nn.Module, tokenizer, prompts: list[list[int]], cfg: EvalConfig,
              device: torch.device | str = "cpu",
-             progress: Callable[[int], None] | None = None) -> list[list[int]]:
-    """Batched left-padded generation; returns the new token ids of each prompt (EOS stripped)."""
+             progress: Callable[[int], None] | None = None, images: list[list[dict]] | None = None,
+             vision=None) -> list[list[int]]:
+    """Batched left-padded generation; returns the new token ids of each prompt (EOS stripped).
+    ``images``: each prompt's image references (a vision-language model, with its ``vision``
+    inputs builder); the prompts then hold their expanded image tokens."""
     model.eval()
     pad = tokenizer.pad_token_id
     outs: list[list[int]] = []
@@ -27,8 +30,12 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], cfg: EvalCon
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk], device=device)
         att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        extras = {} if vision is None else {k: v.to(device) for k, v in vision.inputs(
+            (images or [[]] * len(prompts))[b0:b0 + cfg.batch_size], ids.cpu()).items()}
+        if vision is not None and vision.special_ids:  # image tokens stand for images: never generated
+            extras["suppress_tokens"] = vision.special_ids
         with seeded(cfg.seed + b0) if cfg.do_sample else nullcontext():  # greedy draws nothing
-            gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=cfg.max_new_tokens,
+            gen = model.generate(input_ids=ids, attention_mask=att, **extras, max_new_tokens=cfg.max_new_tokens,
                                  do_sample=cfg.do_sample, temperature=cfg.temperature if cfg.do_sample else None,
                                  top_p=cfg.top_p if cfg.do_sample else None, top_k=None,
                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
@@ -46,18 +53,22 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], cfg: EvalCon
 @torch.inference_mode()
 def sample_kl(policy: nn.Module, reference: nn.Module, prompts: list[list[int]],
               samples: list[list[int]], *, eos_id: int, pad_id: int, batch_size: int,
-              max_new_tokens: int | None = None, device: torch.device | str = "cpu") -> np.ndarray:
+              max_new_tokens: int | None = None, device: torch.device | str = "cpu",
+              images: list[list[dict]] | None = None, vision=None) -> np.ndarray:
     """Per-sequence log pi(y|x) - log ref(y|x) on ``samples`` (as :func:`generate` returns them:
     EOS stripped); their mean is a Monte-Carlo estimate of KL(policy || reference), unbiased when
     the samples are drawn from pi itself (temperature 1, top_p 1: see :func:`kl_sampling`). A sample
     shorter than ``max_new_tokens`` ended with EOS, which is scored; one cut at the limit is scored
-    without it (its probability is that of the prefix)."""
+    without it (its probability is that of the prefix). ``images``/``vision``: as :func:`generate`'s."""
     diffs = []
     for b0 in range(0, len(prompts), batch_size):
         ps = prompts[b0:b0 + batch_size]
         cs = [list(s) + ([] if max_new_tokens is not None and len(s) >= max_new_tokens else [eos_id])
               for s in samples[b0:b0 + batch_size]]
-        batch = collate(ps, cs, pad_id).to(device)
+        batch = collate(ps, cs, pad_id)
+        if vision is not None:
+            batch.extras = vision.inputs((images or [[]] * len(prompts))[b0:b0 + batch_size], batch.input_ids) or None
+        batch = batch.to(device)
         lp = sequence_logps(policy, batch)["logps"]
         lr = sequence_logps(reference, batch)["logps"]
         diffs.append((lp - lr).double().cpu())

@@ -14,9 +14,10 @@ from dpo_engine.modeling import autocast, autocast_dtype, loss_from_config, pair
 @torch.inference_mode()
 def preference_metrics(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame, *,
                        loss_cfg: LossConfig, pad_id: int, batch_size: int, chunk_size: int = 8192,
-                       device: torch.device | str = "cpu", precision: str = "auto") -> dict[str, float]:
+                       device: torch.device | str = "cpu", precision: str = "auto", vision=None) -> dict[str, float]:
     """Loss, rewards, margins and accuracy of the policy on held-out pairs, TRL names, ``eval/``
-    (under the autocast of train.precision, as training and the reference precompute)."""
+    (under the autocast of train.precision, as training and the reference precompute); ``vision``:
+    a vision-language model's ``VisionInputs``."""
     model.eval()
     amp = autocast_dtype(precision, device)
     ref_map = ref.set_index("example_id")
@@ -25,7 +26,7 @@ def preference_metrics(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame,
     for b0 in range(0, len(records), batch_size):
         with autocast(amp, device):
             fw = pair_logps(model, records[b0:b0 + batch_size], pad_id, loss_cfg=loss_cfg,
-                            chunk_size=chunk_size, device=device)
+                            chunk_size=chunk_size, device=device, vision=vision)
         pcs.append(fw["chosen"].double().cpu())
         prs.append(fw["rejected"].double().cpu())
         for k, v in fw["loss_inputs"].items():

@@ -25,9 +25,12 @@ class SeqBatch:
     seq_ids: torch.Tensor  # [R, T] sequence index of each position (-1 on padding)
     num_seqs: int
     position_ids: torch.Tensor | None = None  # [1, T] packed layout only: restarts at 0 per sequence
+    # further inputs of the model body (a vision-language model's pixel_values, ...: modeling.vision)
+    extras: dict[str, torch.Tensor] | None = None
 
     def to(self, device) -> "SeqBatch":
-        return SeqBatch(**{f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
+        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return SeqBatch(**{f.name: ({k: move(x) for k, x in v.items()} if isinstance(v, dict) else move(v))
                            for f in fields(self) for v in [getattr(self, f.name)]})
 
     @property

@@ -8,6 +8,7 @@ which commands that load no model do not pay.
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import threading
 from contextlib import contextmanager
@@ -17,10 +18,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from data_contracts.config import BUILTIN_MODEL, ModelConfig
-from data_contracts.helpers import atomic_write
+from data_contracts.config import BUILTIN_MODEL, BUILTIN_MODELS, BUILTIN_MOE_MODEL, ModelConfig
+from data_contracts.helpers import atomic_write, remove_dead_temps
 from data_contracts.state import state_home
 from data_contracts.templating import configure_eos
+from dpo_engine.modeling.tiny_moe import TINY_MOE_SEED, TINY_MOE_VERSION, tiny_moe_model
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTER_VERSION = "2"
@@ -82,17 +84,31 @@ def builtin_smollm2(dest: Path | None = None) -> Path:
     return save_model_folder(plain, tok, dest)
 
 
+def builtin_tiny_moe(dest: Path | None = None) -> Path:
+    """``builtin:tiny-qwen3-moe`` (``tiny_moe``): built once, offline, with the default model's tokenizer,
+    into a safetensors folder under the state home and reused afterwards."""
+    dest = dest or state_home() / "models" / f"tiny-qwen3-moe-v{TINY_MOE_VERSION}"
+    if (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file():
+        return dest
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(builtin_smollm2())
+    with seeded(TINY_MOE_SEED):
+        model = tiny_moe_model(tok)
+    return save_model_folder(model, tok, dest)
+
+
 def save_model_folder(model: nn.Module, tokenizer, dest: Path) -> Path:
     """Weights (safetensors), config, tokenizer and chat template, written whole then renamed."""
     dest = Path(dest)
+    remove_dead_temps(dest)  # a killed export's whole copy of the weights
 
     def write(tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(dest, ignore_errors=True)  # a rename does not replace a folder that has files
 
-    atomic_write(dest, write)
+    atomic_write(dest, write)  # the previous folder is replaced whole, or kept whole
     return dest
 
 
@@ -100,8 +116,10 @@ def resolve_model_path(name_or_path: str) -> str:
     """A local folder for ``builtin:`` names; otherwise the id/folder unchanged."""
     if name_or_path == BUILTIN_MODEL:
         return str(builtin_smollm2())
+    if name_or_path == BUILTIN_MOE_MODEL:
+        return str(builtin_tiny_moe())
     if name_or_path.startswith("builtin:"):
-        raise ModelError(f"unknown builtin model {name_or_path!r}; known: {BUILTIN_MODEL}")
+        raise ModelError(f"unknown builtin model {name_or_path!r}; known: {', '.join(BUILTIN_MODELS)}")
     p = Path(name_or_path).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
@@ -164,10 +182,28 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def is_vision_model(model_path: str, revision: str | None = None) -> bool:
+    """Whether the model folder / hub id is a vision-language model (its config has a
+    ``vision_config``): it loads as ``AutoModelForImageTextToText`` (``modeling.vision``)."""
+    cfg_file = Path(model_path) / "config.json"
+    if cfg_file.is_file():
+        try:
+            return "vision_config" in json.loads(cfg_file.read_text())
+        except ValueError:
+            return False
+    try:
+        from transformers import AutoConfig
+
+        return getattr(AutoConfig.from_pretrained(model_path, revision=revision), "vision_config", None) is not None
+    except (OSError, ValueError):
+        return False
+
+
 def load_model(cfg: ModelConfig, model_path: str, device: torch.device | str = "cpu",
                dropout_off: bool = True) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    auto = AutoModelForImageTextToText if is_vision_model(model_path, cfg.revision) else AutoModelForCausalLM
     device = torch.device(device)
     _require_safetensors(model_path)
     kwargs = {"revision": cfg.revision, "dtype": torch_dtype(cfg.dtype, device),
@@ -175,7 +211,7 @@ def load_model(cfg: ModelConfig, model_path: str, device: torch.device | str = "
               **init_kwargs(cfg)}
     try:
         with LOAD_LOCK:
-            model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+            model = auto.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {model_path!r}: {_first_line(e)}") from None
     except Exception as e:  # safetensors' SafetensorError: a damaged weights file

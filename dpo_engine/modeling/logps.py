@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from data_contracts.images import row_refs
 from dpo_engine.modeling.batching import SeqBatch, collate, pack, pair_batch
 from dpo_engine.modeling.fused_head import token_logps
 from dpo_engine.modeling.loading import ModelError
@@ -95,9 +96,17 @@ def ld_token_weights(batch: SeqBatch, min_len: torch.Tensor, alpha: float) -> to
     return torch.where(pos < min_len.to(mask.device)[seq_idx], 1.0, float(alpha))
 
 
+def _extras(batch: SeqBatch, body: nn.Module) -> dict:
+    """The batch's further body inputs (a VLM's image inputs), floating ones in the weights' dtype."""
+    if not batch.extras:
+        return {}
+    dtype = body.get_input_embeddings().weight.dtype
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.extras.items()}
+
+
 def sequence_logps(model: nn.Module, batch: SeqBatch, *, chunk_size: int = 8192,
                    with_stats: bool = False, token_weights: torch.Tensor | None = None,
-                   grad_filter_eps: float = 0.0) -> dict[str, torch.Tensor]:
+                   grad_filter_eps: float = 0.0, router_logits: bool = False) -> dict[str, torch.Tensor]:
     """Summed completion log-probs per sequence [S] (differentiable) and token counts [S].
 
     ``token_weights`` (flat, predict-mask order) weights each token's log-prob in the sum (LD-DPO);
@@ -106,19 +115,23 @@ def sequence_logps(model: nn.Module, batch: SeqBatch, *, chunk_size: int = 8192,
     counted as correct; ``correct_sum / n_tokens`` over the chosen sequences is TRL's
     ``mean_token_accuracy``) and ``wpo_log_weight`` = mean over tokens of
     [log p(token) - log sum_v p(v)^2] (WPO), all without gradient. ``grad_filter_eps`` is the
-    head's gradient filtering (``token_logps``; 0 = exact gradients)."""
+    head's gradient filtering (``token_logps``; 0 = exact gradients). ``router_logits`` (a
+    mixture-of-experts model): the body also returns each MoE layer's router logits
+    (``output_router_logits``), in ``router_logits``: one [R * T, experts] tensor per layer."""
     body, head = lm_body_and_head(model)
+    routers = {"output_router_logits": True} if router_logits else {}
     # sdpa without its cuDNN backend: cuDNN builds an execution graph for every new sequence length
     # (every batch here), ~15 ms of CPU per layer call on an H100 (bench/profile_train_step.py)
     with sdpa_kernel(SDPA_BACKENDS):
         if batch.packed:  # no mask and no cache: the boundaries come from the restarting position ids
-            hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                          use_cache=False).last_hidden_state
+            body_out = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                            use_cache=False, **routers)
         else:
             # Right padding: under causal attention no real token sees a pad (pads come after it),
             # so the mask is left out; the body then runs plain causal attention (flash/efficient
             # kernels) instead of a [S, 1, T, T] padding mask. Pad positions are never read.
-            hidden = body(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+            body_out = body(input_ids=batch.input_ids, use_cache=False, **_extras(batch, body), **routers)
+    hidden = body_out.last_hidden_state
     mask = batch.predict_mask
     s = batch.num_seqs
     seq_idx = batch.seq_ids[mask]
@@ -128,6 +141,8 @@ def sequence_logps(model: nn.Module, batch: SeqBatch, *, chunk_size: int = 8192,
     zeros = torch.zeros(s, device=hidden.device, dtype=out.logps.dtype)
     n_tokens = torch.bincount(seq_idx, minlength=s)
     res = {"n_tokens": n_tokens, "logps": zeros.index_add(0, seq_idx, out.logps)}
+    if router_logits:
+        res["router_logits"] = body_out.router_logits
     if token_weights is not None:
         res["unweighted_logps"] = res["logps"]
         res["logps"] = zeros.index_add(0, seq_idx, out.logps * token_weights.to(out.logps))
@@ -145,13 +160,20 @@ def sequence_logps(model: nn.Module, batch: SeqBatch, *, chunk_size: int = 8192,
 def pair_logps(model: nn.Module, rows: list[dict], pad_id: int, *, loss_cfg=None, chunk_size: int = 8192,
                with_stats: bool = False, device: torch.device | str = "cpu",
                padding_free: bool = False, pad_to_multiple_of: int | None = None,
-               grad_filter_eps: float = 0.0) -> dict:
+               grad_filter_eps: float = 0.0, vision=None, router_logits: bool = False) -> dict:
     """Forward a micro-batch of pairs; returns the policy sums split into chosen/rejected and the
     extra loss inputs (token counts; WPO weights; LD-DPO weighting) that ``loss_from_config`` takes.
     ``padding_free`` packs the 2B sequences into one row (same results as the padded layout);
     ``pad_to_multiple_of`` rounds the padded rows' length up (the padded layout only);
-    ``grad_filter_eps`` goes to the head (``sequence_logps``)."""
-    batch = pair_batch(rows, pad_id, packed=padding_free, pad_to_multiple_of=pad_to_multiple_of).to(device)
+    ``grad_filter_eps`` goes to the head (``sequence_logps``); ``vision``: a vision-language model's
+    ``modeling.vision.VisionInputs``, which adds the rows' image inputs to the batch; ``router_logits``:
+    ``seq["router_logits"]`` holds the body's router logits (``sequence_logps``)."""
+    batch = pair_batch(rows, pad_id, packed=padding_free, pad_to_multiple_of=pad_to_multiple_of)
+    if vision is not None:
+        batch.extras = vision.pair_inputs(rows, batch) or None
+    elif any(row_refs(r) for r in rows):
+        raise ValueError("the rows hold images: pass vision=VisionInputs(processor, model)")
+    batch = batch.to(device)
     b = len(rows)
     weights = None
     ld_alpha = getattr(loss_cfg, "ld_alpha", None)
@@ -161,7 +183,7 @@ def pair_logps(model: nn.Module, rows: list[dict], pad_id: int, *, loss_cfg=None
         weights = ld_token_weights(batch, torch.minimum(lc, lr).repeat(2), ld_alpha)
     wpo = bool(getattr(loss_cfg, "use_weighting", False))
     seq = sequence_logps(model, batch, chunk_size=chunk_size, with_stats=with_stats or wpo,
-                         token_weights=weights, grad_filter_eps=grad_filter_eps)
+                         token_weights=weights, grad_filter_eps=grad_filter_eps, router_logits=router_logits)
     lens = seq["n_tokens"]
     inputs = {"chosen_len": lens[:b], "rejected_len": lens[b:]}
     if wpo:

@@ -25,7 +25,9 @@ from dpo_engine.evaluation import (
     preference_metrics,
     sample_kl,
 )
-from dpo_engine.modeling import load_model, load_reference_model, load_tokenizer, pick_device
+from data_contracts.images import row_refs
+from dpo_engine.modeling import (VisionInputs, load_model, load_processor, load_reference_model, load_tokenizer,
+                                 pick_device)
 from dpo_engine.reference import read_cache
 from dpo_engine.stages.index import record, reused
 from dpo_engine.stages.runtime import Timer, crash_point
@@ -61,12 +63,14 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, train
     ref = read_cache(Path(precomputed["eval_ref"]), expect_ids=pairs["example_id"].tolist(),
                      expect_key=precomputed["eval_ref_key"])
     tok = load_tokenizer(cfg.model, validated["model_path"])
+    proc = load_processor(cfg.model, validated["model_path"], tok)  # a vision-language model's
     with Timer() as t:
         policy = load_model(cfg.model, trained["model_dir"], device)
+        vision = VisionInputs(proc, policy) if proc is not None else None
         metrics = preference_metrics(policy, pairs, ref, loss_cfg=cfg.loss, pad_id=tok.pad_token_id,
                                      batch_size=cfg.eval.batch_size,
                                      chunk_size=cfg.train.logit_chunk_size, device=device,
-                                     precision=cfg.train.precision)
+                                     precision=cfg.train.precision, vision=vision)
         table = pd.DataFrame()
         rows = pairs.head(cfg.eval.num_prompts).to_dict("records")
         if rows:
@@ -74,11 +78,12 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, train
             reference = load_reference_model(cfg.model, cfg.reference.model_path, validated["model_path"],
                                              device)
             prompts = [list(r["prompt_input_ids"]) for r in rows]
+            images = {"images": [row_refs(r) for r in rows], "vision": vision}  # generation sees the images
             texts, generated = {}, {}
             for name, model in (("policy", policy), ("reference", reference)):
                 with tqdm(total=len(prompts), desc=f"generate {name}", unit="prompt") as bar:
                     generated[name] = generate(model, tok, prompts, cfg.eval, device=device,
-                                               progress=bar.update)
+                                               progress=bar.update, **images)
                 texts[name] = [tok.decode(x, skip_special_tokens=True) for x in generated[name]]
                 metrics.update(length_metrics(name, generated[name], cfg.eval.max_new_tokens))
             # KL(policy || reference) on draws from the policy itself: its generations when they are
@@ -87,10 +92,10 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, train
             samples = generated["policy"]
             if kl_cfg is not None:
                 with tqdm(total=len(prompts), desc="sample policy (KL)", unit="prompt") as bar:
-                    samples = generate(policy, tok, prompts, kl_cfg, device=device, progress=bar.update)
+                    samples = generate(policy, tok, prompts, kl_cfg, device=device, progress=bar.update, **images)
             metrics.update(kl_metrics(sample_kl(policy, reference, prompts, samples, eos_id=tok.eos_token_id,
                                                 pad_id=tok.pad_token_id, batch_size=cfg.eval.batch_size,
-                                                max_new_tokens=cfg.eval.max_new_tokens, device=device),
+                                                max_new_tokens=cfg.eval.max_new_tokens, device=device, **images),
                                       seed=cfg.eval.seed))
             if judge is not None:
                 table, judged = judge_table(rows, texts["policy"], texts["reference"], judge)

@@ -32,8 +32,10 @@ from data_contracts.state import state_home
 from data_contracts.validation import read_valid
 from dpo_engine.modeling import (
     ModelError,
+    VisionInputs,
     autocast_dtype,
     check_config,
+    load_processor,
     load_reference_model,
     load_tokenizer,
     model_fingerprint,
@@ -133,29 +135,38 @@ def _computer(cfg: RunConfig, validated: dict, follower: bool = False):
     first use. ``follower``: serve rank 0's shards instead (a rank > 0), then free the model."""
     device = pick_device()
     tok = load_tokenizer(cfg.model, validated["model_path"])
-    model = None
+    proc = load_processor(cfg.model, validated["model_path"], tok)  # a vision-language model's
+    model = vision = None
 
     def compute(rows: pd.DataFrame, split: str) -> pd.DataFrame:
-        nonlocal model
+        nonlocal model, vision
         if model is None:
             model = load_reference_model(cfg.model, cfg.reference.model_path, validated["model_path"], device)
+            vision = VisionInputs(proc, model) if proc is not None else None
             _check_vocab(model, tok, cfg.reference.model_path)
             vocab = vocab_size(model)
             for s in ("train", "eval"):  # before any forward pass, on every rank alike
                 if validated.get(s):
-                    check_token_ids(read_valid(validated[s]["valid"]), vocab, f"{s} split {validated[s]['valid']}")
+                    check_token_ids(read_valid(validated[s]["valid"], ["example_id", *ID_COLUMNS]), vocab,
+                                    f"{s} split {validated[s]['valid']}")
         with tqdm(total=2 * len(rows), desc=f"precompute {split}", unit="seq", disable=follower) as bar:
             return compute_reference_logps(model, rows, pad_id=tok.pad_token_id,
                                            batch_size=cfg.reference.batch_size,
                                            chunk_size=cfg.train.logit_chunk_size, device=device,
                                            ld_alpha=cfg.loss.ld_alpha, precision=cfg.train.precision,
-                                           progress=bar.update)
+                                           progress=bar.update, vision=vision)
 
     if follower:
-        follow_shards(lambda split: read_valid(validated[split]["valid"]), compute)
+        follow_shards(lambda split: read_valid(validated[split]["valid"], REFERENCE_COLUMNS), compute)
         del model
         gc.collect()
     return compute
+
+
+def shard_rows(n: int) -> int:
+    """Rows per cache shard: 1,024, more for a big split (at most about 200 shards, at most 65,536 rows
+    each), so a million rows are 200 files, not a thousand."""
+    return min(max(1024, -(-n // 200)), 65536)
 
 
 def _check_vocab(model, tok, model_path: str | None) -> None:
@@ -166,6 +177,8 @@ def _check_vocab(model, tok, model_path: str | None) -> None:
 
 
 ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+# what the reference pass reads of valid.parquet (not the texts: a split is held once, as token ids)
+REFERENCE_COLUMNS = ["example_id", *ID_COLUMNS, "prompt_len", "chosen_len", "rejected_len", "images"]
 
 
 def vocab_size(model) -> int:
@@ -213,7 +226,7 @@ def _run(cfg: RunConfig, run_dir: Path, validated: dict, fp: str, keys: dict[str
     ref_fp = reference_fingerprint(cfg, validated)
     with Timer() as t:
         for split, ck in keys.items():
-            rows = read_valid(validated[split]["valid"])
+            rows = read_valid(validated[split]["valid"], REFERENCE_COLUMNS)  # token ids, not the texts
             if rows.empty:  # the cache cannot hold zero shards; validate stops such a split first
                 raise DataError(f"data error: {split} split {validated[split]['valid']} has no valid "
                                 f"rows; fix the data (see its report.json) and re-run validate")
@@ -223,7 +236,8 @@ def _run(cfg: RunConfig, run_dir: Path, validated: dict, fp: str, keys: dict[str
                     "dtype": f"weights={cfg.model.dtype},autocast={compute_dtype(cfg)}",
                     "precision": cfg.train.precision, "ld_alpha": cfg.loss.ld_alpha, "engine": ENGINE_VERSION}
             _, stats = cached_reference_logps(_cache_dir(), ck, rows, meta,
-                                              lambda part, s=split: _computed(compute(part, s), s))
+                                              lambda part, s=split: _computed(compute(part, s), s),
+                                              shard_size=shard_rows(len(rows)))
             result[f"{split}_ref"], result[f"{split}_ref_key"] = stats["path"], ck
             crash_point(STAGE, f"{split}-cached")
             computed += stats["computed_examples"]

@@ -6,6 +6,8 @@ or ``train.accelerate_config`` the stage runs under ``accelerate launch`` (:mod:
 from __future__ import annotations
 
 import gc
+import json
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -18,10 +20,15 @@ from data_contracts.validation import read_valid
 from dpo_engine import tracking
 from dpo_engine.evaluation import preference_metrics
 from dpo_engine.modeling import (
+    VisionInputs,
     apply_adapter,
     check_config,
+    check_vision_run,
     export_model,
+    freeze_vision,
+    language_model_peft,
     load_model,
+    load_processor,
     load_tokenizer,
     model_fingerprint,
     packed_attention,
@@ -41,7 +48,8 @@ def key(cfg: RunConfig, precomputed: dict) -> str:
     return fingerprint(STAGE, precomputed["fingerprint"], cfg.section_hash("loss", "train", "peft"),
                        cfg.reference.source if cfg.reference.source != "model" else cfg.section_hash("reference"),
                        cfg.model.init_kwargs,
-                       source_fingerprint(cfg.peft.adapter_path) if cfg.peft.adapter_path else None)
+                       source_fingerprint(cfg.peft.adapter_path) if cfg.peft.adapter_path else None,
+                       *([] if cfg.model.freeze_vision else ["freeze_vision=false"]))  # older keys unchanged
 
 
 def logged_params(cfg: RunConfig) -> dict:
@@ -56,20 +64,48 @@ def logged_params(cfg: RunConfig) -> dict:
     return params
 
 
+MADE_FOR = "made_for.json"  # the training fingerprint a train folder's checkpoints and MLflow run belong to
+
+
+def set_aside_other_training(out: Path, fp: str, log=print) -> None:
+    """A train folder holds the checkpoints and MLflow run of exactly one training: when ``out`` was
+    made for another fingerprint (a re-run under the same run name with new data or config), or by
+    a version that did not record one, it is moved aside (``train.other-<fp>``, said in one line) and
+    this training starts afresh, never resuming the other one or returning its registered version."""
+    marker = out / MADE_FOR
+    try:
+        made_for = json.loads(marker.read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        made_for = None
+    if made_for == fp:
+        return
+    if out.is_dir() and any((out / k).exists() for k in ("checkpoints", "mlflow_run_id", "model")):
+        aside = out.with_name(f"{out.name}.other-{made_for or 'unrecorded'}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        log(f"train: {out} held another training (fingerprint {made_for or 'not recorded'}, this one {fp}): "
+            f"moved to {aside.name}; training afresh")
+    write_json(marker, {"fingerprint": fp})
+
+
 def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> dict:
     check_config(cfg)
     fp = key(cfg, precomputed)
     hit = reused(STAGE, fp, run_dir)
     if hit:
         return hit
+    out = Path(run_dir) / STAGE
+    if world()[0] == 0:
+        set_aside_other_training(out, fp)
     if launch.wants_launch(cfg):  # every rank runs this function again, rank 0 records the result
         return launch.launch_stage(STAGE, cfg, run_dir, validated, precomputed)
-    out = Path(run_dir) / STAGE
     device = pick_device()
     check_optim(cfg.train, device)
     pairs = read_valid(validated["train"]["valid"])  # a damaged file: one line naming it
     ref = training_reference(cfg, validated, precomputed, pairs, device)
     tok = load_tokenizer(cfg.model, validated["model_path"])
+    proc = load_processor(cfg.model, validated["model_path"], tok)  # a vision-language model's
+    if proc is not None:
+        check_vision_run(cfg)
 
     lead = world()[0] == 0  # a launched training's rank 0: it alone logs, checkpoints, exports, records
     log_step, run_id = (None, None)
@@ -81,10 +117,14 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
     with Timer() as t:
         model = load_model(packed_attention(cfg.model, cfg.train.padding_free, device), validated["model_path"],
                            device, dropout_off=cfg.train.disable_dropout)
-        if cfg.peft.enabled:
-            model = apply_adapter(model, cfg.peft, seed=cfg.train.seed)
+        frozen = proc is not None and cfg.model.freeze_vision
+        if frozen:
+            freeze_vision(model)
+        if cfg.peft.enabled:  # a VLM with its vision tower frozen: the adapter on the language model only
+            model = apply_adapter(model, language_model_peft(cfg.peft, frozen), seed=cfg.train.seed)
+        vision = VisionInputs(proc, model) if proc is not None else None
         steps = total_steps(len(pairs), cfg.train)
-        evaluate_fn = eval_callback(cfg, validated, precomputed, model, tok.pad_token_id, device)
+        evaluate_fn = eval_callback(cfg, validated, precomputed, model, tok.pad_token_id, device, vision)
         lagging = stop_rule(run_dir)  # a sweep variant's "behind the best variant" stop, else None
         with tqdm(total=steps, desc="train", unit="step", disable=not lead) as bar, extra_stop_rule(lagging):
             def on_step(step, m):
@@ -98,10 +138,11 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
             res = train(model, pairs, ref, loss_cfg=cfg.loss, cfg=cfg.train, pad_id=tok.pad_token_id,
                         out_dir=out, device=device, progress=on_step,
                         log_fn=log_step,
-                        evaluate_fn=evaluate_fn, ref_cfg=cfg.reference)
+                        evaluate_fn=evaluate_fn, ref_cfg=cfg.reference, vision=vision)
         if not lead:
             return {}  # the other ranks took their share of every step; rank 0 has the result
-        model_dir = export_model(model, tok, out / "model", cfg.peft.export if cfg.peft.enabled else "merged",
+        # a VLM's folder gets its processor (image processor, tokenizer, chat template)
+        model_dir = export_model(model, proc or tok, out / "model", cfg.peft.export if cfg.peft.enabled else "merged",
                                  base_model_path=validated["model_path"])
         del model
         gc.collect()
@@ -150,7 +191,7 @@ def _start_tracking(cfg: RunConfig, run_dir: Path, fp: str, out: Path, validated
     return run_id, outbox
 
 
-def eval_callback(cfg: RunConfig, validated: dict, precomputed: dict, model, pad_id: int, device):
+def eval_callback(cfg: RunConfig, validated: dict, precomputed: dict, model, pad_id: int, device, vision=None):
     """``step -> eval/ metrics`` of ``model`` on the eval split (its cached reference log-probs), or
     None when periodic evaluation is off or there is no eval split."""
     if not cfg.train.eval_steps or not precomputed.get("eval_ref") or not validated.get("eval"):
@@ -164,6 +205,6 @@ def eval_callback(cfg: RunConfig, validated: dict, precomputed: dict, model, pad
     def evaluate(step: int) -> dict:
         return preference_metrics(model, pairs, ref, loss_cfg=cfg.loss, pad_id=pad_id,
                                   batch_size=cfg.eval.batch_size, chunk_size=cfg.train.logit_chunk_size,
-                                  device=device, precision=cfg.train.precision)
+                                  device=device, precision=cfg.train.precision, vision=vision)
 
     return evaluate

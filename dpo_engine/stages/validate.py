@@ -10,7 +10,8 @@ from data_contracts.config import BUILTIN_DATASET, RunConfig
 from data_contracts.helpers import fingerprint
 from data_contracts.sources import resolve_source, source_fingerprint
 from data_contracts.validation import check_not_empty, validate_split
-from dpo_engine.modeling import load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
+from dpo_engine.modeling import (load_processor, load_tokenizer, model_fingerprint, processor_fingerprint,
+                                 resolve_model_path, tokenizer_fingerprint)
 from dpo_engine.stages.index import record, reused
 from dpo_engine.stages.runtime import Timer, crash_point
 
@@ -42,13 +43,17 @@ class Inputs:
     tokenizer_fingerprint: str
     sources: tuple[str, str | None]  # (train, eval); eval None: carved out of train
     data_fingerprint: str
+    processor: Any = None  # a vision-language model's processor (images are validated with it)
 
 
 def resolve(cfg: RunConfig, tokenizer=None) -> Inputs:
     model_path = resolve_model_path(cfg.model.name_or_path)
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model, model_path)
+    proc = load_processor(cfg.model, model_path, tok)
+    tok_fp = tokenizer_fingerprint(tok)  # a processor's image tokens are part of the tokenization
+    tok_fp = fingerprint(tok_fp, processor_fingerprint(proc)) if proc is not None else tok_fp
     sources = _sources(cfg)
-    return Inputs(model_path, tok, tokenizer_fingerprint(tok), sources, data_fingerprint(cfg, sources))
+    return Inputs(model_path, tok, tok_fp, sources, data_fingerprint(cfg, sources), proc)
 
 
 def key(cfg: RunConfig, tokenizer=None, inputs: Inputs | None = None) -> str:
@@ -71,7 +76,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
             if eval_src is None else (lambda side: None)
         reports = {
             "train": validate_split(train_src, out / "train", tok, cfg.data, split="train",
-                                    limit=cfg.data.train_limit, holdout=split("train")),
+                                    limit=cfg.data.train_limit, holdout=split("train"), processor=inputs.processor),
         }
         # a split with no valid pair stops here, whatever the policy allows: precompute cannot
         # concatenate nothing and the trainer cannot order zero pairs (its files stay to inspect)
@@ -79,7 +84,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         crash_point(STAGE, "train-written")  # crash drill: train split written, eval not yet
         reports |= {
             "eval": validate_split(eval_src or train_src, out / "eval", tok, cfg.data, split="eval",
-                                   limit=cfg.data.eval_limit, holdout=split("eval")),
+                                   limit=cfg.data.eval_limit, holdout=split("eval"), processor=inputs.processor),
         }
         check_not_empty(reports["eval"], out / "eval")  # evaluate needs held-out pairs
     splits = {name: {"valid": str(out / name / "valid.parquet"),
@@ -92,7 +97,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         "stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False,
         "seconds": t.seconds, **splits,
         "model_path": model_path, "model_fingerprint": model_fingerprint(model_path, cfg.model.revision),
-        "tokenizer_fingerprint": inputs.tokenizer_fingerprint,
+        "tokenizer_fingerprint": inputs.tokenizer_fingerprint, "vision": inputs.processor is not None,
         "sources": {"train": train_src, "eval": eval_src}, "data_fingerprint": inputs.data_fingerprint,
         "outputs": [s[k] for s in splits.values() for k in ("valid", "rejects", "report")],
         "metrics": {"data/train_pairs": tr["valid"], "data/eval_pairs": ev["valid"],

@@ -4,6 +4,7 @@
 - :mod:`~dpo_engine.tracking.runs`: experiments, runs, and logging params, metrics, tags, artifacts
 - :mod:`~dpo_engine.tracking.outbox`: writes buffered on disk until the store answers
 - :mod:`~dpo_engine.tracking.packaging`: a Hugging Face folder (full or adapter) as an MLflow model
+- :mod:`~dpo_engine.tracking.vision_model`: a vision-language model as a pyfunc (image + prompt -> text)
 - :mod:`~dpo_engine.tracking.registration`: model versions, the promotion gate, aliases
 - :mod:`~dpo_engine.tracking.loading`: a registered version back as a folder or (model, tokenizer)
 - :mod:`~dpo_engine.tracking.compare`: runs side by side (table and PNG)

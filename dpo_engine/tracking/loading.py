@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 from mlflow.transformers.peft import _PEFT_ADAPTOR_DIR_NAME
 
-from dpo_engine.modeling import LOAD_LOCK
+from dpo_engine.modeling import LOAD_LOCK, is_vision_model
 from dpo_engine.tracking.packaging import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
@@ -24,9 +24,11 @@ def _is_adapter_artifact(root: Path) -> bool:
 
 
 def _copy_full(root: Path, dst: Path) -> Path:
-    """A downloaded full-model artifact as one Hugging Face folder: model/ + components/tokenizer/."""
+    """A downloaded full-model artifact as one Hugging Face folder: model/ + components/tokenizer/
+    (a vision-language model's pyfunc: its artifacts/hf_model/ folder)."""
     dst.mkdir(parents=True, exist_ok=True)
-    for sub in (root / "model", root / "components" / "tokenizer"):
+    vision = [f.parent for f in (root / "artifacts").glob("*/config.json")]  # MLflow names it by the source
+    for sub in (root / "model", root / "components" / "tokenizer", *vision):
         if sub.is_dir():
             shutil.copytree(sub, dst, dirs_exist_ok=True)
     return dst
@@ -86,17 +88,28 @@ def _load_adapter_artifact(root: Path, merge: bool = False):
 def load_registered(model_uri: str, merge: bool = False):
     """(model, tokenizer) from a ``models:/name/version`` or ``models:/name@alias`` URI. A base +
     adapter version loads as a ``peft.PeftModel`` (the base with its adapter applied), or with
-    ``merge=True`` as a plain model with the adapter merged into its weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: slow to import
+    ``merge=True`` as a plain model with the adapter merged into its weights. A vision-language
+    model loads as (model, processor).
+
+    Weights only: the version's files are downloaded and read as data (config, safetensors weights,
+    tokenizer/processor files; no remote code, no pickle), and nothing the artifact names as code
+    (an MLmodel ``loader_module``, a pyfunc's ``python_model``, ``code/``) is imported or run. Loading
+    it with ``mlflow.pyfunc.load_model`` instead runs whatever code the registry holds for it: use
+    that only with a registry whose writers you trust."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
         if _is_adapter_artifact(root):
             return _load_adapter_artifact(root, merge=merge)
         folder = _copy_full(root, Path(tmp) / "hf")
+        if not any(folder.glob("*.safetensors")):
+            raise FileNotFoundError(f"registered model {model_uri} has no safetensors weights (only "
+                                    "safetensors are loaded)")
+        vision = is_vision_model(str(folder))
         with LOAD_LOCK:
-            model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True,
-                                                         trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+            model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(
+                folder, use_safetensors=True, trust_remote_code=False)
+        tokenizer = (AutoProcessor if vision else AutoTokenizer).from_pretrained(folder, trust_remote_code=False)
     return model, tokenizer
 

@@ -2,7 +2,8 @@
 
 A full model is an MLflow ``transformers`` model (task ``text-generation``): its artifacts hold
 ``model/`` (config.json, generation_config.json, model.safetensors) and ``components/tokenizer/``
-(tokenizer files and chat_template.jinja).
+(tokenizer files and chat_template.jinja). A vision-language model is a pyfunc of our own whose
+``artifacts/hf_model/`` is its whole folder, processor included (``vision_model``).
 
 A PEFT adapter export (``peft.export: adapter``) is logged as base + adapter in MLflow's own PEFT
 layout: ``model/`` holds the base model's weights (read from the folder named by the adapter's
@@ -25,8 +26,9 @@ from mlflow.transformers.flavor_config import FlavorKey
 from mlflow.transformers.peft import _PEFT_ADAPTOR_DIR_NAME
 from mlflow.utils.file_utils import get_total_file_size
 
-from dpo_engine.modeling import LOAD_LOCK
+from dpo_engine.modeling import LOAD_LOCK, is_vision_model
 from dpo_engine.tracking import client as tracking_client  # mlflow_client read per call: tests patch it
+from dpo_engine.tracking.vision_model import log_vision_model
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -124,10 +126,14 @@ class _TransformersWithAdapter:
 
 def log_hf_model(run_id: str, model_dir: Path, base_model_revision: str | None = None) -> tuple[str, str]:
     """Log ``model_dir`` to the run as an MLflow transformers model; returns (model_uri, model_id).
-    An adapter folder is logged with its base model (see :class:`_TransformersWithAdapter`)."""
+    An adapter folder is logged with its base model (see :class:`_TransformersWithAdapter`); a
+    vision-language model folder as a pyfunc that generates from an image and a prompt
+    (:mod:`~dpo_engine.tracking.vision_model`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: slow to import
 
     adapter = model_format(model_dir) == ADAPTER
+    if not adapter and is_vision_model(str(model_dir)):
+        return log_vision_model(run_id, Path(model_dir), _pip_requirements())
     weights_dir, revision = adapter_base(model_dir) if adapter else (str(model_dir), None)
     if adapter and not Path(weights_dir).is_dir():  # a hub id: the revision it was trained on
         revision = revision or base_model_revision

@@ -132,7 +132,9 @@ def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
     model_format(model_dir)  # a folder that cannot be registered fails before anything is logged
     client = tracking_client.mlflow_client()
     reasons = _gate(metrics, gate_thresholds)
-    with _registration_lock(model_name, run_id):
+    # one registration of a run at a time, whatever the model name: the clean-up of the run's
+    # orphan logged models (_delete_orphan_models) never removes an upload in progress
+    with _registration_lock(model_name, run_id), _registration_lock("", run_id):
         mv = _create_version_once(client, model_name, run_id, model_dir, metrics, reasons, tags,
                                   on_step, base_model_revision)
     # The comparison with the champion and the aliases, under one per-model lock (one writer at a
@@ -185,6 +187,22 @@ def _set_alias(client, model_name: str, alias: str, version) -> None:
             time.sleep(0.2 * (attempt + 1))
 
 
+def _delete_orphan_models(client, run_id: str) -> list[str]:
+    """Delete the run's logged models that no model version points at: what an earlier try left
+    when its upload was cut (killed, SIGTERM, a full disk, a time-out retried) or it stopped before
+    creating the version. Called under the run's registration lock, just before the model is logged
+    again, so a run keeps one logged model per version. MLflow marks them deleted (search no longer
+    returns them; ``mlflow gc`` removes their artifacts). Returns their ids."""
+    experiment = client.get_run(run_id).info.experiment_id
+    used = {mv.source for mv in client.search_model_versions(f"run_id = '{run_id}'")}
+    orphans = [m.model_id for m in client.search_logged_models(
+        [experiment], filter_string=f"source_run_id = '{run_id}'")
+        if m.name == "model" and m.model_uri not in used]  # log_hf_model's name: nothing else is touched
+    for model_id in orphans:
+        client.delete_logged_model(model_id)
+    return orphans
+
+
 def _create_version_once(client, model_name, run_id, model_dir, metrics, reasons, tags, on_step,
                          base_model_revision=None):
     """The run's version, created unless it exists. Two registrations of one run
@@ -200,6 +218,7 @@ def _create_version_once(client, model_name, run_id, model_dir, metrics, reasons
             tags.update(format_tags)
         else:
             tags["model_format"] = FULL
+        _delete_orphan_models(client, run_id)
         model_uri, model_id = log_hf_model(run_id, model_dir, base_model_revision)
         on_step("model-logged")
         try:

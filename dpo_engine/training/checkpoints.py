@@ -3,8 +3,9 @@
 A checkpoint is a folder ``step-N/`` holding the trained weights (safetensors: the policy, or its
 adapter), the synced reference with TR-DPO (``reference/model.safetensors``), ``trainer.pt`` (optimizer,
 scheduler, master weights, loss scale and every rank's RNG states; read with ``weights_only=True``)
-and ``state.json``, written last, with the step, the metric history, every other file's size and
-sha256 and a digest of itself. It is written as ``.step-N.tmp<pid>`` and renamed (``atomic_write``),
+and ``state.json``, written last, with the step, where its metric history ends in the folder's
+``history.jsonl`` (entries, bytes, sha256: :mod:`~dpo_engine.training.history_log`), every other
+file's size and sha256 and a digest of itself. It is written as ``.step-N.tmp<pid>`` and renamed (``atomic_write``),
 so a killed save leaves no ``step-N``; leftovers of dead writers are removed.
 
 A resume takes the newest checkpoint whose files match their recorded sizes and hashes (older ones
@@ -34,6 +35,7 @@ from data_contracts.helpers import atomic_write, pid_alive, sha256_file
 from dpo_engine.modeling import is_peft
 from dpo_engine.training.distributed import world
 from dpo_engine.training.errors import TrainingError
+from dpo_engine.training.history_log import HISTORY, read_history, sync_history
 from dpo_engine.training.master_weights import MasterWeights
 
 REF_WEIGHTS = "reference/model.safetensors"  # TR-DPO: the synced reference, next to the policy
@@ -88,10 +90,16 @@ def _read_state(path: Path) -> dict:
     except ValueError as e:  # invalid JSON or UTF-8
         raise DamagedCheckpoint(name, f"invalid JSON: {_why(e).partition(': ')[2]}") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) \
-            or not isinstance(state.get("history"), list):
+            or not (isinstance(state.get("history"), list) or isinstance(state.get("history_len"), int)):
         raise DamagedCheckpoint(name, "no step and history in it")
     if "digest" in state and state["digest"] != _state_digest(state):
         raise DamagedCheckpoint(name, "its content differs from the digest recorded at save")
+    if "history" not in state:  # the history lives in the folder's history.jsonl (a prefix of it)
+        state["history"] = read_history(path.parent, state["history_len"], state.get("history_bytes", -1),
+                                        str(state.get("history_sha256")))
+        if state["history"] is None:
+            raise DamagedCheckpoint(name, f"the first {state['history_len']} entries of {HISTORY} it "
+                                          "names are missing or changed")
     files = state.get("files")
     if files is not None and not (isinstance(files, dict) and all(
             isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
@@ -247,10 +255,9 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history: list[
                     "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
                     "rng": rng or []},
                    tmp / "trainer.pt")
-        state = {"step": step, "history": history, "files": _file_manifest(tmp)}
+        state = {"step": step, **sync_history(ckpt_dir, history), "files": _file_manifest(tmp)}
         state["digest"] = _state_digest(state)
         (tmp / STATE).write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)  # a rename does not replace a folder that has files
 
     atomic_write(final, write)
 
@@ -355,9 +362,30 @@ def _load_weights(path: Path, model) -> None:
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
+def _model_keys(model: nn.Module, state: dict) -> dict:
+    """``state`` as saved by ``save_pretrained`` with the model's own parameter names: transformers
+    writes some architectures under their original checkpoint names (a LLaVA's
+    ``language_model.model.*`` for its ``model.language_model.*``); a key renamed on saving is
+    renamed back (its tensor is the one of the model's own key)."""
+    own = model.state_dict()
+    if set(state) <= set(own):
+        return state
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return state
+    by_ptr: dict[int, str] = {}
+    for k, t in own.items():
+        by_ptr.setdefault(t.data_ptr(), k)
+    saved = revert_weight_conversion(model, dict(own))
+    rename = {k: by_ptr[t.data_ptr()] for k, t in saved.items() if t.data_ptr() in by_ptr}
+    return {rename.get(k, k): v for k, v in state.items()}
+
+
 def _load_state(model: nn.Module, state: dict) -> tuple[list[str], list[str]]:
     """(missing, unexpected) keys; a missing key whose tensor is tied to a loaded one (a tied LM
     head, written once) is not missing."""
+    state = _model_keys(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     own = model.state_dict()
     loaded = {own[k].data_ptr() for k in state if k in own}

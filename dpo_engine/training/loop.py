@@ -19,7 +19,8 @@ same update.
 
 Options (issue #5): gradient checkpointing, 8-bit AdamW (bitsandbytes, CUDA), per-step peak memory
 and MFU, periodic evaluation through an ``evaluate_fn(step)`` callback (logged with ``eval/`` names)
-and early stopping on any logged metric (``stopping``).
+and early stopping on any logged metric (``stopping``). Mixture-of-experts policies add TRL's router
+auxiliary loss, that of all the step's tokens whatever the split (``router_aux``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from dpo_engine.modeling import (autocast, autocast_dtype, disable_dropout, is_p
                                  reference_mode, set_seed)
 # logps.X and optim.X are looked up at call time: tests patch logps.compile_layers and optim.make_scaler
 from dpo_engine.modeling import logps
+from dpo_engine.modeling.router import aux_loss_coef, router_of
 from dpo_engine.training import optim
 from dpo_engine.training.checkpoints import (apply_trainer_state, latest_checkpoint, read_checkpoint,
                                              remove_crash_leftovers, resume, rng_state, save_checkpoint)
@@ -54,6 +56,7 @@ from dpo_engine.training.master_weights import MasterWeights
 from dpo_engine.training.observability import (gather_records, logged_metrics, mfu, peak_memory_mb, peak_tflops,
                                                step_metrics, step_record)
 from dpo_engine.training.reference_sync import sync_reference, tr_dpo_settings
+from dpo_engine.training.router_aux import StepAux
 from dpo_engine.training.stopping import should_stop
 
 
@@ -74,7 +77,7 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
           log_fn: Callable[[dict, int], None] | None = None,
           progress: Callable[[int, dict], None] | None = None, keep_checkpoints: int | None = None,
           evaluate_fn: Callable[[int], dict] | None = None,
-          ref_cfg: ReferenceConfig | None = None) -> TrainResult:
+          ref_cfg: ReferenceConfig | None = None, vision=None) -> TrainResult:
     """Train ``model`` in place on ``pairs`` (valid.parquet rows) against the reference ``ref``:
     precomputed log-probs (a frame), None (computed on the fly by ``model`` with its adapter disabled;
     ``model`` must be a PeftModel) or a frozen reference model run online on every micro-batch.
@@ -88,6 +91,7 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
     the random generators' states; a re-run resumes from the last one.
     ``evaluate_fn(step) -> {"eval/...": value}`` runs every ``cfg.eval_steps`` steps (the model is put
     back in train mode afterwards); its metrics join that step's and may drive early stopping.
+    ``vision``: a vision-language model's ``modeling.vision.VisionInputs`` (the rows' image inputs).
     """
     device = torch.device(device)
     fsdp = fsdp_settings()
@@ -96,6 +100,8 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
     if cfg.disable_dropout:  # also for a model passed in built (load_model already did it for its own)
         disable_dropout(model)
     records = pairs.to_dict("records")
+    aux_coef = aux_loss_coef(cfg.router_aux_loss_coef, model)  # MoE: TRL's loss + coef * aux_loss
+    router = router_of(model) if aux_coef > 0 else None
     reference = _reference(model, pairs, ref)
     sync = tr_dpo_settings(model, ref, ref_cfg)
 
@@ -170,11 +176,16 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
         sft_tpp = sum(len(records[i]["chosen_input_ids"]) for i in step_idx) / n_pairs
         idx = step_idx[rank * bs * accum:(rank + 1) * bs * accum]
         outs, tokens = [], 0
-        for m0 in range(0, len(idx), bs):
-            sel = idx[m0:m0 + bs]
+        mbs = [idx[m0:m0 + bs] for m0 in range(0, len(idx), bs)]
+        aux = None if router is None else StepAux(router, aux_coef, len(mbs), n_ranks, n_ranks if fsdp else 1)
+        if aux is not None and len(mbs) > 1:  # the step's aux needs every micro-batch's router logits
+            _router_prepass(model, [[records[i] for i in sel] for sel in mbs], aux, pad_id, cfg, device, amp,
+                            vision)
+        for k, sel in enumerate(mbs):
             out, pc, pr, seq, n_tok = _micro_step(model, [records[i] for i in sel], sel, reference,
                                                   n_pairs / (n_ranks if fsdp else 1), pad_id, loss_cfg, cfg,
-                                                  device, amp, scaler, sft_tpp)
+                                                  device, amp, scaler, sft_tpp, vision=vision,
+                                                  aux=None if aux is None else (aux, k))
             master.grads_in()
             outs.append(step_record(out, pc, pr, seq))
             tokens += n_tok
@@ -190,6 +201,8 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
             params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor
         loss_val, tokens = loss_sum[0].item() / n_pairs, int(loss_sum[1].item())
+        if aux is not None:  # the optimised loss, as TRL logs it
+            loss_val += aux_coef * aux.value
         overflow = scaler.is_enabled() and math.isfinite(loss_val) and not torch.isfinite(grad_norm)
         overflows = overflows + 1 if overflow else 0
         if not math.isfinite(loss_val) or (not torch.isfinite(grad_norm) and not overflow) \
@@ -215,6 +228,8 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
         seconds = time.perf_counter() - t0
         seen += tokens
         metrics = step_metrics(outs, grad_norm.item(), lr, tokens, seconds)
+        if aux is not None:
+            metrics["loss"], metrics["aux_loss"] = loss_val, aux.value
         metrics["num_tokens"] = float(seen)
         metrics["peak_memory_mb"] = peak_memory_mb(device)
         if loss_scale is not None:
@@ -269,14 +284,17 @@ def _reference(model, pairs: pd.DataFrame, ref):
 
 def _micro_step(model, mb: list[dict], sel: list[int], reference, n_pairs: float, pad_id: int,
                 loss_cfg: LossConfig, cfg: TrainConfig, device: torch.device, amp: torch.dtype | None,
-                scaler: torch.amp.GradScaler, sft_tokens_per_pair: float | None = None):
+                scaler: torch.amp.GradScaler, sft_tokens_per_pair: float | None = None, vision=None,
+                aux: tuple[StepAux, int] | None = None):
     """Forward + backward of one micro-batch; the loss is normalised by the pairs of the whole step
     (and multiplied by the fp16 loss scale, a no-op otherwise), an SFT term by the step's chosen
-    tokens (``sft_tokens_per_pair`` = those tokens / the step's pairs)."""
-    fwd = dict(loss_cfg=loss_cfg, chunk_size=cfg.logit_chunk_size, device=device,
-               padding_free=cfg.padding_free, pad_to_multiple_of=cfg.pad_to_multiple_of)
+    tokens (``sft_tokens_per_pair`` = those tokens / the step's pairs). ``aux`` (the step's router
+    aux loss, this micro-batch's index): the policy forward returns its router logits and the loss
+    gets their aux surrogate (``router_aux``); the reference forward computes no router logits."""
+    fwd = _forward_kwargs(loss_cfg, cfg, device, vision)
     with autocast(amp, device):
-        fw = _policy_logps(model, mb, pad_id, with_stats=True, grad_filter_eps=cfg.grad_filter_eps, **fwd)
+        fw = _policy_logps(model, mb, pad_id, with_stats=True, grad_filter_eps=cfg.grad_filter_eps,
+                           router_logits=aux is not None, **fwd)
         if reference is None or isinstance(reference, nn.Module):
             with torch.no_grad(), (reference_mode(unwrap_fsdp(model)) if reference is None else nullcontext()):
                 fr = _policy_logps(model, mb, pad_id, **fwd) if reference is None else \
@@ -287,8 +305,27 @@ def _micro_step(model, mb: list[dict], sel: list[int], reference, n_pairs: float
     pc, pr = fw["chosen"], fw["rejected"]
     out = loss_from_config(loss_cfg, pc, pr, rc, rr, ld_weighted=fw["ld_weighted"],
                            sft_tokens_per_pair=sft_tokens_per_pair, **fw["loss_inputs"])
-    scaler.scale(out.losses.sum() / n_pairs).backward()
+    total = out.losses.sum() / n_pairs
+    if aux is not None:
+        total = total + aux[0].surrogate(aux[1], fw["seq"]["router_logits"], fw["batch"].attention_mask)
+    scaler.scale(total).backward()
     return out, pc.detach(), pr.detach(), fw["seq"], fw["batch"].num_tokens
+
+
+def _forward_kwargs(loss_cfg: LossConfig, cfg: TrainConfig, device: torch.device, vision) -> dict:
+    return dict(loss_cfg=loss_cfg, chunk_size=cfg.logit_chunk_size, device=device,
+                padding_free=cfg.padding_free, pad_to_multiple_of=cfg.pad_to_multiple_of, vision=vision)
+
+
+def _router_prepass(model, mbs: list[list[dict]], aux: StepAux, pad_id: int, cfg: TrainConfig,
+                    device: torch.device, amp: torch.dtype | None, vision) -> None:
+    """Router logits of micro-batches 2.. of the step, forwarded without gradient before the first
+    backward (the first micro-batch's come from its own training forward)."""
+    with torch.no_grad(), autocast(amp, device):
+        for k in range(1, len(mbs)):
+            fw = _policy_logps(model, mbs[k], pad_id, router_logits=True,
+                               **_forward_kwargs(None, cfg, device, vision))
+            aux.record(k, fw["seq"]["router_logits"], fw["batch"].attention_mask)
 
 
 def _policy_logps(model: nn.Module, *args, **kwargs) -> dict:

@@ -32,7 +32,9 @@ def should_stop(history: list[dict], cfg: TrainConfig) -> bool:
     if any(rule(history) for rule in _EXTRA_RULES.get()):
         return True
     name = cfg.early_stopping_metric
-    if not name:
+    if not name or not history or name not in history[-1]:
+        # the verdict only changes at an evaluation, and a True one ends the training there (a
+        # resumed run's last entry is that evaluation): no need to read the history between them
         return False
     values = [h[name] for h in history if name in h]
     best, since = None, 0
