@@ -36,3 +36,22 @@ import logging  # noqa: E402
 
 # Prefect's temporary server logs "stopping" at interpreter exit, after pytest closed its streams.
 logging.raiseExceptions = False
+
+
+@pytest.fixture(autouse=True)
+def _transformers_globals_restored():
+    """transformers' from_pretrained swaps process-wide globals (PreTrainedModel.tie_weights, the
+    torch.nn.init functions) while it runs; a load interrupted or raced in a test's thread could leave
+    them swapped for the tests that follow in this process: put them back, and say so."""
+    import torch.nn.init as init
+    from transformers import PreTrainedModel
+
+    tie = PreTrainedModel.__dict__.get("tie_weights")
+    inits = {k: v for k, v in vars(init).items() if callable(v) and not k.startswith("_")}
+    yield
+    if PreTrainedModel.__dict__.get("tie_weights") is not tie:
+        PreTrainedModel.tie_weights = tie
+        print("conftest: PreTrainedModel.tie_weights was left swapped by this test; restored")
+    for k, v in inits.items():
+        if getattr(init, k) is not v:
+            setattr(init, k, v)

@@ -169,7 +169,7 @@ def test_two_fsdp_ranks_match_one_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_fsdp_rank, args=(str(tmp_path), port), nprocs=2)
-    got = torch.load(tmp_path / "fsdp.pt")
+    got = torch.load(tmp_path / "fsdp.pt", weights_only=True)
     model, hist = _train_8_pairs(tmp_path / "one", per_device_train_batch_size=8)
     assert got["aux"] == pytest.approx([h["aux_loss"] for h in hist], rel=1e-6)
     assert torch.allclose(got["weights"], _flat(model), atol=1e-5)

@@ -61,10 +61,13 @@ class VisionChatModel(PythonModel):
     def load_context(self, context):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from dpo_engine.modeling import LOAD_LOCK  # from_pretrained swaps process-wide globals
+
         folder = context.artifacts["hf_model"]
         self.processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
-        self.model = AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=True,
-                                                                 trust_remote_code=False).eval()
+        with LOAD_LOCK:
+            self.model = AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=True,
+                                                                     trust_remote_code=False).eval()
 
     def predict(self, context, model_input, params=None):
         import torch
