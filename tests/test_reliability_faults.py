@@ -254,11 +254,18 @@ def do_train(model_dir: Path, out: Path):
     from dpo_engine.training import train
 
     data = pairs()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ref = compute_reference_logps(model, data, pad_id=0, batch_size=8)
-    cfg = TrainConfig(learning_rate=1e-3, max_steps=STEPS, seed=3, save_steps=1, save_total_limit=3,
-                      per_device_train_batch_size=2)
-    res = train(model, data, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=out)
+    # one intra-op thread, as in the workers (OMP_NUM_THREADS=1): a resumed run is compared bit for
+    # bit with an uninterrupted one, and the sum order of a reduction depends on the thread count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        ref = compute_reference_logps(model, data, pad_id=0, batch_size=8)
+        cfg = TrainConfig(learning_rate=1e-3, max_steps=STEPS, seed=3, save_steps=1, save_total_limit=3,
+                          per_device_train_batch_size=2)
+        res = train(model, data, ref, loss_cfg=LossConfig(), cfg=cfg, pad_id=0, out_dir=out)
+    finally:
+        torch.set_num_threads(threads)
     return res, {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -143,4 +143,5 @@ def test_hostile_rows_are_valid_or_rejected_with_a_code(tmp_path, num_proc):
           f"{mem.max_children}, plain RSS sum peak {mem.peak_rss_sum / 2**20:.0f} MiB)")
     limit = RSS_GROWTH_LIMIT + (num_proc if num_proc > 1 else 0) * WORKER_ALLOWANCE
     assert growth < limit, f"tree memory grew {growth / 2**20:.0f} MiB (limit {limit / 2**20:.0f} MiB)"
-    assert seconds < 30
+    # a hang guard, not a speed target (speed lives in bench/): generous for a loaded 2-core machine
+    assert seconds < 300

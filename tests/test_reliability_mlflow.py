@@ -39,7 +39,7 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
-    def start(self, timeout: float = 90) -> None:
+    def start(self, timeout: float = 240) -> None:  # a loaded 2-core CI machine: a minute or more
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env["HOME"] = str(self.root)  # nothing of the server's lands in the real $HOME
         log = open(self.root / f"server-{self.starts}.log", "wb")
