@@ -1,4 +1,4 @@
-"""The ``registry`` (with its promotion ``gate``) and ``tracking`` sections: MLflow names, retries, store."""
+"""The ``registry`` (with its promotion ``gate``) and ``tracking`` sections: MLflow names, retries, store, system metrics."""
 
 from __future__ import annotations
 
@@ -51,6 +51,12 @@ class TrackingConfig(Section):
                                             "home. Or set MLFLOW_TRACKING_URI. No password in it (the config "
                                             "is saved with the run): MLflow reads MLFLOW_TRACKING_USERNAME "
                                             "and MLFLOW_TRACKING_PASSWORD from the environment.")
+    system_metrics_interval_s: float = Field(10.0, ge=0, le=3600, description="Seconds between samples "
+                                             "of the machine's CPU, memory, disk, network and (with pynvml) "
+                                             "GPU use while training, logged to the run as MLflow's system/ "
+                                             "metrics (its System metrics charts); needs psutil, else not "
+                                             "logged (said in one line). 0: off. "
+                                             "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.")
 
     @field_validator("mlflow_tracking_uri")
     @classmethod

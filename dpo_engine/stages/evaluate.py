@@ -120,7 +120,8 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, train
     run_id = trained["mlflow_run_id"]
     tracking.connect(mlflow_uri(cfg), retry=tracking.RetryPolicy.from_config(cfg.registry), check=False)
     outbox = tracking.Outbox(run_id)
-    outbox.log_metrics(metrics)
+    # at the training's last step, where the periodic evaluation's curves end (not at step 0 below them)
+    outbox.log_metrics(metrics, step=trained.get("steps") or 0)
     for f in [out / "samples.jsonl", out / "metrics.json", *pngs]:
         outbox.log_artifact(f, "evaluation")
     if not table.empty:

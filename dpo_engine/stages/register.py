@@ -59,8 +59,8 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, trained: dict, evaluated
             tracking.Outbox(run_id).send(wait=True)
             crash_point(STAGE, "outbox-sent")
             tags = version_tags(cfg, run_dir, validated)
-            if tags["code_version"]:
-                tracking.set_tags(run_id, {"mlflow.source.git.commit": tags["code_version"]})
+            if tags["code_version"]:  # the training set the commit it ran from: kept; older runs get this one
+                tracking.set_tags(run_id, {"mlflow.source.git.commit": tags["code_version"]}, keep_existing=True)
             gate = cfg.registry.gate
             info = tracking.register_model(
                 run_id, trained["model_dir"], cfg.registry.model_name,

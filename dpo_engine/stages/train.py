@@ -37,8 +37,10 @@ from dpo_engine.modeling import (
 from dpo_engine.reference import read_cache, training_reference
 from dpo_engine.stages import launch
 from dpo_engine.stages.index import claim_partial, record, reused
-from dpo_engine.stages.runtime import Timer, crash_point
+from dpo_engine.stages.runtime import Timer, code_version, crash_point
 from dpo_engine.sweep import stop_rule
+from dpo_engine.tracking.datasets import split_inputs
+from dpo_engine.tracking.system_metrics import system_metrics
 from dpo_engine.training import check_optim, extra_stop_rule, total_steps, train, world
 
 STAGE = "train"
@@ -108,7 +110,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
         check_vision_run(cfg)
 
     lead = world()[0] == 0  # a launched training's rank 0: it alone logs, checkpoints, exports, records
-    log_step, run_id = (None, None)
+    log_step, run_id, outbox = (None, None, None)
     if lead:
         claim_partial(STAGE, fp, out)  # a crashed earlier run of this training: go on from its checkpoints
         run_id, outbox = _start_tracking(cfg, run_dir, fp, out, validated)
@@ -126,7 +128,8 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
         steps = total_steps(len(pairs), cfg.train)
         evaluate_fn = eval_callback(cfg, validated, precomputed, model, tok.pad_token_id, device, vision)
         lagging = stop_rule(run_dir)  # a sweep variant's "behind the best variant" stop, else None
-        with tqdm(total=steps, desc="train", unit="step", disable=not lead) as bar, extra_stop_rule(lagging):
+        with tqdm(total=steps, desc="train", unit="step", disable=not lead) as bar, extra_stop_rule(lagging), \
+                system_metrics(outbox, cfg.tracking.system_metrics_interval_s):  # rank 0's run: system/ metrics
             def on_step(step, m):
                 if bar.n == 0 and step > 1:  # resumed from a checkpoint: the bar and its ETA start there
                     bar.n = bar.initial = step - 1
@@ -173,12 +176,16 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
 
 def _start_tracking(cfg: RunConfig, run_dir: Path, fp: str, out: Path, validated: dict):
     """The training's MLflow run (the same one when a retried or resumed training goes on) with the
-    config as params, and the outbox its step metrics go through."""
+    config as params, the git commit it runs from (``mlflow.source.git.commit``), the run folder's
+    ``config.yaml`` as an artifact and the validated splits as its dataset inputs; and the outbox its
+    step metrics go through (the artifact and inputs too: sent when MLflow answers)."""
     tracking.connect(mlflow_uri(cfg), retry=tracking.RetryPolicy.from_config(cfg.registry))
     id_file = out / "mlflow_run_id"
+    commit = code_version()
     run_id = tracking.start_run(cfg.registry.experiment, Path(run_dir).name,
                                 tags={"dpo.fingerprint": fp, "dpo.run_dir": str(run_dir),
-                                      "dpo.base_model": cfg.model.name_or_path},
+                                      "dpo.base_model": cfg.model.name_or_path,
+                                      **({"mlflow.source.git.commit": commit} if commit else {})},
                                 run_id=id_file.read_text().strip() if id_file.is_file() else None)
     out.mkdir(parents=True, exist_ok=True)
     write_text(id_file, run_id)
@@ -188,6 +195,9 @@ def _start_tracking(cfg: RunConfig, run_dir: Path, fp: str, out: Path, validated
     # hangs never holds up a step
     outbox = tracking.Outbox(run_id, background=True)
     outbox.log_metrics(validated.get("metrics", {}))
+    outbox.log_inputs(split_inputs(validated))
+    if (Path(run_dir) / "config.yaml").is_file():  # written by the pipeline; a bare stage call may lack it
+        outbox.log_artifact(Path(run_dir) / "config.yaml")
     return run_id, outbox
 
 

@@ -23,13 +23,14 @@ from data_contracts.helpers import file_lock, write_bytes
 from data_contracts.state import state_home
 from dpo_engine.tracking import client as tracking_client  # mlflow_client read per call: tests patch it
 from dpo_engine.tracking.client import RetryPolicy, call, failure_reason, is_transient
-from dpo_engine.tracking.runs import log_table
+from dpo_engine.tracking.runs import dataset_inputs, log_table
 
 
 class Outbox:
     """Writes to one MLflow run that must not be lost while the tracking store is unreachable.
 
-    Each entry (a metrics batch with its step and time stamp, an artifact file, a table) is first
+    Each entry (a metrics batch with its step and time stamp, an artifact file, a table, dataset
+    inputs) is first
     appended to ``state_home()/mlflow/outbox/<run_id>.jsonl``, then everything pending is sent. When
     the store does not answer, the entries stay in the file (surviving a crash too) and sending is
     tried again after a back-off (``RetryPolicy.backoff_s`` doubling to ``max_backoff_s``) on a
@@ -82,6 +83,13 @@ class Outbox:
     def log_table(self, jsonl: str | Path, artifact_file: str) -> bool:
         """The JSONL file ``jsonl`` (one row per line) as an MLflow table."""
         self._append({"table": str(Path(jsonl).resolve()), "artifact_file": artifact_file})
+        return self.send()
+
+    def log_inputs(self, datasets: list[dict]) -> bool:
+        """Dataset inputs of the run (descriptions as :func:`dpo_engine.tracking.datasets.split_inputs`
+        makes them); sent again after a crash, MLflow adds nothing."""
+        if datasets:
+            self._append({"inputs": datasets})
         return self.send()
 
     def pending(self) -> list[dict]:
@@ -155,12 +163,15 @@ class Outbox:
             self._drop_sent(n)
 
     def _send_entries(self, client, group: list[dict]) -> None:
-        """One artifact or table entry, or a run of metric entries."""
+        """One artifact, table or dataset inputs entry, or a run of metric entries."""
         e = group[0]
         if "metrics" in e:
             batch = [Metric(k, v, m["ts"], m["step"]) for m in group for k, v in m["metrics"].items()]
             for i in range(0, len(batch), 1000):  # MLflow's limit per request
                 client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+            return
+        if "inputs" in e:
+            client.log_inputs(self.run_id, datasets=dataset_inputs(e["inputs"]))
             return
         src = e.get("artifact") or e.get("table")
         if not Path(src).exists():  # said, not silently dropped
@@ -186,7 +197,8 @@ class Outbox:
             for e in group:
                 fh.write(json.dumps({"entry": e, "reason": reason}).encode() + b"\n")
         what = (f"{sum(len(e['metrics']) for e in group)} metric values" if "metrics" in group[0]
-                else f"{group[0].get('artifact') or group[0].get('table')}")
+                else f"dataset inputs {', '.join(d['name'] for d in group[0]['inputs'])}"
+                if "inputs" in group[0] else f"{group[0].get('artifact') or group[0].get('table')}")
         self.log(f"outbox {self.path}: MLflow refused {what} ({reason}); set aside in "
                  f"{self.set_aside_path}, not retried")
 

@@ -1,4 +1,5 @@
-"""Experiments and runs, and what is logged to a run: params, metrics, tags, artifacts, tables.
+"""Experiments and runs, and what is logged to a run: params, metrics, tags, artifacts, tables,
+dataset inputs; and a run's metrics attached to the model it logged.
 
 Every function works on an explicit run id through :class:`mlflow.MlflowClient`, so stages running
 in separate processes can log to the same run; nothing is left as MLflow's "active run". Local
@@ -16,8 +17,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from data_contracts.state import state_home
 from dpo_engine.tracking import client as tracking_client  # mlflow_client read per call: tests patch it
@@ -119,7 +121,11 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None)
 
 
 @retried("set tags")
-def set_tags(run_id: str, tags: dict) -> None:
+def set_tags(run_id: str, tags: dict, keep_existing: bool = False) -> None:
+    """Set the run's ``tags``; ``keep_existing``: only those the run does not have yet."""
+    if keep_existing:
+        have = tracking_client.mlflow_client().get_run(run_id).data.tags
+        tags = {k: v for k, v in tags.items() if k not in have}
     items = [RunTag(k, str(v)[:MAX_TAG_LEN]) for k, v in tags.items()]
     for i in range(0, len(items), BATCH):
         tracking_client.mlflow_client().log_batch(run_id, tags=items[i:i + BATCH])
@@ -155,6 +161,49 @@ def log_table(run_id: str, table, artifact_file: str) -> None:
         path = Path(tmp) / posixpath.basename(artifact_file)
         table.to_json(path, orient="split", index=False, date_format="iso")
         client.log_artifact(run_id, str(path), folder)
+
+
+def dataset_inputs(datasets: list[dict]) -> list[DatasetInput]:
+    """MLflow dataset inputs of descriptions ``{name, digest, source_type, source, schema, profile,
+    context, tags}`` (:func:`dpo_engine.tracking.datasets.split_inputs`); ``context`` becomes the
+    ``mlflow.data.context`` tag the UI shows. Logged again, they add nothing: MLflow keeps one input
+    of a run per dataset (name, digest)."""
+    out = []
+    for d in datasets:
+        tags = {**(d.get("tags") or {}), **({MLFLOW_DATASET_CONTEXT: d["context"]} if d.get("context") else {})}
+        out.append(DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"],
+                                        d.get("schema"), d.get("profile")),
+                                tags=[InputTag(k, str(v)[:500]) for k, v in tags.items()]))
+    return out
+
+
+@retried("log model metrics")
+def log_model_metrics(run_id: str, model_id: str, names) -> list[str]:
+    """Attach the run's metrics ``names`` to its logged model ``model_id`` (MLflow 3's LoggedModel:
+    the model's page lists them): each metric's latest point in the run (highest step, then newest)
+    logged again with the model id, its run and the dataset it was computed on (the run's
+    ``evaluation`` input for ``eval/`` names, its ``training`` input otherwise, when logged). Same
+    name, step, value and time stamp as the run's point: the run's history gains nothing. Names the
+    run lacks are left out. Returns the names attached."""
+    client = tracking_client.mlflow_client()
+    inputs = client.get_run(run_id).inputs
+    by_context = {}
+    for di in (inputs.dataset_inputs if inputs else []):
+        context = {t.key: t.value for t in di.tags}.get(MLFLOW_DATASET_CONTEXT)
+        by_context.setdefault(context, di.dataset)
+    batch = []
+    for name in dict.fromkeys(names):
+        history = client.get_metric_history(run_id, name)
+        if not history:
+            continue
+        last = max(history, key=lambda m: (m.step, m.timestamp))
+        ds = by_context.get("evaluation" if name.startswith("eval/") else "training")
+        batch.append(Metric(name, last.value, last.timestamp, last.step, model_id=model_id,
+                            dataset_name=ds.name if ds else None, dataset_digest=ds.digest if ds else None,
+                            run_id=run_id))
+    for i in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[i:i + 1000])
+    return [m.key for m in batch]
 
 
 def metric_histories(run_id: str, names: list[str]) -> dict[str, list[tuple[int, float]]]:
