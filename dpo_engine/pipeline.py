@@ -170,10 +170,14 @@ def summary_table(summary: dict) -> str:
             ("judge score (mean)", m.get("eval/policy_score"), m.get("eval/reference_score")),
             ("response length (chars)", m.get("eval/policy_response_chars"), m.get("eval/reference_response_chars")),
             ("win-rate vs reference", m.get("eval/win_rate"), None),
+            ("length-controlled win-rate", m.get("eval/lc_win_rate"), None),
+            ("length coefficient", m.get("eval/length_coef"), None),
+            ("judge order disagreement", m.get("eval/judge_disagreement"), None),
             ("KL(policy||reference)", m.get("eval/kl_policy_reference"), 0.0 if m else None)]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     lines = [f"{'metric':<28}{'policy':>10}{'reference':>12}", "-" * 50]
     lines += [f"{name:<28}{fmt(p):>10}{fmt(r):>12}" for name, p, r in rows if p is not None]
-    if "eval/win_rate_ci_low" in m:
-        lines.append(f"win-rate 95% CI: [{m['eval/win_rate_ci_low']:.3f}, {m['eval/win_rate_ci_high']:.3f}]")
+    for name, key in (("win-rate", "eval/win_rate"), ("length-controlled win-rate", "eval/lc_win_rate")):
+        if f"{key}_ci_low" in m:
+            lines.append(f"{name} 95% CI: [{m[f'{key}_ci_low']:.3f}, {m[f'{key}_ci_high']:.3f}]")
     return "\n".join(lines)

@@ -15,7 +15,11 @@ class EvalConfig(Section):
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: Seed = 0
-    judge: str | None = Field("data_contracts.builtin:judge", description="'module:function' scoring "
-                              "(prompt, response, row) -> float (higher is better), or "
+    judge: str | None = Field("data_contracts.builtin:judge", description="Pointwise: 'module:function' "
+                              "scoring (prompt, response, row) -> float (higher is better), or "
                               "'reward_model:<folder or hub id>' (a sequence-classification reward "
-                              "model); null: no judge.")
+                              "model). Pairwise: 'pairwise:module:function' returning P(response_a "
+                              "better) in [0, 1] for (prompt, response_a, response_b, row), called in both "
+                              "orders to cancel position bias, or 'pairwise:reward_model:<folder or hub id>' "
+                              "(sigmoid of the score difference). Either gives the raw and the "
+                              "length-controlled win-rate; null: no judge.")

@@ -46,26 +46,36 @@ def training_curves(history: list[dict], path: str | Path) -> Path | None:
 
 
 def eval_scores(table, metrics: dict[str, float], path: str | Path) -> Path | None:
-    """Judge score distributions, policy vs reference, and the win-rate with its 95% CI; None when
-    the table has no judge scores."""
-    if table is None or "policy_score" not in getattr(table, "columns", []) or table.empty:
+    """Per-prompt judgements (a pointwise judge's score distributions, policy vs reference; a pairwise
+    judge's P(policy better)) and the raw and length-controlled win-rates with their 95% CIs; None
+    when the table has no judgements."""
+    columns = getattr(table, "columns", [])
+    if table is None or table.empty or not ("policy_score" in columns or "p_policy_first" in columns):
         return None
     fig, (dist, win) = _figure(2)
-    scores = [table["policy_score"].astype(float), table["reference_score"].astype(float)]
-    lo = min(float(s.min()) for s in scores)  # any judge's scale (a reward model's is unbounded)
-    hi = max(float(s.max()) for s in scores)
-    if lo == hi:
-        lo, hi = lo - 0.5, hi + 0.5
-    dist.hist(scores, bins=10, range=(lo, hi), label=["policy", "reference"])
-    dist.set(title="judge score per prompt", xlabel="score", ylabel="prompts")
-    dist.legend()
-    rate = metrics.get("eval/win_rate", float(table["win"].mean()) if "win" in table else None)
-    if rate is not None:
-        lo, hi = metrics.get("eval/win_rate_ci_low", rate), metrics.get("eval/win_rate_ci_high", rate)
-        win.bar(["policy vs reference"], [rate], capsize=8,
-                yerr=[[max(0.0, rate - lo)], [max(0.0, hi - rate)]])
+    if "policy_score" in columns:
+        scores = [table["policy_score"].astype(float), table["reference_score"].astype(float)]
+        lo = min(float(s.min()) for s in scores)  # any judge's scale (a reward model's is unbounded)
+        hi = max(float(s.max()) for s in scores)
+        if lo == hi:
+            lo, hi = lo - 0.5, hi + 0.5
+        dist.hist(scores, bins=10, range=(lo, hi), label=["policy", "reference"])
+        dist.set(title="judge score per prompt", xlabel="score", ylabel="prompts")
+        dist.legend()
+    else:
+        dist.hist(table["win"].astype(float), bins=10, range=(0.0, 1.0))
+        dist.set(title="pairwise judgement per prompt", xlabel="P(policy better), both orders", ylabel="prompts")
+    bars = [(label, metrics[key], metrics.get(f"{key}_ci_low", metrics[key]),
+             metrics.get(f"{key}_ci_high", metrics[key]))
+            for label, key in (("raw", "eval/win_rate"), ("length-controlled", "eval/lc_win_rate")) if key in metrics]
+    if not bars and "win" in columns:
+        rate = float(table["win"].mean())
+        bars = [("raw", rate, rate, rate)]
+    if bars:
+        win.bar([b[0] for b in bars], [b[1] for b in bars], capsize=8,
+                yerr=[[max(0.0, b[1] - b[2]) for b in bars], [max(0.0, b[3] - b[1]) for b in bars]])
         win.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    win.set(title="win-rate (95% CI)", ylim=(0.0, 1.0))
+    win.set(title="win-rate vs reference (95% CI)", ylim=(0.0, 1.0))
     return _save(fig, path)
 
 

@@ -5,13 +5,22 @@ from __future__ import annotations
 import numpy as np
 
 
+def resample_indices(size: int, *, n: int = 2000, seed: int = 0) -> np.ndarray:
+    """``n`` bootstrap resamples of ``size`` items, drawn with replacement: an (n, size) index array
+    (the same draws for the same seed, so statistics resampled with one seed share their resamples)."""
+    return np.random.default_rng(seed).integers(0, size, size=(n, size))
+
+
+def percentile_interval(estimates: np.ndarray) -> tuple[float, float]:
+    """The 95% percentile interval of bootstrap estimates."""
+    return float(np.quantile(estimates, 0.025)), float(np.quantile(estimates, 0.975))
+
+
 def bootstrap_ci(values: np.ndarray, *, n: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% percentile bootstrap interval of the mean."""
     if len(values) == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(axis=1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    return percentile_interval(values[resample_indices(len(values), n=n, seed=seed)].mean(axis=1))
 
 
 def kl_metrics(diffs: np.ndarray, *, seed: int = 0) -> dict[str, float]:

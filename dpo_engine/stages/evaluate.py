@@ -24,6 +24,7 @@ from dpo_engine.evaluation import (
     plots,
     preference_metrics,
     sample_kl,
+    win_rate_summary,
 )
 from data_contracts.images import row_refs
 from dpo_engine.modeling import (VisionInputs, load_model, load_processor, load_reference_model, load_tokenizer,
@@ -98,7 +99,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, train
                                                 max_new_tokens=cfg.eval.max_new_tokens, device=device, **images),
                                       seed=cfg.eval.seed))
             if judge is not None:
-                table, judged = judge_table(rows, texts["policy"], texts["reference"], judge)
+                table, judged = judge_table(rows, texts["policy"], texts["reference"], judge, seed=cfg.eval.seed)
                 metrics.update(judged)
             else:
                 table = pd.DataFrame({"prompt": [json.loads(r["prompt"]) for r in rows],
@@ -131,9 +132,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, train
     summary = (f"evaluate: eval accuracy {metrics['eval/rewards/accuracies']:.2f}, "
                f"margin {metrics['eval/rewards/margins']:.3f}")
     if "eval/win_rate" in metrics:
-        summary += (f", judge score policy {metrics['eval/policy_score']:.2f} vs reference "
-                    f"{metrics['eval/reference_score']:.2f}, win-rate {metrics['eval/win_rate']:.2f} "
-                    f"[{metrics['eval/win_rate_ci_low']:.2f}, {metrics['eval/win_rate_ci_high']:.2f}]")
+        summary += ", " + win_rate_summary(metrics)
     result = {
         "stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False, "seconds": t.seconds,
         "metrics": metrics, "samples": str(out / "samples.jsonl"),
