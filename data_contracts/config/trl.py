@@ -336,7 +336,10 @@ def translate_trl(mapping: Mapping, where: str = "the TRL config") -> Translatio
     noop = [f"{k}={_show(d[k])}" for k in d if k in NOOP_ONLY]
     if noop:
         t.notes.append("ignored at a value that does nothing: " + ", ".join(noop))
-    assert all(k in FIELDS or k in CONVERTED or k in IGNORED or k in NOOP_ONLY for k in d)
+    placed = {key.split(".")[0] for key in t.origin.values()}
+    for k in d:  # read, but no field came from it alone (e.g. eval_strategy steps, dataset_train_split)
+        if k not in placed and k not in IGNORED and k not in NOOP_ONLY:
+            t.notes.append(f"read: {k}={_show(d[k])}: {CONVERTED.get(k, FIELDS.get(k))}")
     return t
 
 
