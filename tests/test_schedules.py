@@ -43,7 +43,8 @@ def _hf_lrs(name, kw, warmup, steps, tmp_path):
     """What the HF Trainer (so TRL) uses: its create_scheduler on its own TrainingArguments. transformers 5
     spells warmup_ratio as a warmup_steps below 1."""
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", learning_rate=LR, lr_scheduler_type=name,
-                             lr_scheduler_kwargs=kw, warmup_steps=warmup.get("warmup_steps", warmup.get("warmup_ratio", 0)))
+                             lr_scheduler_kwargs=kw,
+                             warmup_steps=warmup.get("warmup_steps", warmup.get("warmup_ratio", 0)))
     host = SimpleNamespace(args=args, lr_scheduler=None)
     opt = _opt()
     sched = Trainer.create_scheduler(host, steps, optimizer=opt)

@@ -22,7 +22,8 @@ def _emit(model: BaseModel, indent: int, width: int, out: list[str]) -> None:
     for name, info in type(model).model_fields.items():
         value = getattr(model, name)
         if info.description:
-            out += [f"{pad}# {line}" for line in textwrap.wrap(info.description, max(40, width - len(pad) - 2), break_on_hyphens=False)]
+            lines = textwrap.wrap(info.description, max(40, width - len(pad) - 2), break_on_hyphens=False)
+            out += [f"{pad}# {line}" for line in lines]
         if isinstance(value, BaseModel):
             out.append(f"{pad}{name}:")
             _emit(value, indent + 1, width, out)

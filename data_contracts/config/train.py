@@ -52,8 +52,8 @@ class TrainConfig(Section):
                                                 "schedule (transformers' lr_scheduler_kwargs), e.g. "
                                                 "{num_cycles: 2} for cosine_with_restarts, {min_lr_rate: 0.1} "
                                                 "for cosine_with_min_lr (which needs min_lr or min_lr_rate), "
-                                                "{power: 2.0, lr_end: 1.0e-7} for polynomial, {num_decay_steps: 100} for "
-                                                "warmup_stable_decay (which needs it).")
+                                                "{power: 2.0, lr_end: 1.0e-7} for polynomial, "
+                                                "{num_decay_steps: 100} for warmup_stable_decay (which needs it).")
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Share of the optimizer steps spent warming "
                                 "up: ceil(warmup_ratio * steps) steps, as transformers.")
     warmup_steps: int = Field(0, ge=0, description="Warmup steps; when > 0 it overrides warmup_ratio (as "
