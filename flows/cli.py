@@ -1,8 +1,13 @@
 """The ``dpo`` command line: the whole flow, each stage on its own, sweeps, serving and comparing.
 This module is the argument parser; what each command does is in :mod:`flows.commands`.
 
-User errors (bad config, missing file, unreachable server, bad data) print one line and exit 1
-(2 when data fails its validation policy); no traceback.
+Exit codes: 0 done; 1 a user error (bad config, missing file, unreachable server, bad data), one
+line, no traceback; 2 a usage error (argparse: unknown option, missing argument); 3 the data failed
+its validation policy (too many rejected rows, or no valid row at all: ``dpo validate``, ``dpo run``).
+
+The run config is the first argument of ``dpo run``/``sweep``/``compare`` (or ``--config``): our
+nested YAML, or a flat TRL ``DPOConfig``/``trl dpo`` file, recognised by itself (``--trl-config FILE``
+insists on it); ``dpo config show`` prints any of them resolved, with each field's description.
 """
 
 from __future__ import annotations
@@ -25,11 +30,19 @@ from flows.commands import (
     default_config_path,
     stage_command,
 )
+from flows.config_commands import cmd_config_from_trl, cmd_config_show
 from flows.deployments import NIGHTLY_CRON
 
 
-def add_config_args(p: argparse.ArgumentParser, with_run_dir: bool = False) -> None:
-    p.add_argument("--config", "-c", default=None if with_run_dir else default_config_path(),
+EXIT_USER_ERROR, EXIT_USAGE, EXIT_DATA_POLICY = 1, 2, 3  # EXIT_USAGE: argparse's own
+
+
+def add_config_args(p: argparse.ArgumentParser, with_run_dir: bool = False, positional: bool = False) -> None:
+    if positional:  # `dpo run my.yaml`, as axolotl and torchtune take it; resolved by resolve_config
+        p.add_argument("config_file", nargs="?", metavar="CONFIG", help="run config YAML: ours, or a flat TRL "
+                       "DPOConfig / `trl dpo` file (recognised by itself); the same as --config")
+        p.set_defaults(config_parser=p)  # for resolve_config's usage errors
+    p.add_argument("--config", "-c", default=None if with_run_dir or positional else default_config_path(),
                    help="run config YAML (default: " + ("the run folder's config.yaml, else " if with_run_dir
                                                         else "") + "configs/default.yaml of this checkout)")
     p.add_argument("--set", "-s", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -46,14 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the whole dpo flow (local Prefect, local MLflow by default)",
-                       description="Run all five stages as a Prefect flow and print where to look.")
-    add_config_args(p)
+                       description="Run all five stages as a Prefect flow and print where to look. The config "
+                       "is our YAML or a TRL DPOConfig / `trl dpo` file (its notes say what was translated, "
+                       "what is ignored and why); every field: dpo config show --defaults.")
+    add_config_args(p, positional=True)
+    p.add_argument("--trl-config", metavar="FILE", help="a TRL DPOConfig / `trl dpo --config` YAML (flat TRL "
+                   "names: model_name_or_path, dataset_name, learning_rate, beta, ...), translated into our "
+                   "config; --set overrides apply after it, with our names (dpo config from-trl FILE shows "
+                   "the translation)")
     p.add_argument("--run-name", help="run folder name (default: time stamp + config hash)")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("validate", help="stage 1: validate/convert/tokenize preference data",
                        description="Either `dpo validate INPUT --out DIR` (one file: writes valid.parquet, "
-                       "rejects.parquet, report.json; exit 2 if the data fails policy) or "
+                       "rejects.parquet, report.json; exit 3 if the data fails policy) or "
                        "`dpo validate --run-dir DIR` (the pipeline stage on the config's data).")
     p.add_argument("input", nargs="?", help="a data file/folder (omit to use the config's data)")
     p.add_argument("--out", help="output folder for INPUT mode")
@@ -92,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Validate and precompute once, train and evaluate every combination of "
                        "the --grid values (or each --variant) as a child MLflow run under one parent, "
                        "register only the best by --metric.")
-    add_config_args(p)
+    add_config_args(p, positional=True)
     p.add_argument("--grid", "-g", action="append", default=[], metavar="SECTION.FIELD=V1,V2",
                    help="values to try for one field, e.g. --grid loss.beta=0.1,0.3 (repeatable; every "
                    "combination of the fields is a variant)")
@@ -132,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="table and plot of runs of an MLflow experiment",
                        description="Print key params and metrics of the latest runs of an experiment and "
                        "write a PNG overlaying their reward-margin/accuracy curves and eval win-rates.")
-    add_config_args(p)
+    add_config_args(p, positional=True)
     p.add_argument("--experiment", help="experiment name (default: the config's registry.experiment)")
     p.add_argument("--last", type=int, default=10)
     p.add_argument("--sweep", metavar="NAME", help="one sweep as one table: its variants (overrides, "
@@ -141,11 +160,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="where to write the comparison PNG (default: "
                    "$DPO_HOME/compare/compare-<UTC time>.png)")
     p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("config", help="show a config with each field's description, or translate a TRL file",
+                       description="`dpo config show [CONFIG] [--set ...]`: the resolved config (default: "
+                       "configs/default.yaml; --defaults: the built-in defaults) as YAML, each field under "
+                       "its description. `dpo config from-trl FILE`: a TRL DPOConfig / `trl dpo` YAML "
+                       "translated into ours (what is ignored and why on stderr).")
+    csub = p.add_subparsers(dest="config_cmd", required=True, metavar="ACTION")
+    q = csub.add_parser("show", help="the resolved config (or the defaults), each field with its description")
+    add_config_args(q, positional=True)
+    q.add_argument("--defaults", action="store_true", help="the built-in defaults (no config file)")
+    q.set_defaults(fn=cmd_config_show)
+    q = csub.add_parser("from-trl", help="print a TRL DPOConfig / `trl dpo` YAML translated into our config")
+    q.add_argument("file", metavar="FILE", help="the TRL YAML (flat names: model_name_or_path, beta, ...)")
+    q.set_defaults(fn=cmd_config_from_trl)
     return ap
+
+
+def resolve_config(args) -> None:
+    """One config path from the positional CONFIG, --config or --trl-config (two of them: a usage
+    error); none: configs/default.yaml (``dpo config show --defaults``: none at all)."""
+    given = [(flag, v) for flag, v in (("CONFIG", getattr(args, "config_file", None)), ("--config", args.config),
+                                       ("--trl-config", getattr(args, "trl_config", None))) if v]
+    if len(given) > 1:
+        args.config_parser.error(f"give one config, not {' and '.join(flag for flag, _ in given)}")
+    args.trl = bool(given) and given[0][0] == "--trl-config"
+    args.config = given[0][1] if given else (None if getattr(args, "defaults", False) else default_config_path())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "config_file"):
+        resolve_config(args)
     if os.environ.get("DPO_DEBUG"):
         return args.fn(args)
     try:
@@ -158,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         if err is None:
             raise
         print(f"error: {redact_credentials(str(err)).removeprefix('error: ')}", file=sys.stderr)
-        return 2 if type(err).__name__ == "DataPolicyError" else 1
+        return EXIT_DATA_POLICY if type(err).__name__ == "DataPolicyError" else EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -33,6 +32,10 @@ def cmd_run(args) -> int:
     from dpo_engine.pipeline import prepare, summary_table
     from flows.dpo import dpo
 
+    if args.trl:  # --trl-config FILE: a TRL file (the flow below reads it as one too)
+        from flows.config_commands import require_trl_file
+
+        require_trl_file(args.config)
     overrides = parse_overrides(args.set)  # typed once: the flow gets these values
     if args.run_name:
         overrides["run_name"] = args.run_name
@@ -151,12 +154,8 @@ def cmd_validate(args) -> int:
                 from None
     tok = load_tokenizer(cfg.model, tok_src)
     proc = load_processor(cfg.model, tok_src, tok)  # a vision-language model: images are checked too
-    try:
-        rep = validate_split(args.input, Path(args.out), tok, cfg.data, split="input", processor=proc)
-        check_not_empty(rep, Path(args.out), DataPolicyError)  # a file with no usable pair fails
-    except DataPolicyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rep = validate_split(args.input, Path(args.out), tok, cfg.data, split="input", processor=proc)
+    check_not_empty(rep, Path(args.out), DataPolicyError)  # no usable pair: exit 3 (flows.cli), as a failed policy
     limited = f", {rep['limited_out']} over data.eval_limit" if rep.get("limited_out") else ""
     print(f"validate: {rep['valid']}/{rep['rows_in']} valid, {rep['rejected']} rejected, "
           f"{rep.get('duplicates', 0)} duplicates{limited} (max_length {cfg.data.max_length}, "

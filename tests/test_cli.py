@@ -19,7 +19,7 @@ def test_help_explains_every_command():
     out = dpo("--help")
     assert out.returncode == 0
     for cmd in ("run", "validate", "precompute", "train", "evaluate", "register", "serve", "compare", "sweep",
-                "sweep-worker"):
+                "sweep-worker", "config"):
         assert cmd in out.stdout
         sub = dpo(cmd, "--help")
         assert sub.returncode == 0 and "usage: dpo " + cmd in sub.stdout
@@ -41,6 +41,19 @@ def test_user_errors_print_one_line_and_exit_nonzero(dpo_home, args, needle):
     assert "Traceback" not in out.stderr
 
 
+def test_usage_errors_keep_argparse_exit_2_and_the_config_may_be_positional(dpo_home, tmp_path):
+    """Exit codes: 2 usage (argparse), 1 user error; `dpo run my.yaml` reads my.yaml as --config would."""
+    assert dpo("run", "--no-such-option").returncode == 2
+    both = dpo("run", "a.yaml", "--config", "b.yaml")
+    assert both.returncode == 2 and "give one config, not CONFIG and --config" in both.stderr
+    assert dpo("run", "a.yaml", "--trl-config", "b.yaml").returncode == 2
+    bad = tmp_path / "my.yaml"
+    bad.write_text("train:\n  learning_rate: fast\n")
+    for args in (["run", str(bad)], ["sweep", str(bad), "--grid", "loss.beta=0.1,0.2"], ["compare", str(bad)]):
+        out = dpo(*args)
+        assert out.returncode == 1 and "train.learning_rate" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
 def test_unreachable_prefect_api_is_one_line(dpo_home):
     out = dpo("run", env_extra={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
     assert out.returncode == 1 and out.stderr.count("\n") == 1
@@ -57,7 +70,7 @@ def test_validate_input_mode_exit_codes(dpo_home, tmp_path):
     data.write_text("\n".join(json.dumps(r) for r in [good, {"prompt": "x", "chosen": "same", "rejected": "same"},
                                                        {"chosen": 3}]))
     out = dpo("validate", str(data), "--out", str(tmp_path / "o"), "--tokenizer", str(tok))
-    assert out.returncode == 2, out.stderr
+    assert out.returncode == 3, out.stderr  # the data failed its validation policy: its own exit code
     assert out.stderr.startswith("error: ") and "IDENTICAL_PAIR" in out.stderr and out.stderr.count("\n") == 1
     assert {p.name for p in (tmp_path / "o").iterdir()} >= {"valid.parquet", "rejects.parquet", "report.json"}
     ok = dpo("validate", str(data), "--out", str(tmp_path / "o2"), "--tokenizer", str(tok),
@@ -70,7 +83,7 @@ def test_validate_input_mode_exit_codes(dpo_home, tmp_path):
     bad.write_text("\n".join(json.dumps(r) for r in [{"chosen": 3}, {"prompt": "x", "chosen": "s", "rejected": "s"}]))
     none = dpo("validate", str(bad), "--out", str(tmp_path / "o4"), "--tokenizer", str(tok),
                "--set", "data.max_invalid_fraction=1.0")
-    assert none.returncode == 2 and none.stderr.count("\n") == 1, none.stderr
+    assert none.returncode == 3 and none.stderr.count("\n") == 1, none.stderr
     assert "0 of 2 rows valid" in none.stderr and "IDENTICAL_PAIR 1" in none.stderr
 
 
@@ -116,7 +129,7 @@ def test_validate_input_mode_checks_every_row_with_trl_defaults(dpo_home, tmp_pa
     run = dpo("validate", str(data), "--out", str(tmp_path / "run"), "--tokenizer", str(tok), "--config", default,
               "--set", "data.max_invalid_fraction=1.0")
     # the run's max_length 256 rejects every one of these prompts: a file with no usable pair fails
-    assert run.returncode == 2 and "PROMPT_TOO_LONG 100" in run.stderr, run.stderr
+    assert run.returncode == 3 and "PROMPT_TOO_LONG 100" in run.stderr, run.stderr
     assert json.loads((tmp_path / "run" / "report.json").read_text())["valid"] == 0
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from data_contracts.helpers import redact_credentials
 
 BUILTIN_DATASET = "builtin:answer-format"
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
@@ -17,6 +19,33 @@ BUILTIN_MODELS = (BUILTIN_MODEL, BUILTIN_MOE_MODEL)
 
 class ConfigError(ValueError):
     """A user error in the run configuration (one line, names the field)."""
+
+
+def _named(loc: str, origin: dict[str, str]) -> str:
+    """``loc`` (our dotted field) with the TRL key it came from, when it came from a TRL file."""
+    hit = next((p for p in sorted(origin, key=len, reverse=True) if loc == p or loc.startswith(p + ".")), None)
+    if hit is not None:
+        return f"TRL {origin[hit]} (our {loc})"
+    under = sorted({k for p, k in origin.items() if p.startswith(loc + ".")})
+    return f"{loc} (from TRL {', '.join(under)})" if under else loc
+
+
+def format_validation_error(err: ValidationError, origin: dict[str, str] | None = None) -> str:
+    """One line naming each failing field (``origin``: our field -> the TRL key it was translated from)."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            if "input" in e and not isinstance(e["input"], (dict, list)):
+                msg = f"{msg} (got {redact_credentials(repr(e['input']))})"
+        elif "input" in e and not isinstance(e["input"], (dict, list)):
+            msg = f"{msg} (got {redact_credentials(repr(e['input']))})"
+        parts.append(f"{_named(loc, origin) if origin else loc}: {msg}")
+    return "config error: " + "; ".join(parts)
 
 
 # A name the run cannot do without (a data source, a model, an MLflow name): surrounding spaces are

@@ -50,10 +50,18 @@ class DataConfig(Section):
                                  "payload larger than this many bytes, before it is read.")
     max_image_pixels: int = Field(50_000_000, ge=1, description="Reject (IMAGE_TOO_LARGE) an image with more "
                                   "pixels than this (width x height from its header), before it is decoded.")
-    truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
-    invalid_policy: Literal["fail", "quarantine"] = "quarantine"
-    max_invalid_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    shuffle_seed: Seed = 0
+    truncation_mode: Literal["keep_start", "keep_end"] = Field("keep_start", description="A pair longer "
+                                                               "than max_length: keep_start cuts the end of "
+                                                               "the completions (TRL's default); keep_end "
+                                                               "cuts the start of the prompt.")
+    invalid_policy: Literal["fail", "quarantine"] = Field("quarantine", description="A rejected row: "
+                                                          "quarantine writes it to rejects.parquet with its "
+                                                          "code and goes on; fail stops at the first one.")
+    max_invalid_fraction: float = Field(0.05, ge=0.0, le=1.0, description="quarantine: the split fails its "
+                                        "policy (exit code 3) when more than this share of its rows is "
+                                        "rejected.")
+    shuffle_seed: Seed = Field(0, description="Seed of the shuffle before train_limit/eval_limit and the "
+                               "eval_fraction hold-out.")
     num_proc: int | None = Field(None, ge=1, exclude=True, description="Worker processes that parse and "
                                  "tokenize batches (fork). null (auto): min(CPUs, 8) when the input is "
                                  "large (>= 50,000 rows or 16 MiB of files), else 1. The output is "

@@ -4,32 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
 from data_contracts.config.base import ConfigError
-from data_contracts.config.run import RunConfig
-from data_contracts.helpers import redact_credentials
-
-
-def _format_error(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif e["type"] == "value_error":
-            msg = msg.removeprefix("Value error, ")
-            if "input" in e and not isinstance(e["input"], (dict, list)):
-                msg = f"{msg} (got {redact_credentials(repr(e['input']))})"
-        elif "input" in e and not isinstance(e["input"], (dict, list)):
-            msg = f"{msg} (got {redact_credentials(repr(e['input']))})"
-        parts.append(f"{loc}: {msg}")
-    return "config error: " + "; ".join(parts)
+from data_contracts.config.run import RunConfig, validate
+from data_contracts.config.trl import detect_form, print_notes, read_mapping, translate_trl
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -53,14 +34,17 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return {".".join(path): value for path, value in map(parse_override, items)}
 
 
+def _items(overrides: dict[str, Any] | list[str] | None) -> list[tuple[list[str], Any]]:
+    if not overrides:
+        return []
+    return ([parse_override(o) for o in overrides] if isinstance(overrides, list)
+            else [([p for p in k.split(".") if p], v) for k, v in overrides.items()])
+
+
 def apply_overrides(data: dict, overrides: dict[str, Any] | list[str] | None) -> dict:
     """Apply ``{'train.lr': 1e-6}`` or ``['train.lr=1e-6']`` onto a nested dict (copied)."""
     out = json.loads(json.dumps(data))
-    if not overrides:
-        return out
-    items = ([parse_override(o) for o in overrides] if isinstance(overrides, list)
-             else [([p for p in k.split(".") if p], v) for k, v in overrides.items()])
-    for path, value in items:
+    for path, value in _items(overrides):
         node = out
         for p in path[:-1]:
             if not isinstance(node.get(p, {}), dict):
@@ -71,21 +55,28 @@ def apply_overrides(data: dict, overrides: dict[str, Any] | list[str] | None) ->
 
 
 def load_config(path: str | os.PathLike | None = None,
-                overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
-    """Read YAML (or start from defaults), apply overrides, validate. Raises ConfigError."""
+                overrides: dict[str, Any] | list[str] | None = None, trl: bool | None = None) -> RunConfig:
+    """Read YAML (or start from defaults), apply overrides, validate. Raises ConfigError.
+
+    ``trl``: True reads the file as a TRL ``DPOConfig``/``trl dpo`` file (flat TRL names,
+    :mod:`data_contracts.config.trl`); None (default) does so when the file is one (no top-level key
+    is one of our sections and TRL names are there), saying so on stderr with the translation's
+    notes; False never. Overrides use our names and apply after the translation."""
     data: dict = {}
+    origin: dict[str, str] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config error: file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config error: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config error: {p} must hold a mapping of sections")
+        data = read_mapping(path)
+        form = detect_form(data, str(path)) if trl is not False else "ours"
+        if trl and form != "trl":
+            raise ConfigError(f"config error: {path} is not a TRL file: it has our own sections or no TRL "
+                              "name at the top level; give it as --config")
+        if form == "trl":
+            t = translate_trl(data, str(path))
+            print_notes([f"{path}: read as a TRL DPOConfig / `trl dpo` file (flat TRL names, none of our "
+                         f"sections); `dpo config from-trl {path}` prints the translation", *t.notes])
+            data, origin = t.config, t.origin
     data = apply_overrides(data, overrides)
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_error(e)) from None
+    if origin:  # a field an override set is named as ours
+        keys = {".".join(p) for p, _ in _items(overrides)}
+        origin = {f: k for f, k in origin.items() if not any(f == o or f.startswith(o + ".") for o in keys)}
+    return validate(data, origin)

@@ -23,14 +23,17 @@ class LossConfig(Section):
                                        "loss_weights: " + ", ".join(LOSS_TYPES) + ".")
     loss_weights: list[float] | None = Field(None, description="One weight per loss type (default all "
                                              "1.0); total = sum_k w_k * mean(loss_k). MPO: [0.8, 0.2, 1.0].")
-    beta: float = Field(0.1, gt=0.0)
+    beta: float = Field(0.1, gt=0.0, description="Strength of the pull towards the reference (TRL's "
+                        "beta): higher keeps the policy closer to it; IPO's tau.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="eps: cDPO for sigmoid/aot/simpo, "
                                    "flip rate for robust (< 0.5), EXO's eps for exo_pair (> 0, 1e-3).")
-    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = \
-        "reverse_kl"
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = Field(
+        "reverse_kl", description="f-DPO divergence between policy and reference (reverse_kl: standard "
+        "DPO); only for losses built on the chosen-rejected difference.")
     f_alpha_divergence_coef: float = Field(0.5, ge=0.0, le=1.0, description="alpha of alpha_divergence "
                                            "(0: forward_kl, 1: reverse_kl).")
-    discopop_tau: float = Field(0.05, gt=0.0)
+    discopop_tau: float = Field(0.05, gt=0.0, description="DiscoPOP's temperature tau (loss_type "
+                                "discopop).")
     use_weighting: bool = Field(False, description="WPO: each pair's loss times w_c * w_r.")
     ld_alpha: float | None = Field(None, ge=0.0, le=1.0, description="LD-DPO: weight of the tokens past "
                                    "min(Lc, Lr); null: off.")

@@ -48,10 +48,17 @@ class ModelConfig(Section):
     name_or_path: Name = Field(BUILTIN_MODEL, description="Hugging Face id, local folder, or "
                               "'builtin:smollm2-135m-instruct' (or 'builtin:tiny-qwen3-moe').")
     tokenizer: str | None = Field(None, description="Tokenizer id/folder (default: the model's).")
-    revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    trust_remote_code: bool = False
-    chat_template_path: str | None = None
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype. auto: "
+                                                                     "float32 (TRL's default), with bf16 "
+                                                                     "entering through autocast on GPU "
+                                                                     "(train.precision); bfloat16/float16 "
+                                                                     "halve the weights' memory (the "
+                                                                     "optimizer steps fp32 master copies).")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with a hub model (its own "
+                                    "modeling files). Off: only transformers' own classes load.")
+    chat_template_path: str | None = Field(None, description="A Jinja chat template file, or a model folder "
+                                           "whose tokenizer has one, used instead of the tokenizer's own.")
     eos_token: str | None = Field(None, description="Override the tokenizer's EOS (e.g. '<|im_end|>' for "
                                   "a Qwen base model); it must be one token and end every assistant turn "
                                   "of the chat template, else the tokenizer load fails with a config error.")
@@ -116,7 +123,8 @@ class PeftConfig(Section):
     lora_alpha: float = Field(32.0, gt=0.0, description="LoRA scale numerator (LORA only).")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA input dropout (LORA only).")
     target_modules: str | list[str] | None = Field("all-linear", description="Modules that get adapters.")
-    modules_to_save: list[str] | None = None
+    modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved with "
+                                              "the adapter (e.g. [lm_head]).")
     extra: dict[str, Any] = Field(default_factory=dict, description="Passed through to the peft config "
                                   "class (e.g. use_dora, use_rslora, init_lora_weights).")
     adapter_path: str | None = Field(None, description="Continue training this saved adapter folder.")

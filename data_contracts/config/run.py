@@ -6,9 +6,9 @@ import hashlib
 import json
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from data_contracts.config.base import RUN_NAME_RE, Section
+from data_contracts.config.base import RUN_NAME_RE, ConfigError, Section, format_validation_error
 from data_contracts.config.data import DataConfig
 from data_contracts.config.evaluation import EvalConfig
 from data_contracts.config.loss import LossConfig
@@ -21,15 +21,21 @@ class RunConfig(Section):
     run_name: str | None = Field(None, description="Run folder name under <state home>/runs (default: time "
                                  "stamp + config hash): 1-128 letters, digits, '.', '_' or '-', not starting "
                                  "with '.'.")
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
-    peft: PeftConfig = Field(default_factory=PeftConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    registry: RegistryConfig = Field(default_factory=RegistryConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    data: DataConfig = Field(default_factory=DataConfig, description="The preference pairs: sources, "
+                             "layout, limits, truncation and the reject policy (validate stage).")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The policy model and its tokenizer.")
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig, description="What the policy is "
+                                       "compared with (precompute stage, or online).")
+    peft: PeftConfig = Field(default_factory=PeftConfig, description="A PEFT adapter (LoRA...) instead of "
+                             "training every weight.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="The preference loss.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimizer, schedule, precision, "
+                               "checkpoints and processes (train stage).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out generations and their judge "
+                             "(evaluate stage).")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow experiment, "
+                                     "registered model and the promotion gate (register stage).")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Where MLflow is.")
 
     @field_validator("run_name")
     @classmethod
@@ -50,3 +56,12 @@ class RunConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def validate(data: dict, origin: dict[str, str] | None = None) -> RunConfig:
+    """A nested config mapping -> RunConfig; ConfigError naming each bad field (and, with ``origin``,
+    the TRL key it was translated from)."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, origin)) from None

@@ -18,11 +18,13 @@ class GateConfig(Section):
 
 
 class RegistryConfig(Section):
-    enabled: bool = True
+    enabled: bool = Field(True, description="Log the run to MLflow and register the model (false: "
+                          "no MLflow at all).")
     experiment: Name = Field("dpo", max_length=500, description="MLflow experiment of the runs.")
     model_name: Name = Field("dpo-policy", description="MLflow registered model name (no '/', ':' or "
                              "quote; MLflow rejects them at registration).")
-    gate: GateConfig = Field(default_factory=GateConfig)
+    gate: GateConfig = Field(default_factory=GateConfig, description="When a new version becomes "
+                             "champion.")
     skip_unchanged: bool = Field(False, description="End the flow early ('skipped: nothing new') when "
                                  "the data fingerprint and config hash equal those tagged on the current "
                                  "champion version. The nightly schedule sets it; manual runs train.")

@@ -2,26 +2,67 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from data_contracts.config.base import EVAL_STEP_METRICS, TRAIN_STEP_METRICS, Section, Seed
 
+# transformers' schedule names (SchedulerType) that run from a step count alone, and the extra
+# arguments each takes through lr_scheduler_kwargs (tests/test_schedules.py checks them against the
+# installed transformers). reduce_lr_on_plateau is left out: it needs an evaluation metric per step.
+SCHEDULER_KWARGS: dict[str, tuple[str, ...]] = {
+    "linear": (), "cosine": ("num_cycles",), "cosine_with_restarts": ("num_cycles",),
+    "polynomial": ("lr_end", "power"), "constant": (), "constant_with_warmup": (),
+    "inverse_sqrt": ("timescale",), "cosine_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate"),
+    "cosine_warmup_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate", "warmup_lr_rate"),
+    "warmup_stable_decay": ("num_stable_steps", "num_decay_steps", "warmup_type", "decay_type",
+                            "min_lr_ratio", "num_cycles"),
+}
+SCHEDULERS = tuple(SCHEDULER_KWARGS)
+SchedulerName = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                        "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr",
+                        "cosine_warmup_with_min_lr", "warmup_stable_decay"]
+# TRL's/transformers' optimizer names (OptimizerNames) the engine builds (dpo_engine.training.optim)
+OptimizerName = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop",
+                        "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
+BNB_OPTIMIZERS = frozenset({"adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"})
+
 
 class TrainConfig(Section):
-    per_device_train_batch_size: int = Field(8, ge=1, description="Pairs per micro-batch.")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-6, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
-    max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping.")
-    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    num_train_epochs: float = Field(1.0, gt=0.0)
+    per_device_train_batch_size: int = Field(8, ge=1, description="Pairs per micro-batch (per process).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step; the "
+                                             "gradients of a step are exact (summed, normalised by the "
+                                             "step's pair count).")
+    learning_rate: float = Field(1e-6, gt=0.0, description="Peak learning rate (TRL's default 1e-6), "
+                                 "reached after the warmup; the schedule scales it from there.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay of the optimizer.")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam's beta1 (adamw_* and 8-bit optimizers).")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam's beta2 (adamw_* and 8-bit optimizers).")
+    adam_epsilon: float = Field(1e-8, gt=0.0, description="Adam's epsilon (adamw_* and 8-bit optimizers), "
+                                "as transformers' TrainingArguments.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Clip the global gradient norm to this; 0 "
+                                 "disables clipping.")
+    lr_scheduler_type: SchedulerName = Field("linear", description="Learning-rate schedule, computed by "
+                                             "transformers.get_scheduler exactly as the HF Trainer/TRL do: "
+                                             + ", ".join(SCHEDULERS) + ". constant has no warmup "
+                                             "(constant_with_warmup has); warmup goes from 0 to "
+                                             "learning_rate over the warmup steps.")
+    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra arguments of the "
+                                                "schedule (transformers' lr_scheduler_kwargs), e.g. "
+                                                "{num_cycles: 2} for cosine_with_restarts, {min_lr_rate: 0.1} "
+                                                "for cosine_with_min_lr (which needs min_lr or min_lr_rate), "
+                                                "{power: 2.0, lr_end: 1.0e-7} for polynomial, "
+                                                "{num_decay_steps: 100} for warmup_stable_decay (which needs it).")
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Share of the optimizer steps spent warming "
+                                "up: ceil(warmup_ratio * steps) steps, as transformers.")
+    warmup_steps: int = Field(0, ge=0, description="Warmup steps; when > 0 it overrides warmup_ratio (as "
+                              "transformers).")
+    num_train_epochs: float = Field(1.0, gt=0.0, description="Passes over the train pairs (fractions "
+                                    "allowed) when max_steps is -1. TRL's default is 3.")
     max_steps: int = Field(-1, description="Optimizer steps; -1 derives them from num_train_epochs.")
-    seed: Seed = 42
+    seed: Seed = Field(42, description="Seeds the pair order (one permutation per epoch), dropout and "
+                       "the adapter's initialisation.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="fp16: float16 autocast "
                                                                "with dynamic loss scaling (GPUs without bf16, "
                                                                "e.g. T4/V100; a step whose gradients overflow "
@@ -63,8 +104,12 @@ class TrainConfig(Section):
                                  "the optimizer steps fp32 copies and the model gets them rounded after each "
                                  "step (false: the 16-bit weights are stepped directly and every update below "
                                  "1/256 of a weight is lost, as at usual DPO learning rates).")
-    optim: Literal["adamw_torch", "adamw_8bit"] = Field("adamw_torch", description="adamw_8bit: bitsandbytes "
-                                                        "8-bit AdamW (CUDA only, bitsandbytes installed).")
+    optim: OptimizerName = Field("adamw_torch", description="Optimizer, by TRL's/transformers' name: "
+                                 "adamw_torch (torch AdamW), adamw_torch_fused (its fused kernel), adafactor "
+                                 "(transformers' Adafactor at a fixed learning rate, as the HF Trainer), "
+                                 "sgd, adagrad, rmsprop (torch), adamw_8bit/adamw_bnb_8bit, "
+                                 "paged_adamw_8bit, paged_adamw_32bit (bitsandbytes: CUDA only, "
+                                 "bitsandbytes installed).")
     peak_tflops: float | None = Field(None, gt=0.0, description="Peak FLOP/s of one device (TFLOP/s) for the "
                                       "logged 'mfu'; null: a table of known GPUs (no mfu elsewhere).")
     eval_steps: int = Field(0, ge=0, description="Evaluate on the eval split every N steps, logged as eval/* "
@@ -73,7 +118,8 @@ class TrainConfig(Section):
                                               "'eval/rewards/accuracies') has not improved for "
                                               "early_stopping_patience evaluations; null: never.")
     early_stopping_patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
-    early_stopping_mode: Literal["max", "min"] = "max"
+    early_stopping_mode: Literal["max", "min"] = Field("max", description="max: higher "
+                                                       "early_stopping_metric is better; min: lower is.")
     num_processes: int = Field(1, ge=1, description="Data-parallel processes on this machine; > 1 launches "
                                "the precompute and train stages through `accelerate launch` (torchrun): "
                                "one process per GPU, or gloo processes on the CPU. Each takes its share of "
@@ -100,6 +146,26 @@ class TrainConfig(Section):
                              f"evaluation: {', '.join(EVAL_STEP_METRICS)}; or a train step metric: "
                              f"{', '.join(TRAIN_STEP_METRICS)}; or null (no early stopping)")
         return v
+
+    @model_validator(mode="after")
+    def _schedule_kwargs(self) -> "TrainConfig":
+        known = SCHEDULER_KWARGS[self.lr_scheduler_type]
+        bad = sorted(k for k in self.lr_scheduler_kwargs if k not in known)
+        if bad:
+            raise ValueError(f"train.lr_scheduler_kwargs: {', '.join(bad)} not taken by lr_scheduler_type="
+                             f"{self.lr_scheduler_type} (it takes {', '.join(known) or 'no extra arguments'})")
+        if self.lr_scheduler_type.endswith("with_min_lr") and \
+                ("min_lr" in self.lr_scheduler_kwargs) == ("min_lr_rate" in self.lr_scheduler_kwargs):
+            raise ValueError(f"lr_scheduler_type={self.lr_scheduler_type} needs exactly one of min_lr or "
+                             "min_lr_rate in train.lr_scheduler_kwargs (e.g. {min_lr_rate: 0.1})")
+        lr_end = self.lr_scheduler_kwargs.get("lr_end", 1e-7)  # transformers' default
+        if self.lr_scheduler_type == "polynomial" and isinstance(lr_end, (int, float)) and lr_end >= self.learning_rate:
+            raise ValueError(f"lr_scheduler_type=polynomial decays to lr_end={lr_end} (train.lr_scheduler_kwargs; "
+                             f"default 1e-7), which must be below train.learning_rate={self.learning_rate}")
+        if self.lr_scheduler_type == "warmup_stable_decay" and "num_decay_steps" not in self.lr_scheduler_kwargs:
+            raise ValueError("lr_scheduler_type=warmup_stable_decay needs num_decay_steps in "
+                             "train.lr_scheduler_kwargs (e.g. {num_decay_steps: 100})")
+        return self
 
     @model_validator(mode="after")
     def _early_stopping(self) -> "TrainConfig":

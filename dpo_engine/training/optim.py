@@ -1,5 +1,6 @@
-"""The optimizer and its schedule: steps in a run, pair order, AdamW (or 8-bit AdamW), warmup +
-linear/cosine/constant learning rate, and fp16 loss scaling."""
+"""The optimizer and its schedule: steps in a run, pair order, the optimizer by its TRL/transformers
+name (AdamW, fused AdamW, Adafactor, SGD, bitsandbytes 8-bit...), the learning-rate schedule from
+``transformers.get_scheduler``, and fp16 loss scaling."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import torch
 
 from data_contracts.config import TrainConfig
+from data_contracts.config.train import BNB_OPTIMIZERS
 from dpo_engine.training.distributed import world
 from dpo_engine.training.errors import TrainingError
 
@@ -33,33 +35,39 @@ def pair_order(n_pairs: int, n_needed: int, seed: int) -> list[int]:
     return order[:n_needed]
 
 
+def warmup_steps(cfg: TrainConfig, steps: int) -> int:
+    """transformers' ``TrainingArguments.get_warmup_steps``: ``warmup_steps`` when > 0, else
+    ``ceil(warmup_ratio * steps)``."""
+    return cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(steps * cfg.warmup_ratio)
+
+
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
-    warmup = int(round(cfg.warmup_ratio * steps))
+    """The learning-rate schedule of ``train.lr_scheduler_type`` over ``steps`` optimizer steps, made by
+    ``transformers.get_scheduler`` as the HF Trainer (and so TRL) makes it: the same factor at every
+    step, warmup included (from 0; ``constant`` has none)."""
+    from transformers import get_scheduler
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.lr_scheduler_type == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, steps - warmup)
-        if cfg.lr_scheduler_type == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return max(0.0, 1 - progress)
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    try:
+        return get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=warmup_steps(cfg, steps),
+                             num_training_steps=steps,
+                             scheduler_specific_kwargs=dict(cfg.lr_scheduler_kwargs) or None)
+    except (TypeError, ValueError) as e:  # e.g. polynomial's lr_end not below learning_rate
+        raise TrainingError(f"train.lr_scheduler_type={cfg.lr_scheduler_type} (train.lr_scheduler_kwargs="
+                            f"{dict(cfg.lr_scheduler_kwargs)}): {str(e).splitlines()[0] if str(e) else e}") \
+            from None
 
 
 def check_optim(cfg: TrainConfig, device: torch.device | str) -> None:
     """Fail before any model is loaded when ``train.optim`` cannot run here."""
-    if cfg.optim != "adamw_8bit":
+    if cfg.optim not in BNB_OPTIMIZERS:
         return
     if torch.device(device).type != "cuda":
-        raise TrainingError(f"train.optim: adamw_8bit needs a CUDA device (training runs on {device}); "
+        raise TrainingError(f"train.optim: {cfg.optim} needs a CUDA device (training runs on {device}); "
                             "use adamw_torch")
     try:  # bitsandbytes is an optional dependency (CUDA only)
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise TrainingError("train.optim: adamw_8bit needs the bitsandbytes package "
+        raise TrainingError(f"train.optim: {cfg.optim} needs the bitsandbytes package "
                             "(pip install bitsandbytes); use adamw_torch") from None
 
 
@@ -72,9 +80,20 @@ def make_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
 
 
 def make_optimizer(params: list[torch.Tensor], cfg: TrainConfig, device) -> torch.optim.Optimizer:
+    """``train.optim`` by its TRL/transformers name, with the arguments the HF Trainer gives it
+    (``Trainer.get_optimizer_cls_and_kwargs``)."""
     check_optim(cfg, device)
-    kw = dict(lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2))
-    if cfg.optim == "adamw_8bit":  # optional dependency, checked by check_optim
+    lr, wd = cfg.learning_rate, cfg.weight_decay
+    adam = dict(lr=lr, weight_decay=wd, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    if cfg.optim in BNB_OPTIMIZERS:  # optional dependency, checked by check_optim
         import bitsandbytes as bnb
-        return bnb.optim.AdamW8bit(params, **kw)
-    return torch.optim.AdamW(params, **kw)
+        cls = {"adamw_8bit": bnb.optim.AdamW8bit, "adamw_bnb_8bit": bnb.optim.AdamW8bit,
+               "paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW}
+        return cls[cfg.optim](params, **adam)
+    if cfg.optim == "adafactor":  # a fixed learning rate from the schedule, as the HF Trainer sets it
+        from transformers.optimization import Adafactor
+        return Adafactor(params, lr=lr, weight_decay=wd, scale_parameter=False, relative_step=False)
+    if cfg.optim in ("sgd", "adagrad", "rmsprop"):
+        cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}
+        return cls[cfg.optim](params, lr=lr, weight_decay=wd)
+    return torch.optim.AdamW(params, **adam, fused=cfg.optim == "adamw_torch_fused" or None)
