@@ -39,9 +39,27 @@ def _rows(path: Path, n: int) -> None:
             f.write(json.dumps({"prompt": prompt, "chosen": f" yes {i}.", "rejected": f" no {i}."}) + "\n")
 
 
+def _head(path: Path, n: int):
+    """The first ``n`` rows of a validated split, the columns precompute reads (as the stage does: not
+    the whole 1M-row file in memory, which would be the drill's own peak, not the job's)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dpo_engine.stages.precompute import REFERENCE_COLUMNS
+
+    f = pq.ParquetFile(path)
+    cols = [c for c in REFERENCE_COLUMNS if c in f.schema_arrow.names]
+    batches, got = [], 0
+    for b in f.iter_batches(batch_size=min(n, 65536), columns=cols):
+        batches.append(b)
+        got += b.num_rows
+        if got >= n:
+            break
+    return pa.Table.from_batches(batches).slice(0, n).to_pandas()
+
+
 def job(kind: str, n: int, work: Path) -> dict:
     """One job in this process; returns its figures."""
-    import pandas as pd
     import torch
 
     from data_contracts.config import DataConfig, LossConfig, TrainConfig
@@ -51,6 +69,9 @@ def job(kind: str, n: int, work: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
+    # one intra-op thread: the tiny model's matrices are too small to share, and on a busy machine
+    # OpenMP threads waiting for each other made each op ~100x slower (a figure of the load, not ours)
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     if kind == "validate":
         src = work / f"rows-{n}.jsonl"
@@ -61,7 +82,7 @@ def job(kind: str, n: int, work: Path) -> dict:
         assert rep["valid"] == n, rep
     elif kind == "precompute":
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(work / "m"), dtype=torch.float32)
-        rows = pd.read_parquet(work / "valid-full" / "valid.parquet").head(n)
+        rows = _head(work / "valid-full" / "valid.parquet", n)
         t0 = time.perf_counter()
         _, stats = cached_reference_logps(work / "cache", f"k{n}", rows, {"split": "train"},
                                           lambda part: compute_reference_logps(model, part, pad_id=0, batch_size=256),
@@ -69,7 +90,7 @@ def job(kind: str, n: int, work: Path) -> dict:
         assert stats["computed_examples"] == n
     else:
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(work / "m"), dtype=torch.float32)
-        pairs = pd.read_parquet(work / "valid-full" / "valid.parquet").head(64)
+        pairs = _head(work / "valid-full" / "valid.parquet", 64)
         ref = compute_reference_logps(model, pairs, pad_id=0, batch_size=64)
         cfg = TrainConfig(learning_rate=1e-4, max_steps=n, save_steps=50, save_total_limit=2,
                           per_device_train_batch_size=4, logging_steps=10, seed=0)
