@@ -92,11 +92,11 @@ def _tiny_overrides(tmp_path, name: str) -> dict:
 def test_sweep_trains_children_under_one_parent_and_registers_the_best(dpo_home, tmp_path):
     """Three variants (a list: two betas and another loss type) share one reference cache (one
     precompute), give three child runs under one parent and one registered version."""
-    from flows.dpo import dpo
+    from flows.sweep import dpo_sweep
 
     variants = [{"loss.beta": 0.1}, {"loss.beta": 0.5}, {"loss.beta": 0.1, "loss.loss_type": "ipo"}]
-    s = dpo(overrides=_tiny_overrides(tmp_path, "sweep"), run_name="sw", grid=variants,
-            metric="eval/rewards/margins")
+    s = dpo_sweep(overrides=_tiny_overrides(tmp_path, "sweep"), run_name="sw", grid=variants,
+                  metric="eval/rewards/margins")
 
     assert len(s["variants"]) == 3 and s["registered_version"] == 1
     assert s["precomputes"] == 1
@@ -195,12 +195,12 @@ def test_lagging_variant_is_stopped_early(dpo_home, tmp_path):
     from data_contracts.state import mlflow_uri
     from dpo_engine import tracking as registry
     from dpo_engine.stages.index import lookup
-    from flows.dpo import dpo
+    from flows.sweep import dpo_sweep
 
     overrides = {**_tiny_overrides(tmp_path, "stop"), "train.max_steps": 4, "train.eval_steps": 2,
                  "train.save_steps": 1}
-    s = dpo(overrides=overrides, run_name="st", grid={"train.learning_rate": [5e-3, 1e-12]},
-            metric="eval/rewards/margins", stop_margin=0.05, stop_metric="eval/rewards/margins")
+    s = dpo_sweep(overrides=overrides, run_name="st", grid={"train.learning_rate": [5e-3, 1e-12]},
+                  metric="eval/rewards/margins", stop_margin=0.05, stop_metric="eval/rewards/margins")
 
     good, bad = s["variants"]
     assert good["status"] == "completed" and good["steps"] == 4 and good["eval/rewards/margins"] is not None
@@ -230,11 +230,10 @@ def test_lagging_variant_is_stopped_early(dpo_home, tmp_path):
 def test_parallel_sweep_under_a_concurrency_limit(dpo_home, tmp_path):
     from prefect.client.orchestration import get_client
 
-    from flows.dpo import dpo
-    from flows.sweep import CONCURRENCY_LIMIT
+    from flows.sweep import CONCURRENCY_LIMIT, dpo_sweep
 
-    s = dpo(overrides=_tiny_overrides(tmp_path, "par"), run_name="par", grid={"loss.beta": [0.1, 0.5]},
-            metric="eval/rewards/margins", parallel=2)
+    s = dpo_sweep(overrides=_tiny_overrides(tmp_path, "par"), run_name="par", grid={"loss.beta": [0.1, 0.5]},
+                  metric="eval/rewards/margins", parallel=2)
 
     assert s["parallel"] == 2 and s["precomputes"] == 1
     assert [v["status"] for v in s["variants"]] == ["completed", "completed"]
