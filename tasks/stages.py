@@ -4,6 +4,10 @@ Cache keys are the stages' content fingerprints (data, model, config section, up
 plus a token of the recorded outputs, so a key never points at outputs that were deleted: a run
 after a failure in stage k reuses stages before k, and changing only ``train.learning_rate``
 reuses validate and precompute.
+
+A task run is named by its stage and what it works on (:mod:`tasks.run_names`), reports the stage's
+progress to the UI while it runs (:mod:`tasks.progress`) and publishes its summary (and links:
+:mod:`tasks.artifacts`). Transient failures are retried with exponential backoff and jitter.
 """
 
 from __future__ import annotations
