@@ -6,12 +6,14 @@ version and the plots; the sweep flow's form, run name and leaderboard; retries 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from uuid import UUID
 
 import pytest
 
+from sweep_fakes import fake_sweep
 from tiny import tiny_model_dir
 
 
@@ -175,7 +177,6 @@ def test_the_sweep_flow_in_the_ui(dpo_home, monkeypatch):
     """The sweep is its own flow: deployed, its form (parameter schema) read back from the API holds
     the grid and the sweep settings and dpo/full's only a run's; a sweep's flow run is named after its
     folder and publishes the leaderboard (every stage faked: this is about what the UI shows)."""
-    from data_contracts.config import load_config
     import flows.sweep as fs
     from flows.deployments import served_deployments
 
@@ -189,35 +190,14 @@ def test_the_sweep_flow_in_the_ui(dpo_home, monkeypatch):
     assert {"grid", "metric", "parallel", "stop_margin", "stop_metric", "stop_mode", "workers"} <= set(props)
     assert props["parallel"]["type"] == "integer" and sweep.parameters["grid"] == {"loss.beta": [0.05, 0.1, 0.2]}
 
-    values = {0: 0.4, 1: 0.7, 2: 0.1}
-
-    def variant(index, cfg, variant, run_dir, precomputed, parent, validated, stop, board):
-        if index == 2:
-            raise RuntimeError("variant 2 broke")
-        return {"cfg": cfg, "variant": variant, "run_dir": run_dir, "precomputed": precomputed,
-                "trained": {"mlflow_run_id": f"run{index}", "steps": 3}, "stop_reason": None,
-                "evaluated": {"metrics": {"eval/win_rate": values[index]}}, "ran_on": "here"}
-
-    monkeypatch.setattr(fs, "train_and_evaluate", variant)
-    monkeypatch.setattr(fs.t, "validate", lambda cfg, d: {})
-    monkeypatch.setattr(fs.t, "precompute", lambda cfg, d, v: {})
-    monkeypatch.setattr(fs, "STAGE", {"precompute": type("S", (), {"key": staticmethod(lambda cfg, up: "k")})})
-    monkeypatch.setattr(fs.t, "register", lambda *a: {"model_name": "m", "version": 4, "summary": "registered"})
-    monkeypatch.setattr(fs.sw, "open_parent", lambda *a, **k: "parent")
-    monkeypatch.setattr(fs.sw, "close_parent", lambda *a, **k: None)
-    monkeypatch.setattr(fs.plan, "variant_configs",
-                        lambda config, overrides, name, variants, stop:
-                        (load_config(None, {"run_name": name}), [load_config()] * len(variants)))
-
+    fake_sweep(monkeypatch, fail={2}, values={0: 0.4, 1: 0.7, 2: 0.1})
     state = fs.dpo_sweep(grid={"loss.beta": [0.1, 0.2, 0.3]}, run_name="lb", return_state=True)
     summary, flow_run_id = state.result(), state.state_details.flow_run_id
     with _client() as c:
         assert c.read_flow_run(flow_run_id).name == Path(summary["run_dir"]).name == "lb"
     (board,) = _artifacts(flow_run_id)["dpo-sweep-leaderboard"]
     assert board.type == "table" and "best by eval/win_rate is variant 01" in board.description
-    assert "registered models:/m/4" in board.description
-    import json
-
+    assert "registered models:/m/1" in board.description
     rows = json.loads(board.data)
     assert [(r["best"], r["variant"], r["overrides"], r["eval/win_rate"], r["status"]) for r in rows] == [
         ("", "00", "loss.beta=0.1", 0.4, "completed"), ("*", "01", "loss.beta=0.2", 0.7, "completed"),
