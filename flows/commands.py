@@ -77,7 +77,7 @@ def sweep_grid(args) -> dict[str, list] | list[dict]:
 def cmd_sweep(args) -> int:
     from dpo_engine.sweep import expand_grid, stop_options
     from dpo_engine.sweep.plan import sweep_name, variant_configs
-    from flows.dpo import dpo
+    from flows.sweep import dpo_sweep
 
     grid = sweep_grid(args)
     overrides = parse_overrides(args.set)  # typed once: the flow gets these values
@@ -91,9 +91,9 @@ def cmd_sweep(args) -> int:
     if args.workers:
         require_prefect_server("dpo sweep --workers")
     check_prefect_api()
-    summary = dpo(config=args.config, overrides=overrides or None, run_name=name,
-                  grid=grid, metric=args.metric, parallel=args.parallel, stop_margin=args.stop_margin,
-                  stop_metric=args.stop_metric, stop_mode=args.stop_mode, workers=args.workers)
+    summary = dpo_sweep(grid=grid, metric=args.metric, parallel=args.parallel, stop_margin=args.stop_margin,
+                        stop_metric=args.stop_metric, stop_mode=args.stop_mode, workers=args.workers,
+                        config=args.config, overrides=overrides or None, run_name=name)
     print("\n" + "=" * 60)
     for i, v in enumerate(summary["variants"]):
         mark = "*" if i == summary["best"] else " "
@@ -196,9 +196,11 @@ def cmd_serve(args) -> int:
     else:
         check_prefect_api()
     try:
-        print(f"serving deployments dpo/full (schedule {args.cron!r} UTC) and dpo/sweep; in another shell:\n"
-              f"  export PREFECT_API_URL={os.environ['PREFECT_API_URL']}\n"
-              f"  prefect deployment run dpo/full --watch\nCtrl-C stops")
+        print(f"serving deployments dpo/full (schedule {args.cron!r} UTC) and dpo-sweep/sweep; in another "
+              f"shell:\n  export PREFECT_API_URL={os.environ['PREFECT_API_URL']}\n"
+              f"  prefect deployment run dpo/full --watch\n"
+              f"  prefect deployment run dpo-sweep/sweep --param grid='{{\"loss.beta\": [0.05, 0.1]}}' --watch\n"
+              f"Ctrl-C stops")
         serve(*served_deployments(args.config, args.cron))
     finally:
         if server is not None:

@@ -1,7 +1,8 @@
-"""A grid sweep inside the ``dpo`` flow (deployment ``sweep``): validate once, precompute once per
-reference key, train + evaluate each variant as a child MLflow run, register only the best. This
-module is the Prefect composition (tasks, concurrency, task workers); what a sweep is (variants,
-stop rule, winner, summary) lives in :mod:`dpo_engine.sweep`.
+"""The grid sweep, its own flow ``dpo-sweep`` (deployment ``dpo-sweep/sweep``, ``dpo sweep``): validate
+once, precompute once per reference key, train + evaluate each variant as a child MLflow run, register
+only the best. The flow run is named after the sweep folder and publishes a leaderboard table
+artifact (``dpo-sweep-leaderboard``). This module is the Prefect composition (tasks, concurrency,
+task workers); what a sweep is (variants, stop rule, winner, summary) lives in :mod:`dpo_engine.sweep`.
 
 Variants run one after another (``parallel=1``: one GPU), or ``parallel=N`` at a time: each
 variant's train + evaluate is a Prefect task submitted to a thread-pool task runner of N threads
@@ -28,9 +29,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from prefect import task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
@@ -44,8 +45,9 @@ from dpo_engine import sweep as sw
 from dpo_engine.pipeline import new_run_dir
 from dpo_engine.stages.table import STAGE
 from dpo_engine.sweep import plan
-from tasks import results
+from tasks import artifacts, results
 from tasks import stages as t
+from tasks.run_names import name_flow_run
 
 CONCURRENCY_LIMIT = "dpo-train"  # Prefect global concurrency limit: slots = parallel variants
 
@@ -60,6 +62,7 @@ def run_sweep(config: str | None, overrides: dict[str, Any] | None, run_name: st
     name = plan.sweep_name(run_name)
     base, cfgs = plan.variant_configs(config, overrides, name, variants, stop)
     sweep_dir = str(new_run_dir(base))
+    name_flow_run(Path(sweep_dir).name)
     parent = sw.open_parent(base, name, grid, metric, {"parallel": parallel, **(stop or {})})
     board = Path(sweep_dir) / sw.BOARD if stop else None
 
@@ -113,8 +116,37 @@ def run_sweep(config: str | None, overrides: dict[str, Any] | None, run_name: st
     sw.close_parent(parent, [r["trained"]["mlflow_run_id"] for r in rows if r["trained"]], best, metric,
                     summary["best_value"])
     write_json(Path(sweep_dir) / "summary.json", summary)
+    artifacts.publish_leaderboard(summary)
     print(plan.summary_line(summary, rows, registered))
     return summary
+
+
+@flow(name="dpo-sweep", log_prints=True)
+def dpo_sweep(grid: dict[str, list[Any]] | list[dict[str, Any]], metric: str = "eval/win_rate",
+              parallel: int = 1, stop_margin: float | None = None, stop_metric: str | None = None,
+              stop_mode: Literal["max", "min"] | None = None, workers: bool = False,
+              config: str | None = None, overrides: dict[str, Any] | None = None,
+              run_name: str | None = None) -> dict:
+    """A grid sweep: each variant trained and evaluated as a child MLflow run of one parent, only
+    the best by ``metric`` registered; ``summary.json`` in the sweep folder, the leaderboard as an artifact.
+
+    Args:
+        grid: A mapping tries every combination ({"loss.beta": [0.1, 0.3], "loss.loss_type": ["sigmoid", "ipo"]});
+            a list tries exactly those variants ([{"loss.beta": 0.1}, {"loss.beta": 0.3, "loss.loss_type": "ipo"}]).
+        metric: The evaluation metric that picks the best variant (higher is better), e.g. eval/win_rate.
+        parallel: Variants trained and evaluated at a time (Prefect global concurrency limit dpo-train).
+        stop_margin: Stop a variant whose stop_metric lags the best variant's at a train.eval_steps
+            checkpoint by more than this; empty: never (needs overrides {"train.eval_steps": N}).
+        stop_metric: The periodic eval metric the stop rule compares; empty: eval/rewards/accuracies.
+        stop_mode: max (higher is better) or min; empty: from the metric (min for losses).
+        workers: Run the variants on Prefect task workers (`dpo sweep-worker`, one per GPU or machine)
+            instead of in this flow's process.
+        config: A run config YAML file (path on the machine that runs the flow); empty: the built-in defaults.
+        overrides: Config fields every variant shares, e.g. {"train.max_steps": 200}.
+        run_name: The sweep folder's name (variants are <name>-00, <name>-01, ...); empty: generated.
+    """
+    return run_sweep(config, overrides, run_name, grid, metric, parallel=parallel, stop_margin=stop_margin,
+                     stop_metric=stop_metric, stop_mode=stop_mode, workers=workers)
 
 
 def _outcome(job: dict, result) -> dict:

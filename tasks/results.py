@@ -30,7 +30,7 @@ ALLOWED_CLASSES = frozenset({"pathlib.Path", "pathlib.PosixPath", "pathlib.PureP
 ALLOWED_CLASS_MODULES = ("prefect.",)
 ALLOWED_EXCEPTION_MODULES = ("builtins.", "data_contracts.", "dpo_engine.", "prefect.")
 # flows a task worker may be handed (a background task's stored context names its parent flow)
-ALLOWED_FLOWS = frozenset({"flows.dpo.dpo"})
+ALLOWED_FLOWS = frozenset({"flows.dpo.dpo", "flows.sweep.dpo_sweep"})
 
 
 class UnsafeResultError(ValueError):

@@ -4,6 +4,10 @@ Cache keys are the stages' content fingerprints (data, model, config section, up
 plus a token of the recorded outputs, so a key never points at outputs that were deleted: a run
 after a failure in stage k reuses stages before k, and changing only ``train.learning_rate``
 reuses validate and precompute.
+
+A task run is named by its stage and what it works on (:mod:`tasks.run_names`), reports the stage's
+progress to the UI while it runs (:mod:`tasks.progress`) and publishes its summary (and links:
+:mod:`tasks.artifacts`). Transient failures are retried with exponential backoff and jitter.
 """
 
 from __future__ import annotations
@@ -13,15 +17,20 @@ import traceback
 from pathlib import Path
 
 import pandas as pd
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.tasks import exponential_backoff
 
 from data_contracts.errors import user_error
 from data_contracts.helpers import redact_credentials
 from dpo_engine.stages.index import outputs_token
 from dpo_engine.stages.table import STAGE
+from tasks import artifacts, progress
+from tasks.run_names import task_run_namer
 
 RETRIES = 2
+RETRY_BACKOFF_S = 2.0  # the first retry after about 2 s, the next after about 4 s, ...
+RETRY_JITTER = 0.5  # each delay drawn at random up to 1.5x its value: retries of parallel runs spread out
 
 
 def _cache_key(stage: str):
@@ -77,36 +86,42 @@ for _name in ("prefect.task_runs", "prefect.flow_runs"):
 
 
 def _stage_task(stage: str):
-    return task(name=stage, retries=RETRIES, retry_delay_seconds=2, cache_key_fn=_cache_key(stage),
+    return task(name=stage, task_run_name=task_run_namer(stage), retries=RETRIES,
+                retry_delay_seconds=exponential_backoff(backoff_factor=RETRY_BACKOFF_S),
+                retry_jitter_factor=RETRY_JITTER, cache_key_fn=_cache_key(stage),
                 retry_condition_fn=_retry_unless_user_error, persist_result=True,
                 result_serializer="json", log_prints=True)
 
 
-@_stage_task("validate")
-def validate(cfg, run_dir: str) -> dict:
-    res = STAGE["validate"].module.run(cfg, Path(run_dir))
+def _run(stage: str, cfg, run_dir: str, *inputs: dict) -> dict:
+    """The stage, its progress reported to the UI while it runs, and its summary artifact."""
+    with progress.reporting(get_run_logger()):
+        res = STAGE[stage].module.run(cfg, Path(run_dir), *inputs)
     _publish(res)
     return res
+
+
+@_stage_task("validate")
+def validate(cfg, run_dir: str) -> dict:
+    return _run("validate", cfg, run_dir)
 
 
 @_stage_task("precompute")
 def precompute(cfg, run_dir: str, validated: dict) -> dict:
-    res = STAGE["precompute"].module.run(cfg, Path(run_dir), validated)
-    _publish(res)
-    return res
+    return _run("precompute", cfg, run_dir, validated)
 
 
 @_stage_task("train")
 def train(cfg, run_dir: str, validated: dict, precomputed: dict) -> dict:
-    res = STAGE["train"].module.run(cfg, Path(run_dir), validated, precomputed)
-    _publish(res)
+    res = _run("train", cfg, run_dir, validated, precomputed)
+    artifacts.publish_mlflow_run(cfg, res)
     return res
 
 
 @_stage_task("evaluate")
 def evaluate(cfg, run_dir: str, validated: dict, precomputed: dict, trained: dict) -> dict:
-    res = STAGE["evaluate"].module.run(cfg, Path(run_dir), validated, precomputed, trained)
-    _publish(res)
+    res = _run("evaluate", cfg, run_dir, validated, precomputed, trained)
+    artifacts.publish_plots(cfg, trained, res)
     if Path(res.get("samples", "")).is_file():
         table = pd.read_json(res["samples"], lines=True).head(50)
         if not table.empty:
@@ -117,6 +132,6 @@ def evaluate(cfg, run_dir: str, validated: dict, precomputed: dict, trained: dic
 
 @_stage_task("register")
 def register(cfg, run_dir: str, validated: dict, trained: dict, evaluated: dict) -> dict:
-    res = STAGE["register"].module.run(cfg, Path(run_dir), validated, trained, evaluated)
-    _publish(res)
+    res = _run("register", cfg, run_dir, validated, trained, evaluated)
+    artifacts.publish_model_version(cfg, res)
     return res

@@ -8,6 +8,7 @@ import dpo_engine.pipeline
 import dpo_engine.sweep.plan
 import flows.commands
 import flows.dpo
+import flows.sweep
 from data_contracts.config import load_config, parse_overrides
 from flows.cli import main
 
@@ -53,6 +54,7 @@ def captured(monkeypatch, tmp_path):
                 "metric": "eval/win_rate", "mlflow_parent_run_id": "-"}
 
     monkeypatch.setattr(flows.dpo, "dpo", fake_dpo)
+    monkeypatch.setattr(flows.sweep, "dpo_sweep", fake_dpo)
     monkeypatch.setattr(dpo_engine.pipeline, "prepare", lambda *a, **k: load_config())
     monkeypatch.setattr(dpo_engine.sweep.plan, "variant_configs", lambda *a, **k: None)
     monkeypatch.setattr(flows.commands, "check_prefect_api", lambda: None)

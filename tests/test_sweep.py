@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from sweep_fakes import fake_sweep
 from tiny import tiny_model_dir
 
 from data_contracts.config import ConfigError
@@ -92,11 +93,11 @@ def _tiny_overrides(tmp_path, name: str) -> dict:
 def test_sweep_trains_children_under_one_parent_and_registers_the_best(dpo_home, tmp_path):
     """Three variants (a list: two betas and another loss type) share one reference cache (one
     precompute), give three child runs under one parent and one registered version."""
-    from flows.dpo import dpo
+    from flows.sweep import dpo_sweep
 
     variants = [{"loss.beta": 0.1}, {"loss.beta": 0.5}, {"loss.beta": 0.1, "loss.loss_type": "ipo"}]
-    s = dpo(overrides=_tiny_overrides(tmp_path, "sweep"), run_name="sw", grid=variants,
-            metric="eval/rewards/margins")
+    s = dpo_sweep(overrides=_tiny_overrides(tmp_path, "sweep"), run_name="sw", grid=variants,
+                  metric="eval/rewards/margins")
 
     assert len(s["variants"]) == 3 and s["registered_version"] == 1
     assert s["precomputes"] == 1
@@ -195,12 +196,12 @@ def test_lagging_variant_is_stopped_early(dpo_home, tmp_path):
     from data_contracts.state import mlflow_uri
     from dpo_engine import tracking as registry
     from dpo_engine.stages.index import lookup
-    from flows.dpo import dpo
+    from flows.sweep import dpo_sweep
 
     overrides = {**_tiny_overrides(tmp_path, "stop"), "train.max_steps": 4, "train.eval_steps": 2,
                  "train.save_steps": 1}
-    s = dpo(overrides=overrides, run_name="st", grid={"train.learning_rate": [5e-3, 1e-12]},
-            metric="eval/rewards/margins", stop_margin=0.05, stop_metric="eval/rewards/margins")
+    s = dpo_sweep(overrides=overrides, run_name="st", grid={"train.learning_rate": [5e-3, 1e-12]},
+                  metric="eval/rewards/margins", stop_margin=0.05, stop_metric="eval/rewards/margins")
 
     good, bad = s["variants"]
     assert good["status"] == "completed" and good["steps"] == 4 and good["eval/rewards/margins"] is not None
@@ -230,11 +231,10 @@ def test_lagging_variant_is_stopped_early(dpo_home, tmp_path):
 def test_parallel_sweep_under_a_concurrency_limit(dpo_home, tmp_path):
     from prefect.client.orchestration import get_client
 
-    from flows.dpo import dpo
-    from flows.sweep import CONCURRENCY_LIMIT
+    from flows.sweep import CONCURRENCY_LIMIT, dpo_sweep
 
-    s = dpo(overrides=_tiny_overrides(tmp_path, "par"), run_name="par", grid={"loss.beta": [0.1, 0.5]},
-            metric="eval/rewards/margins", parallel=2)
+    s = dpo_sweep(overrides=_tiny_overrides(tmp_path, "par"), run_name="par", grid={"loss.beta": [0.1, 0.5]},
+                  metric="eval/rewards/margins", parallel=2)
 
     assert s["parallel"] == 2 and s["precomputes"] == 1
     assert [v["status"] for v in s["variants"]] == ["completed", "completed"]
@@ -301,46 +301,12 @@ def test_variant_tasks_never_exceed_the_concurrency_limit(dpo_home, monkeypatch)
     assert peak[0] == 2
 
 
-def _fake_sweep(monkeypatch, fail: set[int], values: dict[int, float]):
-    """flows.sweep.run_sweep with every stage faked: records the threads variants ran on and what
-    was registered."""
-    import threading
-    import time
-    from types import SimpleNamespace
-
-    import flows.sweep as fs
-    from data_contracts.config import load_config
-
-    seen = {"threads": set(), "registered": []}
-
-    def variant(index, cfg, variant, run_dir, precomputed, parent, validated, stop, board):
-        seen["threads"].add(threading.get_ident())
-        time.sleep(0.3)
-        if index in fail:
-            raise RuntimeError(f"variant {index} broke")
-        return {"cfg": cfg, "variant": variant, "run_dir": run_dir, "precomputed": precomputed,
-                "trained": {"mlflow_run_id": f"run{index}", "steps": 1}, "stop_reason": None,
-                "evaluated": {"metrics": {"eval/win_rate": values[index]}}, "ran_on": "here"}
-
-    monkeypatch.setattr(fs, "train_and_evaluate", variant)
-    monkeypatch.setattr(fs.t, "validate", lambda cfg, d: {})
-    monkeypatch.setattr(fs.t, "precompute", lambda cfg, d, v: {})
-    monkeypatch.setattr(fs, "STAGE", {"precompute": SimpleNamespace(key=lambda cfg, up: "k")})
-    monkeypatch.setattr(fs.t, "register", lambda cfg, d, v, tr, ev: seen["registered"].append(tr["mlflow_run_id"])
-                        or {"model_name": "m", "version": 1, "summary": "registered"})
-    monkeypatch.setattr(fs.sw, "open_parent", lambda *a, **k: "parent")
-    monkeypatch.setattr(fs.sw, "close_parent", lambda *a, **k: None)
-    monkeypatch.setattr(fs.plan, "variant_configs",
-                        lambda config, overrides, name, variants, stop: (load_config(), [load_config()] * len(variants)))
-    return seen
-
-
 def test_a_failed_variant_does_not_discard_the_best_and_threads_are_bounded(dpo_home, monkeypatch):
     from prefect import flow
 
     import flows.sweep as fs
 
-    seen = _fake_sweep(monkeypatch, fail={1}, values={0: 0.5, 1: 0.0, 2: 0.7, 3: 0.6})
+    seen = fake_sweep(monkeypatch, fail={1}, values={0: 0.5, 1: 0.0, 2: 0.7, 3: 0.6})
 
     @flow
     def sweep_of_four():
@@ -359,7 +325,7 @@ def test_a_sweep_whose_every_variant_failed_fails(dpo_home, monkeypatch):
 
     import flows.sweep as fs
 
-    _fake_sweep(monkeypatch, fail={0, 1}, values={0: 0.5, 1: 0.4})
+    fake_sweep(monkeypatch, fail={0, 1}, values={0: 0.5, 1: 0.4})
 
     @flow
     def sweep_of_two():

@@ -30,6 +30,7 @@ from data_contracts.errors import DataError
 from data_contracts.helpers import fingerprint, write_json
 from data_contracts.state import state_home
 from data_contracts.validation import read_valid
+from dpo_engine import progress
 from dpo_engine.modeling import (
     ModelError,
     VisionInputs,
@@ -154,7 +155,8 @@ def _computer(cfg: RunConfig, validated: dict, follower: bool = False):
                                            batch_size=cfg.reference.batch_size,
                                            chunk_size=cfg.train.logit_chunk_size, device=device,
                                            ld_alpha=cfg.loss.ld_alpha, precision=cfg.train.precision,
-                                           progress=bar.update, vision=vision)
+                                           progress=lambda n: (bar.update(n), progress.advance(n)),
+                                           vision=vision)
 
     if follower:
         follow_shards(lambda split: read_valid(validated[split]["valid"], REFERENCE_COLUMNS), compute)
@@ -235,9 +237,10 @@ def _run(cfg: RunConfig, run_dir: Path, validated: dict, fp: str, keys: dict[str
                     "max_length": cfg.data.max_length, "truncation_mode": cfg.data.truncation_mode,
                     "dtype": f"weights={cfg.model.dtype},autocast={compute_dtype(cfg)}",
                     "precision": cfg.train.precision, "ld_alpha": cfg.loss.ld_alpha, "engine": ENGINE_VERSION}
-            _, stats = cached_reference_logps(_cache_dir(), ck, rows, meta,
-                                              lambda part, s=split: _computed(compute(part, s), s),
-                                              shard_size=shard_rows(len(rows)))
+            with progress.Meter(f"{STAGE} {split}", 2 * len(rows), updates=10):  # sequences, for the UI
+                _, stats = cached_reference_logps(_cache_dir(), ck, rows, meta,
+                                                  lambda part, s=split: _computed(compute(part, s), s),
+                                                  shard_size=shard_rows(len(rows)))
             result[f"{split}_ref"], result[f"{split}_ref_key"] = stats["path"], ck
             crash_point(STAGE, f"{split}-cached")
             computed += stats["computed_examples"]

@@ -17,7 +17,7 @@ from data_contracts.helpers import fingerprint, redact_credentials, write_json, 
 from data_contracts.sources import source_fingerprint
 from data_contracts.state import mlflow_uri
 from data_contracts.validation import read_valid
-from dpo_engine import tracking
+from dpo_engine import progress, tracking
 from dpo_engine.evaluation import preference_metrics
 from dpo_engine.modeling import (
     VisionInputs,
@@ -140,7 +140,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
 
             res = train(model, pairs, ref, loss_cfg=cfg.loss, cfg=cfg.train, pad_id=tok.pad_token_id,
                         out_dir=out, device=device, progress=on_step,
-                        log_fn=log_step,
+                        log_fn=progress.reported(log_step, STAGE, steps),  # and the UI's progress
                         evaluate_fn=evaluate_fn, ref_cfg=cfg.reference, vision=vision)
         if not lead:
             return {}  # the other ranks took their share of every step; rank 0 has the result
