@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("sweep-worker", help="a Prefect task worker that runs sweep variants",
-                       description="Serve sweep variants submitted by `dpo sweep --workers` (or the dpo/sweep "
+                       description="Serve sweep variants submitted by `dpo sweep --workers` (or the dpo-sweep/sweep "
                        "deployment with workers=true): each is trained and evaluated in this process, on "
                        "its device (set CUDA_VISIBLE_DEVICES to give each worker its own GPU). Needs "
                        "PREFECT_API_URL and the sweep's state home ($DPO_HOME).")
