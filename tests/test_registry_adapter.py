@@ -66,10 +66,18 @@ def test_adapter_export_registers_as_base_plus_adapter_and_generates(store, tmp_
     tok = AutoTokenizer.from_pretrained(folder)
     ids = tok(PROMPT, return_tensors="pt").input_ids
     expected = _logits(policy, ids)
+    # the reply to PROMPT as one user turn, through the chat template (greedy, special tokens skipped)
+    chat = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                   return_tensors="pt", return_dict=True)
+
+    def reply():
+        return tok.decode(policy.generate(**chat, max_new_tokens=6, do_sample=False)[0, chat["input_ids"].shape[1]:],
+                          skip_special_tokens=True)
+
     with policy.disable_adapter():
         assert not torch.allclose(_logits(policy, ids), expected)  # the adapter matters
-        base_text = tok.decode(policy.generate(ids, max_new_tokens=6, do_sample=False)[0])
-    text = tok.decode(policy.generate(ids, max_new_tokens=6, do_sample=False)[0])
+        base_text = reply()
+    text = reply()
 
     rid = registry.start_run("adapter-test", "r1")
     out = registry.register_model(rid, folder, NAME, metrics={"eval/win_rate": 0.7},
@@ -92,7 +100,8 @@ def test_adapter_export_registers_as_base_plus_adapter_and_generates(store, tmp_
                                     gate_thresholds={"eval/win_rate": 0.5})
     assert again["version"] == 1 and len(client.search_model_versions(f"name = '{NAME}'")) == 1
 
-    # MLflow's pyfunc generates with base + adapter (greedy: the same text as the trained PeftModel)
+    # MLflow's pyfunc replies with base + adapter (greedy: the same reply as the trained PeftModel)
+    assert tags["task"] == "llm/v1/chat" and info.metadata["task"] == "llm/v1/chat"
     pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     pred = pyfunc.predict([PROMPT], params={"max_new_tokens": 6, "do_sample": False})
     assert pred == [text] and text != base_text
