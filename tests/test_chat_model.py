@@ -26,17 +26,6 @@ CONVERSATION = [{"role": "system", "content": "Be terse."}, {"role": "user", "co
 N = 12  # max_new_tokens
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One state home and MLflow store for the module (creating a SQLite store takes seconds)."""
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DPO_HOME", str(home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        registry.connect(f"sqlite:///{home}/mlflow/mlflow.db")
-        yield home
-
-
 def _model_dir(path, chat_template: bool = True):
     """A tiny Llama (initializer_range 0.5: its greedy replies vary with the prompt and can end the
     turn with <|im_end|>) and the character tokenizer of tests/tiny.py, ChatML template or none."""
@@ -104,7 +93,7 @@ def _check_served(uri, model, tok):
     return served, want
 
 
-def test_full_model_is_registered_and_served_as_a_chat_model(store, tmp_path):
+def test_full_model_is_registered_and_served_as_a_chat_model(mlflow_store, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = _model_dir(tmp_path / "policy")
@@ -148,7 +137,7 @@ def test_full_model_is_registered_and_served_as_a_chat_model(store, tmp_path):
     assert again["version"] == out["version"] and len(client.search_model_versions("name = 'tiny-chat'")) == 1
 
 
-def test_adapter_version_is_served_as_a_chat_model(store, tmp_path):
+def test_adapter_version_is_served_as_a_chat_model(mlflow_store, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from data_contracts.config import PeftConfig
@@ -173,7 +162,7 @@ def test_adapter_version_is_served_as_a_chat_model(store, tmp_path):
         assert [_generate(policy, tok, _user(p))[0] for p in PROMPTS] != want  # the adapter is applied
 
 
-def test_model_without_chat_template_stays_text_generation(store, tmp_path):
+def test_model_without_chat_template_stays_text_generation(mlflow_store, tmp_path):
     folder = _model_dir(tmp_path / "plain", chat_template=False)
     rid = registry.start_run("chat-test", "plain")
     out = registry.register_model(rid, folder, "tiny-plain", metrics={}, gate_thresholds={})

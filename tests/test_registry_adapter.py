@@ -26,17 +26,6 @@ NAME = "tiny-adapter"
 PROMPT = "Hi"
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One state home and MLflow store for the module (creating a SQLite store takes seconds)."""
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DPO_HOME", str(home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        registry.connect(f"sqlite:///{home}/mlflow/mlflow.db")
-        yield home
-
-
 def _adapter(tmp_path):
     """(base folder, adapter-only folder as the train stage exports it, the PeftModel in memory)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,7 +44,7 @@ def _logits(model, ids):
         return model(ids).logits
 
 
-def test_adapter_export_registers_as_base_plus_adapter_and_generates(store, tmp_path):
+def test_adapter_export_registers_as_base_plus_adapter_and_generates(mlflow_store, tmp_path):
     import mlflow
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -127,7 +116,7 @@ def test_adapter_export_registers_as_base_plus_adapter_and_generates(store, tmp_
     assert torch.allclose(_logits(AutoModelForCausalLM.from_pretrained(plain), ids), expected, atol=1e-5)
 
 
-def test_unregistrable_folders_fail_before_anything_is_logged(store, tmp_path):
+def test_unregistrable_folders_fail_before_anything_is_logged(mlflow_store, tmp_path):
     base, folder, _ = _adapter(tmp_path)
     rid = registry.start_run("adapter-errors", "r1")
     kw = dict(metrics={}, gate_thresholds={})
