@@ -110,6 +110,15 @@ def test_full_model_is_registered_and_served_as_a_chat_model(mlflow_store, tmp_p
     assert [p.name for p in info.signature.params.params] == ["max_new_tokens", "do_sample", "temperature", "top_p"]
 
     served, want = _check_served("models:/tiny-chat@champion", model, tok)
+    # as `mlflow models serve` serves it: an OpenAI-style chat body, and MLflow's {"inputs", "params"}
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    http = TestClient(scoring_server.init(served))
+    r = http.post("/invocations", json={"messages": _user(PROMPTS[1]), "max_tokens": N})
+    assert r.status_code == 200 and r.json()[0]["choices"][0]["message"]["content"] == want[1]
+    assert http.post("/invocations", json={"inputs": PROMPTS, "params": {"max_new_tokens": N}}).json() == \
+        {"predictions": want}
     # the reply is cut before a stop sequence, which is not part of it
     stop = want[0][1]
     [resp] = served.predict({"messages": _user(PROMPTS[0]), "stop": [stop], "max_tokens": N})
