@@ -32,6 +32,21 @@ def dpo_home(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return home
 
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory):
+    """One state home and local MLflow store (SQLite) for a whole test module: creating a store takes
+    seconds."""
+    from dpo_engine import tracking
+
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPO_HOME", str(home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        tracking.connect(f"sqlite:///{home}/mlflow/mlflow.db")
+        yield home
+
+
 import logging  # noqa: E402
 
 # Prefect's temporary server logs "stopping" at interpreter exit, after pytest closed its streams.

@@ -26,17 +26,6 @@ NAME = "tiny-adapter"
 PROMPT = "Hi"
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One state home and MLflow store for the module (creating a SQLite store takes seconds)."""
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DPO_HOME", str(home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        registry.connect(f"sqlite:///{home}/mlflow/mlflow.db")
-        yield home
-
-
 def _adapter(tmp_path):
     """(base folder, adapter-only folder as the train stage exports it, the PeftModel in memory)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,7 +44,7 @@ def _logits(model, ids):
         return model(ids).logits
 
 
-def test_adapter_export_registers_as_base_plus_adapter_and_generates(store, tmp_path):
+def test_adapter_export_registers_as_base_plus_adapter_and_generates(mlflow_store, tmp_path):
     import mlflow
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -66,10 +55,18 @@ def test_adapter_export_registers_as_base_plus_adapter_and_generates(store, tmp_
     tok = AutoTokenizer.from_pretrained(folder)
     ids = tok(PROMPT, return_tensors="pt").input_ids
     expected = _logits(policy, ids)
+    # the reply to PROMPT as one user turn, through the chat template (greedy, special tokens skipped)
+    chat = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                   return_tensors="pt", return_dict=True)
+
+    def reply():
+        return tok.decode(policy.generate(**chat, max_new_tokens=6, do_sample=False)[0, chat["input_ids"].shape[1]:],
+                          skip_special_tokens=True)
+
     with policy.disable_adapter():
         assert not torch.allclose(_logits(policy, ids), expected)  # the adapter matters
-        base_text = tok.decode(policy.generate(ids, max_new_tokens=6, do_sample=False)[0])
-    text = tok.decode(policy.generate(ids, max_new_tokens=6, do_sample=False)[0])
+        base_text = reply()
+    text = reply()
 
     rid = registry.start_run("adapter-test", "r1")
     out = registry.register_model(rid, folder, NAME, metrics={"eval/win_rate": 0.7},
@@ -92,7 +89,8 @@ def test_adapter_export_registers_as_base_plus_adapter_and_generates(store, tmp_
                                     gate_thresholds={"eval/win_rate": 0.5})
     assert again["version"] == 1 and len(client.search_model_versions(f"name = '{NAME}'")) == 1
 
-    # MLflow's pyfunc generates with base + adapter (greedy: the same text as the trained PeftModel)
+    # MLflow's pyfunc replies with base + adapter (greedy: the same reply as the trained PeftModel)
+    assert tags["task"] == "llm/v1/chat" and info.metadata["task"] == "llm/v1/chat"
     pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     pred = pyfunc.predict([PROMPT], params={"max_new_tokens": 6, "do_sample": False})
     assert pred == [text] and text != base_text
@@ -118,7 +116,7 @@ def test_adapter_export_registers_as_base_plus_adapter_and_generates(store, tmp_
     assert torch.allclose(_logits(AutoModelForCausalLM.from_pretrained(plain), ids), expected, atol=1e-5)
 
 
-def test_unregistrable_folders_fail_before_anything_is_logged(store, tmp_path):
+def test_unregistrable_folders_fail_before_anything_is_logged(mlflow_store, tmp_path):
     base, folder, _ = _adapter(tmp_path)
     rid = registry.start_run("adapter-errors", "r1")
     kw = dict(metrics={}, gate_thresholds={})

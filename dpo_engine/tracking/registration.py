@@ -21,7 +21,7 @@ from data_contracts.helpers import file_lock, fingerprint
 from data_contracts.state import state_home
 from dpo_engine.tracking import client as tracking_client  # mlflow_client read per call: tests patch it
 from dpo_engine.tracking.client import is_transient, retried
-from dpo_engine.tracking.packaging import ADAPTER, FULL, adapter_tags, log_hf_model, model_format
+from dpo_engine.tracking.packaging import ADAPTER, FULL, adapter_tags, log_hf_model, model_format, task_tags
 from dpo_engine.tracking.runs import MAX_TAG_LEN, log_model_metrics
 
 CHALLENGER = "challenger"
@@ -218,6 +218,7 @@ def _create_version_once(client, model_name, run_id, model_dir, metrics, reasons
             tags.update(format_tags)
         else:
             tags["model_format"] = FULL
+        tags.update(task_tags(model_dir, base_model_revision))  # llm/v1/chat or text-generation
         _delete_orphan_models(client, run_id)
         model_uri, model_id = log_hf_model(run_id, model_dir, base_model_revision)
         # the model's page shows its metrics (as the run has them: the eval ones at the last step)
