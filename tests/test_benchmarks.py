@@ -32,7 +32,8 @@ def models(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     tmp = tmp_path_factory.mktemp("bench-models")
-    load = lambda seed: AutoModelForCausalLM.from_pretrained(tiny_model_dir(tmp / f"m{seed}", seed=seed)).eval()  # noqa: E731
+    def load(seed):
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir(tmp / f"m{seed}", seed=seed)).eval()
     return load(0), load(1), tiny_tokenizer()
 
 
@@ -121,6 +122,10 @@ def test_a_task_whose_dataset_is_not_local_fails_in_one_line_naming_it(tmp_path,
     msg = str(e.value)
     assert "\n" not in msg and "task 'hub_only'" in msg and "'dpo-tests/not-downloaded'" in msg
     assert "not available offline" in msg and "use a local task YAML" in msg
+    # a task named from an include_path folder: lm-eval's own tasks are not indexed (a minute) for it
+    tm, tasks = benchmarks.load_tasks(BenchmarksConfig(tasks=["tiny_arith"], include_path=[str(TASKS)]))
+    assert [t.task_name for t in tasks] == ["tiny_arith"] and "arc_easy" not in tm.task_index
+    assert len(tasks[0].test_docs()) == 12
     # a local file that is not there: found before any compute (the pipeline's preflight)
     with pytest.raises(benchmarks.BenchmarkError, match="file not found: nowhere/task.yaml"):
         benchmarks.check_benchmarks(BenchmarksConfig(tasks=["nowhere/task.yaml"]))

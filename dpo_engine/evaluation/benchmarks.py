@@ -170,7 +170,7 @@ def local_tasks_fingerprint(cfg: BenchmarksConfig) -> str:
 
 def _task_manager(cfg: BenchmarksConfig):
     """A TaskManager over the include_path folders and the task folders given; lm-eval's own tasks
-    are indexed (about a minute on 2 busy CPU cores) only when a task name is not found there."""
+    are indexed (one to two minutes on 2 busy CPU cores) only when a task name is not found there."""
     from lm_eval.tasks import TaskManager
 
     folders = [str(Path(p).expanduser().resolve()) for p in
@@ -181,52 +181,50 @@ def _task_manager(cfg: BenchmarksConfig):
     return tm
 
 
-def _units(cfg: BenchmarksConfig, tm) -> list[tuple[str, Any, str | None]]:
-    """(task name, what TaskManager.load takes for it, its dataset) for each task or group to run: a
-    local YAML task as its config dict with the data paths read from its folder, others by name or path."""
+def _entries(spec: str, tm) -> list[tuple[str, str, Path | None, Any]]:
+    """(name, what TaskManager.load takes for it, its YAML or None, its dataset) of each task or group
+    that ``spec`` (a name, a task YAML, a folder) stands for."""
+    if not is_path(spec):
+        entry = tm.task_index.get(spec)
+        if entry is None:
+            raise BenchmarkError(f"config error: {FIELD}: unknown task {spec!r}: not an lm-eval task, group or "
+                                 "tag, nor one in eval.benchmarks.include_path; give a task name or the path of "
+                                 "a local task YAML")
+        return [(spec, spec, entry.yaml_path and Path(entry.yaml_path), (entry.cfg or {}).get("dataset_path"))]
+    p = Path(spec).expanduser().resolve()
+    if p.is_dir():
+        found = sorted((e for e in tm.task_index.values() if e.yaml_path and p in Path(e.yaml_path).parents
+                        and e.kind.name in ("TASK", "PY_TASK")), key=lambda e: e.name)
+        if not found:
+            raise BenchmarkError(f"config error: {FIELD}: {spec}: no lm-eval task YAML in this folder")
+        return [(e.name, e.name, Path(e.yaml_path), (e.cfg or {}).get("dataset_path")) for e in found]
+    try:
+        head = yaml.load(p.read_text(), Loader=_TaskYamlLoader)  # noqa: S506 (a SafeLoader)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise BenchmarkError(f"config error: {FIELD}: {spec}: not a readable task YAML ({_first_line(e)})") from None
+    name = (head.get("task") or head.get("group")) if isinstance(head, dict) else None
+    if not isinstance(name, str):
+        raise BenchmarkError(f"config error: {FIELD}: {spec}: a task YAML needs a 'task' (or 'group') name")
+    return [(name, str(p), p, head.get("dataset_path"))]
+
+
+def _units(cfg: BenchmarksConfig, tm) -> list[tuple[str, Any, Any]]:
+    """(name, what TaskManager.load takes, its dataset) for each task or group to run. A local YAML
+    task goes as its config with the data paths read from its folder (:func:`localize`); lm-eval's
+    own tasks, groups and tags by name or path."""
     import lm_eval.tasks as lm_tasks
-    from lm_eval.tasks._yaml_loader import load_yaml
+    from lm_eval.tasks._yaml_loader import load_yaml  # the YAML as lm-eval reads it: includes, !function
 
     builtin = Path(lm_tasks.__file__).parent
-    entries = []
-    for spec in cfg.tasks:
-        if not is_path(spec):
-            if spec not in tm.task_index:
-                raise BenchmarkError(f"config error: {FIELD}: unknown task {spec!r}: not an lm-eval task, group "
-                                     "or tag, nor one in eval.benchmarks.include_path; give a task name or the "
-                                     "path of a local task YAML")
-            entries.append((tm.task_index[spec], spec))
-            continue
-        p = Path(spec).expanduser().resolve()
-        if p.is_dir():
-            found = [e for e in tm.task_index.values() if e.yaml_path and p in Path(e.yaml_path).parents
-                     and e.kind.name in ("TASK", "PY_TASK")]
-            if not found:
-                raise BenchmarkError(f"config error: {FIELD}: {spec}: no lm-eval task YAML in this folder")
-            entries += [(e, str(e.yaml_path)) for e in sorted(found, key=lambda e: e.name)]
-            continue
-        try:
-            head = yaml.load(p.read_text(), Loader=_TaskYamlLoader)
-        except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
-            raise BenchmarkError(f"config error: {FIELD}: {spec}: not a readable task YAML "
-                                 f"({_first_line(e)})") from None
-        name = (head.get("task") or head.get("group")) if isinstance(head, dict) else None
-        if not isinstance(name, str):
-            raise BenchmarkError(f"config error: {FIELD}: {spec}: a task YAML needs a 'task' (or 'group') name")
-        entries.append((None, str(p)))
     units = []
-    for entry, spec in entries:
-        path = Path(entry.yaml_path) if entry is not None and entry.yaml_path else Path(spec) if is_path(spec) else None
-        kind = entry.kind.name if entry is not None else None
-        local = path is not None and builtin not in path.resolve().parents
-        if local and kind in (None, "TASK"):
-            cfg_ = load_yaml(path, resolve_func=True)
-            if "task" in cfg_ and "group" not in cfg_ and "class" not in cfg_:
-                cfg_ = localize(cfg_, path.parent)
-                units.append((cfg_["task"], cfg_, cfg_.get("dataset_path")))
-                continue
-        dataset = (entry.cfg or {}).get("dataset_path") if entry is not None else None
-        units.append((entry.name if entry is not None else spec, spec, dataset))
+    for spec in cfg.tasks:
+        for name, by, path, dataset in _entries(spec, tm):
+            full = load_yaml(path, resolve_func=True) if path is not None and builtin not in path.parents else {}
+            if "task" in full and not {"group", "class"} & set(full):
+                full = localize(full, path.parent)
+                units.append((full["task"], full, full.get("dataset_path")))
+            else:
+                units.append((name, by, dataset))
     return units
 
 

@@ -140,8 +140,8 @@ def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
     ``model_name`` with alias ``challenger``, and make it ``champion`` when every gate metric
     is >= its threshold and, with ``beat_champion_metric``, it beats the current champion on that
     metric by at least ``min_improvement``, and every ``max_drop`` benchmark metric
-    (``bench/<task>/<metric>``) is at most that much below the reference's. The version is tagged with ``tags``, the key eval
-    metrics (``metric.<name>``) and the gate's outcome. Idempotent per (model_name, run_id), so a
+    (``bench/<task>/<metric>``) is at most that much below the reference's (``bench_ref/...``).
+    The version is tagged with ``tags``, the key eval metrics (``metric.<name>``) and the gate's outcome. Idempotent per (model_name, run_id), so a
     retry after an outage or a crash at any point leaves exactly one version. ``on_step(point)``
     is called at ``model-logged``, ``version-created`` and ``aliases-set`` (crash drills).
 
