@@ -16,6 +16,7 @@ from data_contracts.sources import fill_date
 from data_contracts.state import mlflow_uri, state_home
 from dpo_engine import tracking
 from dpo_engine.evaluation import load_judge
+from dpo_engine.evaluation.benchmarks import check_benchmarks
 from dpo_engine.modeling import check_config
 from dpo_engine.modeling.router import check_router_setting
 from dpo_engine.stages.launch import accelerate_config
@@ -89,6 +90,7 @@ def preflight(cfg: RunConfig) -> None:
     _check_local_paths(cfg)
     if cfg.eval.judge:
         load_judge(cfg.eval.judge)
+    check_benchmarks(cfg.eval.benchmarks)  # lm-eval installed, local task files exist
     if cfg.registry.enabled:
         tracking.connect(mlflow_uri(cfg))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from data_contracts.config.base import Section, Seed
+from data_contracts.config.benchmarks import BenchmarksConfig
 
 
 class EvalConfig(Section):
@@ -16,6 +17,8 @@ class EvalConfig(Section):
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (do_sample only).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling share (do_sample only).")
     seed: Seed = Field(0, description="Seed of the generations and of the KL samples.")
+    benchmarks: BenchmarksConfig = Field(default_factory=BenchmarksConfig, description="lm-evaluation-harness "
+                                         "tasks run on the policy and on the reference (empty tasks: none).")
     judge: str | None = Field("data_contracts.builtin:judge", description="Pointwise: 'module:function' scoring "
                               "(prompt, response, row) -> float (higher is better), or "
                               "'reward_model:<folder or hub id>' (a sequence-classification reward "

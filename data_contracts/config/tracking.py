@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, NonNegativeFloat, field_validator
 
 from data_contracts.config.base import Name, Section
 from data_contracts.helpers import redact_credentials
@@ -15,6 +15,19 @@ class GateConfig(Section):
                                              "the current champion on this metric (e.g. 'eval/win_rate') "
                                              "by at least min_improvement; null: no comparison.")
     min_improvement: float = Field(0.0, description="new - champion must be >= this (0: a tie passes).")
+    max_drop: dict[str, NonNegativeFloat] = Field(default_factory=dict, description="bench/<task>/<metric> "
+                                                  "-> the most the policy may lose against the reference "
+                                                  "on it: bench value >= bench_ref value - max_drop (0.01: "
+                                                  "one point of accuracy). Needs the task in eval.benchmarks.")
+
+    @field_validator("max_drop")
+    @classmethod
+    def _bench_metrics(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k in v if not k.startswith("bench/") or k.count("/") < 2]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a benchmark metric: use bench/<task>/<metric>, "
+                             "e.g. bench/arc_easy/acc")
+        return v
 
 
 class RegistryConfig(Section):

@@ -14,6 +14,7 @@ from data_contracts.helpers import atomic_write, fingerprint, write_json
 from data_contracts.state import mlflow_uri
 from data_contracts.validation import read_valid
 from dpo_engine import tracking
+from dpo_engine.evaluation.benchmarks import local_tasks_fingerprint, run_benchmarks
 from dpo_engine.evaluation import (
     generate,
     judge_table,
@@ -37,7 +38,8 @@ STAGE = "evaluate"
 
 
 def key(cfg: RunConfig, trained: dict) -> str:
-    return fingerprint(STAGE, trained["fingerprint"], cfg.section_hash("eval"), cfg.reference.model_path or "")
+    return fingerprint(STAGE, trained["fingerprint"], cfg.section_hash("eval"), cfg.reference.model_path or "",
+                       local_tasks_fingerprint(cfg.eval.benchmarks))  # the local benchmark files' content
 
 
 def _plots(out: Path, trained: dict, table: pd.DataFrame, metrics: dict) -> list[Path]:
@@ -106,6 +108,9 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict, train
                                       "policy_response": texts["policy"],
                                       "reference_response": texts["reference"]})
             del reference
+        # lm-evaluation-harness tasks (eval.benchmarks) on both models: bench/, bench_ref/, bench_delta/
+        metrics.update(run_benchmarks(cfg.eval.benchmarks, policy, lambda: load_reference_model(
+            cfg.model, cfg.reference.model_path, validated["model_path"], device), tok))
         del policy
         gc.collect()
     crash_point(STAGE, "computed")

@@ -67,7 +67,8 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, trained: dict, evaluated
                 metrics=metrics, gate_thresholds=gate.thresholds, tags=tags,
                 beat_champion_metric=gate.beat_champion_metric, min_improvement=gate.min_improvement,
                 on_step=lambda point: crash_point(STAGE, point),
-                base_model_revision=cfg.model.revision)  # an adapter's base, when a hub id
+                base_model_revision=cfg.model.revision,  # an adapter's base, when a hub id
+                max_drop=gate.max_drop)
             tracking.end_run(run_id)
         except tracking.TrackingUnavailable as e:
             raise tracking.TrackingUnavailable(

@@ -47,7 +47,8 @@ def _registration_lock(model_name: str, run_id: str):
         yield
 
 
-def _gate(metrics: dict[str, float], thresholds: dict[str, float]) -> list[str]:
+def _gate(metrics: dict[str, float], thresholds: dict[str, float],
+          max_drop: dict[str, float] | None = None) -> list[str]:
     """Reasons the gate fails (empty list: passed)."""
     reasons = []
     for name, minimum in thresholds.items():
@@ -57,6 +58,25 @@ def _gate(metrics: dict[str, float], thresholds: dict[str, float]) -> list[str]:
         value = float(metrics[name])
         if math.isnan(value) or value < minimum:
             reasons.append(f"{name}: {value:.4g} < required {minimum:g}")
+    return reasons + _drop_gate(metrics, max_drop or {})
+
+
+def _drop_gate(metrics: dict[str, float], max_drop: dict[str, float]) -> list[str]:
+    """Reasons a benchmark metric ``bench/<task>/<metric>`` lost more than its allowed drop against
+    the reference's value of it (``bench_ref/<task>/<metric>``, measured in the same evaluation)."""
+    reasons = []
+    for name, drop in max_drop.items():
+        task, ref_name = name.split("/")[1], "bench_ref/" + name.removeprefix("bench/")
+        value, ref = metrics.get(name), metrics.get(ref_name)
+        if value is None or ref is None:
+            missing = " and ".join(n for n, v in ((name, value), (ref_name, ref)) if v is None)
+            reasons.append(f"{name}: {missing} missing from metrics (allowed drop {drop:g} against the "
+                           f"reference on task {task}; is the task in eval.benchmarks.tasks?)")
+            continue
+        value, ref = float(value), float(ref)
+        if math.isnan(value) or math.isnan(ref) or value < ref - drop - 1e-9:  # 1e-9: float round-off
+            reasons.append(f"{name}: task {task} policy {value:.4g} vs reference {ref:.4g}: lost "
+                           f"{ref - value:.4g}, more than the allowed drop {drop:g}")
     return reasons
 
 
@@ -114,12 +134,14 @@ def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
                    tags: dict[str, str] | None = None, beat_champion_metric: str | None = None,
                    min_improvement: float = 0.0,
                    on_step: Callable[[str], None] | None = None,
-                   base_model_revision: str | None = None) -> dict:
+                   base_model_revision: str | None = None,
+                   max_drop: dict[str, float] | None = None) -> dict:
     """Log the Hugging Face folder ``model_dir`` to the run, register it as a new version of
     ``model_name`` with alias ``challenger``, and make it ``champion`` when every gate metric
     is >= its threshold and, with ``beat_champion_metric``, it beats the current champion on that
-    metric by at least ``min_improvement``. The version is tagged with ``tags``, the key eval
-    metrics (``metric.<name>``) and the gate's outcome. Idempotent per (model_name, run_id), so a
+    metric by at least ``min_improvement``, and every ``max_drop`` benchmark metric
+    (``bench/<task>/<metric>``) is at most that much below the reference's (``bench_ref/...``).
+    The version is tagged with ``tags``, the key eval metrics (``metric.<name>``) and the gate's outcome. Idempotent per (model_name, run_id), so a
     retry after an outage or a crash at any point leaves exactly one version. ``on_step(point)``
     is called at ``model-logged``, ``version-created`` and ``aliases-set`` (crash drills).
 
@@ -131,7 +153,7 @@ def register_model(run_id: str, model_dir: str | Path, model_name: str, *,
     model_dir = Path(model_dir)
     model_format(model_dir)  # a folder that cannot be registered fails before anything is logged
     client = tracking_client.mlflow_client()
-    reasons = _gate(metrics, gate_thresholds)
+    reasons = _gate(metrics, gate_thresholds, max_drop)
     # one registration of a run at a time, whatever the model name: the clean-up of the run's
     # orphan logged models (_delete_orphan_models) never removes an upload in progress
     with _registration_lock(model_name, run_id), _registration_lock("", run_id):
