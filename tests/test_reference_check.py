@@ -6,28 +6,16 @@ update; honest runs (padded, packed, LD-DPO, WPO, other losses, an online copy, 
 import copy
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from data_contracts.config import LossConfig, TrainConfig, load_config
 from dpo_engine.reference import compute_reference_logps
 from dpo_engine.training import TrainingError, train
 from dpo_engine.training.sanity import compute_dtype, reference_is_start, runtime_skip, tolerance
-from test_trainer import _pairs
-from tiny import tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refcheck")
-    return tiny_model_dir(root / "policy", seed=0), tiny_model_dir(root / "other", seed=1)
-
-
-def _load(d):
-    return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+from test_reference_sources import dirs  # noqa: F401  (the fixture: a tiny policy and another model)
+from test_trainer import _load, _pairs
 
 
 def _flat(model):
