@@ -132,6 +132,14 @@ def test_config_errors_and_defaults():
         for w in words:
             assert w in msg, (w, msg)
     load_config(overrides={"train.load_best_model_at_end": True, "train.eval_steps": 3, "train.save_steps": 6})
+    # a TRL/transformers config carries them over, with transformers' metric spelling
+    from data_contracts.config import RunConfig
+    from data_contracts.config.trl import from_trl
+    trl = from_trl({"eval_strategy": "steps", "eval_steps": 2, "save_strategy": "steps", "save_steps": 4,
+                    "load_best_model_at_end": True, "metric_for_best_model": "eval_rewards/accuracies"}, echo=False)
+    t = RunConfig(**trl).train
+    assert (t.load_best_model_at_end, t.metric_for_best_model, best_settings(t)) == \
+        (True, "eval/rewards/accuracies", ("eval/rewards/accuracies", True))
 
 
 def test_train_stage_exports_the_best_checkpoint_and_logs_it(dpo_home, setup, monkeypatch):

@@ -182,9 +182,10 @@ class TrainConfig(Section):
                                            "sigmoid loss ln 2): a reference computed with another tokenization, "
                                            "template, truncation, precision or model.")
     metric_for_best_model: str | None = Field(None, description="A periodic evaluation metric (eval/loss, "
-                                              "eval/rewards/accuracies, ...; 'loss' means eval/loss) that picks "
-                                              "the best checkpoint (kept by the pruning, named in the result); "
-                                              "null: eval/loss with load_best_model_at_end, else none.")
+                                              "eval/rewards/accuracies, ...; 'loss' and 'eval_loss' mean "
+                                              "eval/loss) that picks the best checkpoint (kept by the pruning, "
+                                              "named in the result); null: eval/loss with "
+                                              "load_best_model_at_end, else none.")
     greater_is_better: bool | None = Field(None, description="Whether a larger metric_for_best_model is better; "
                                            "null: false for a metric ending in 'loss', else true (transformers).")
     load_best_model_at_end: bool = Field(False, description="train/model (so evaluate and register) gets the "
@@ -194,8 +195,8 @@ class TrainConfig(Section):
     @field_validator("metric_for_best_model")
     @classmethod
     def _eval_metric(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith("eval/"):
-            v = f"eval/{v}"  # as transformers prefixes eval_
+        if v is not None and not v.startswith("eval/"):  # transformers' spellings: eval_loss, loss
+            v = f"eval/{v.removeprefix('eval_')}"
         if v is not None and v not in EVAL_STEP_METRICS:
             raise ValueError(f"the periodic evaluation measures no {v!r}; use one of {', '.join(EVAL_STEP_METRICS)}")
         return v
