@@ -173,3 +173,41 @@ class TrainConfig(Section):
         if m and m.startswith("eval/") and self.eval_steps == 0:
             raise ValueError(f"train.early_stopping_metric={m!r} needs train.eval_steps > 0")
         return self
+
+    # Checks that catch broken runs (issue 18): the step-1 reference check and the best checkpoint.
+    check_reference_at_start: bool = Field(True, description="At step 1, when the reference is the starting "
+                                           "policy (no reference.model_path elsewhere, no trained or non-identity "
+                                           "adapter, no resume), stop when the policy's log-probs differ from the "
+                                           "reference's beyond the precision's rounding (rewards must be 0, the "
+                                           "sigmoid loss ln 2): a reference computed with another tokenization, "
+                                           "template, truncation, precision or model.")
+    metric_for_best_model: str | None = Field(None, description="A periodic evaluation metric (eval/loss, "
+                                              "eval/rewards/accuracies, ...; 'loss' and 'eval_loss' mean "
+                                              "eval/loss) that picks the best checkpoint (kept by the pruning, "
+                                              "named in the result); null: eval/loss with "
+                                              "load_best_model_at_end, else none.")
+    greater_is_better: bool | None = Field(None, description="Whether a larger metric_for_best_model is better; "
+                                           "null: false for a metric ending in 'loss', else true (transformers).")
+    load_best_model_at_end: bool = Field(False, description="train/model (so evaluate and register) gets the "
+                                         "best checkpoint's weights, not the last step's; needs eval_steps > 0 "
+                                         "and save_steps a multiple of eval_steps.")
+
+    @field_validator("metric_for_best_model")
+    @classmethod
+    def _eval_metric(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("eval/"):  # transformers' spellings: eval_loss, loss
+            v = f"eval/{v.removeprefix('eval_')}"
+        if v is not None and v not in EVAL_STEP_METRICS:
+            raise ValueError(f"the periodic evaluation measures no {v!r}; use one of {', '.join(EVAL_STEP_METRICS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _best_model(self) -> "TrainConfig":
+        wants = self.load_best_model_at_end or self.metric_for_best_model is not None
+        if wants and self.eval_steps == 0:
+            what = "load_best_model_at_end" if self.load_best_model_at_end else "metric_for_best_model"
+            raise ValueError(f"train.{what} needs periodic evaluations: set train.eval_steps > 0")
+        if self.load_best_model_at_end and (self.save_steps == 0 or self.save_steps % self.eval_steps):
+            raise ValueError(f"train.load_best_model_at_end needs a checkpoint at evaluations: train.save_steps "
+                             f"({self.save_steps}) must be a positive multiple of train.eval_steps ({self.eval_steps})")
+        return self

@@ -38,6 +38,9 @@ FIELDS: dict[str, str] = {
     "precompute_ref_batch_size": "reference.batch_size",
     "loss_weights": "loss.loss_weights",
     "ld_alpha": "loss.ld_alpha",
+    "load_best_model_at_end": "train.load_best_model_at_end",
+    "metric_for_best_model": "train.metric_for_best_model",
+    "greater_is_better": "train.greater_is_better",
     "f_divergence_type": "loss.f_divergence_type",
     "f_alpha_divergence_coef": "loss.f_alpha_divergence_coef",
     "label_smoothing": "loss.label_smoothing",
@@ -193,11 +196,6 @@ NOOP_ONLY: dict[str, tuple[tuple, str]] = {
     "eval_on_start": ((False,), "no evaluation before the first step (the reference is evaluated at the end)"),
     "save_only_model": ((False,), "checkpoints always hold the optimizer state, which resuming needs"),
     "enable_jit_checkpoint": ((False,), _NO_TRAINER),
-    "load_best_model_at_end": ((False,), "the final weights are exported; early stopping: "
-                                         "train.early_stopping_metric"),
-    "metric_for_best_model": ((None,), "the final weights are exported; early stopping: "
-                                       "train.early_stopping_metric"),
-    "greater_is_better": ((None,), "early stopping: train.early_stopping_mode"),
     "ignore_data_skip": ((False,), "a resumed run always continues the same pair order"),
     "full_determinism": ((False,), "runs are seeded (train.seed); deterministic kernels are not forced"),
     "data_seed": ((None,), "the pair order follows seed (train.seed)"),

@@ -42,6 +42,7 @@ from dpo_engine.sweep import stop_rule
 from dpo_engine.tracking.datasets import split_inputs
 from dpo_engine.tracking.system_metrics import system_metrics
 from dpo_engine.training import check_optim, extra_stop_rule, total_steps, train, world
+from dpo_engine.training.sanity import reference_is_start
 
 STAGE = "train"
 
@@ -128,6 +129,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
         steps = total_steps(len(pairs), cfg.train)
         evaluate_fn = eval_callback(cfg, validated, precomputed, model, tok.pad_token_id, device, vision)
         lagging = stop_rule(run_dir)  # a sweep variant's "behind the best variant" stop, else None
+        is_start, not_start = reference_is_start(cfg, validated["model_path"])  # step 1's check applies
         with tqdm(total=steps, desc="train", unit="step", disable=not lead) as bar, extra_stop_rule(lagging), \
                 system_metrics(outbox, cfg.tracking.system_metrics_interval_s):  # rank 0's run: system/ metrics
             def on_step(step, m):
@@ -141,7 +143,7 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
             res = train(model, pairs, ref, loss_cfg=cfg.loss, cfg=cfg.train, pad_id=tok.pad_token_id,
                         out_dir=out, device=device, progress=on_step,
                         log_fn=progress.reported(log_step, STAGE, steps),  # and the UI's progress
-                        evaluate_fn=evaluate_fn, ref_cfg=cfg.reference, vision=vision)
+                        evaluate_fn=evaluate_fn, ref_cfg=cfg.reference, vision=vision, reference_is_start=is_start)
         if not lead:
             return {}  # the other ranks took their share of every step; rank 0 has the result
         # a VLM's folder gets its processor (image processor, tokenizer, chat template)
@@ -150,6 +152,8 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
         del model
         gc.collect()
     crash_point(STAGE, "exported")
+    if res.best:
+        outbox.log_metrics({"best_step": res.best["step"], "best_metric": res.best["value"]}, step=res.steps)
     outbox.drain(timeout_s=30.0)  # what is still pending is sent by the register stage
     write_json(out / "history.json", res.history)
     final = {k: v for k, v in res.final.items() if k != "step"}
@@ -158,13 +162,16 @@ def run(cfg: RunConfig, run_dir: Path, validated: dict, precomputed: dict) -> di
         "model_dir": str(model_dir), "model_fingerprint": model_fingerprint(str(model_dir)),
         "mlflow_run_id": run_id, "steps": res.steps, "resumed_from": res.resumed_from,
         "stopped_early": res.stopped_early,
+        "best": res.best, "reference_check": res.reference_check or {"skipped": not_start},
         "history": str(out / "history.json"),
         "outputs": [str(model_dir / ("adapter_config.json" if (model_dir / "adapter_config.json").is_file()
                                      else "config.json")), str(out / "history.json")],
         "metrics": final,
         "summary": (f"train: {res.steps} steps{' (early stop)' if res.stopped_early else ''} in {t.seconds:.1f}s, final loss {final.get('loss', float('nan')):.4f}, "
                     f"accuracy {final.get('rewards/accuracies', float('nan')):.2f}, "
-                    f"margin {final.get('rewards/margins', float('nan')):.3f}"),
+                    f"margin {final.get('rewards/margins', float('nan')):.3f}"
+                    + (f"; best {res.best['metric']} {res.best['value']:.4f} at step {res.best['step']}"
+                       f"{' (exported)' if res.best.get('loaded') else ''}" if res.best else "")),
     }
     if lagging is not None and lagging.reason:  # decided by other variants: kept out of the reuse index
         result["stop_reason"] = lagging.reason

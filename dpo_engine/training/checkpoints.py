@@ -156,7 +156,7 @@ def _checkpoint_problem(path: Path, with_reference: bool = False) -> str | None:
     return _structure_problem(path) if files is None else _manifest_problem(path, files)
 
 
-def _checkpoints(ckpt_dir: Path) -> list[Path]:
+def checkpoint_dirs(ckpt_dir: Path) -> list[Path]:
     """``step-N`` folders, newest first."""
     found = [p for p in ckpt_dir.glob("step-*") if _STEP_DIR.fullmatch(p.name) and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
@@ -165,7 +165,7 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
 def _intact_checkpoints(ckpt_dir: Path, log: Callable[[str], None] = print, with_reference: bool = False):
     """The checkpoints that pass ``_checkpoint_problem``, newest first, checked one at a time as they
     are asked for; the others are reported by name and skipped."""
-    for p in _checkpoints(ckpt_dir):
+    for p in checkpoint_dirs(ckpt_dir):
         problem = _checkpoint_problem(p, with_reference)
         if problem is None:
             yield p
@@ -196,7 +196,7 @@ def resume(ckpt_dir: Path, read: Callable[[Path], object], log: Callable[[str], 
         raise TrainingError(f"checkpoint {ckpt_dir / touched.name} is damaged ({touched.reason}), found after "
                             f"its weights were loaded, and no older intact checkpoint is left; delete "
                             f"{ckpt_dir} and re-run to start from step 0")
-    if _checkpoints(ckpt_dir):
+    if checkpoint_dirs(ckpt_dir):
         log(f"no intact checkpoint left in {ckpt_dir}: training starts from step 0")
     return None, None
 
@@ -235,12 +235,13 @@ def remove_crash_leftovers(ckpt_dir: Path, log: Callable[[str], None] = print) -
 def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history: list[dict],
                     ref_model: nn.Module | None = None, full_state: tuple[dict, dict] | None = None,
                     master: MasterWeights | None = None, scaler: torch.amp.GradScaler | None = None,
-                    rng: list[dict] | None = None) -> None:
+                    rng: list[dict] | None = None, best: dict | None = None) -> None:
     """``full_state``: (model, optimizer) state dicts gathered from FSDP shards, written instead of
     ``model``'s and ``opt``'s own (same files; the optimizer's keyed by parameter name). ``master``:
     fp32 master copies of 16-bit weights, ``scaler``: the fp16 loss scale, and ``rng``: every rank's
-    random generator states (``rng_state``, in rank order), kept in trainer.pt. state.json, written
-    last, lists every other file's size and sha256 and carries a digest of itself."""
+    random generator states (``rng_state``, in rank order), kept in trainer.pt; ``best``: the best
+    checkpoint so far (:mod:`~dpo_engine.training.best`), in state.json. state.json, written last,
+    lists every other file's size and sha256 and carries a digest of itself."""
     final = ckpt_dir / f"step-{step}"
 
     def write(tmp: Path) -> None:
@@ -255,7 +256,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, opt, sched, history: list[
                     "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
                     "rng": rng or []},
                    tmp / "trainer.pt")
-        state = {"step": step, **sync_history(ckpt_dir, history), "files": _file_manifest(tmp)}
+        state = {"step": step, **sync_history(ckpt_dir, history), "files": _file_manifest(tmp),
+                 **({"best": best} if best else {})}
         state["digest"] = _state_digest(state)
         (tmp / STATE).write_text(json.dumps(state))
 
@@ -326,15 +328,17 @@ def apply_trainer_state(path: Path, blob: dict, opt, sched, fsdp_root: nn.Module
         set_rng_state(blob["rng"][rank])
 
 
-def load_checkpoint(path: Path, model, opt, sched, ref_model: nn.Module | None = None,
-                    fsdp_root: nn.Module | None = None, master: MasterWeights | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> tuple[int, list[dict]]:
-    """Weights (``model``; None: already loaded), reference, optimizer, scheduler; returns (step,
-    history). ``fsdp_root``: the optimizer state is a gathered one, scattered to this rank's shards.
-    Raises DamagedCheckpoint naming a file that does not read back (see ``read_checkpoint``)."""
-    state, blob = read_checkpoint(path, model, ref_model)
-    apply_trainer_state(path, blob, opt, sched, fsdp_root, master, scaler)
-    return state["step"], state["history"]
+def load_weights(path: Path, model) -> None:
+    """Only the weights of checkpoint ``path`` into ``model`` (the best one at the end of a training),
+    after its files are checked against their recorded sizes and hashes."""
+    problem = _checkpoint_problem(path)
+    if problem is None:
+        try:
+            return _load_weights(path, model)
+        except DamagedCheckpoint as e:
+            problem = str(e)
+    raise TrainingError(f"checkpoint {path} cannot be loaded: {problem}; set train.load_best_model_at_end=false "
+                        "to keep the last step's weights")
 
 
 def _read_safetensors(path: Path, rel: str) -> dict[str, torch.Tensor]:

@@ -21,6 +21,11 @@ Options (issue #5): gradient checkpointing, 8-bit AdamW (bitsandbytes, CUDA), pe
 and MFU, periodic evaluation through an ``evaluate_fn(step)`` callback (logged with ``eval/`` names)
 and early stopping on any logged metric (``stopping``). Mixture-of-experts policies add TRL's router
 auxiliary loss, that of all the step's tokens whatever the split (``router_aux``).
+
+Checks that catch broken runs (issue 18): with a reference that is the starting policy, step 1's
+log-ratios must be 0 within the precision's rounding, else the run stops before any update
+(``sanity``); the best checkpoint by ``train.metric_for_best_model`` is kept by the pruning and, with
+``train.load_best_model_at_end``, its weights are the model's at the end (``best``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from dpo_engine.modeling import (autocast, autocast_dtype, disable_dropout, is_p
 from dpo_engine.modeling import logps
 from dpo_engine.modeling.router import aux_loss_coef, router_of
 from dpo_engine.training import optim
+from dpo_engine.training.best import BestCheckpoint
 from dpo_engine.training.checkpoints import (apply_trainer_state, latest_checkpoint, read_checkpoint,
                                              remove_crash_leftovers, resume, rng_state, save_checkpoint)
 from dpo_engine.training.distributed import (FSDPRoot, agree, all_reduce_grads, check_fsdp, fsdp_settings,
@@ -57,6 +63,7 @@ from dpo_engine.training.observability import (gather_records, logged_metrics, m
                                                step_metrics, step_record)
 from dpo_engine.training.reference_sync import sync_reference, tr_dpo_settings
 from dpo_engine.training.router_aux import StepAux
+from dpo_engine.training.sanity import StartCheck, compute_dtype, runtime_skip
 from dpo_engine.training.stopping import should_stop
 
 
@@ -66,6 +73,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     resumed_from: int = 0
     stopped_early: bool = False
+    best: dict | None = None  # the best checkpoint (step, metric, value, checkpoint, loaded)
+    reference_check: dict | None = None  # step 1's measured log-ratios, or {"skipped": why}
 
     @property
     def final(self) -> dict:
@@ -77,7 +86,7 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
           log_fn: Callable[[dict, int], None] | None = None,
           progress: Callable[[int, dict], None] | None = None, keep_checkpoints: int | None = None,
           evaluate_fn: Callable[[int], dict] | None = None,
-          ref_cfg: ReferenceConfig | None = None, vision=None) -> TrainResult:
+          ref_cfg: ReferenceConfig | None = None, vision=None, reference_is_start: bool = False) -> TrainResult:
     """Train ``model`` in place on ``pairs`` (valid.parquet rows) against the reference ``ref``:
     precomputed log-probs (a frame), None (computed on the fly by ``model`` with its adapter disabled;
     ``model`` must be a PeftModel) or a frozen reference model run online on every micro-batch.
@@ -92,6 +101,11 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
     ``evaluate_fn(step) -> {"eval/...": value}`` runs every ``cfg.eval_steps`` steps (the model is put
     back in train mode afterwards); its metrics join that step's and may drive early stopping.
     ``vision``: a vision-language model's ``modeling.vision.VisionInputs`` (the rows' image inputs).
+    ``reference_is_start``: the caller states that ``ref`` is the starting policy (its log-probs, a
+    copy of its weights, or its identity adapter off): step 1 then checks that the log-ratios are 0
+    (``sanity``; off with ``cfg.check_reference_at_start=false``, skipped on a resume or with active
+    dropout). The best checkpoint (``cfg.metric_for_best_model``) is recorded, kept by the pruning and,
+    with ``cfg.load_best_model_at_end``, loaded back into ``model`` at the end (``best``).
     """
     device = torch.device(device)
     fsdp = fsdp_settings()
@@ -158,6 +172,12 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
                             scaler=scaler)
         start, history = state["step"], state["history"]
         del loaded, blob
+    best = BestCheckpoint(cfg, ckpt_dir, state.get("best") if last is not None else None, history)
+    check, ref_check = None, None
+    if reference_is_start and cfg.check_reference_at_start:
+        skip = runtime_skip(model, start, cfg.disable_dropout)
+        check = StartCheck(loss_cfg, compute_dtype(model, amp, device)) if skip is None else None
+        ref_check = {"skipped": skip} if skip else None
     if n_ranks > 1:  # every rank read the same files; ranks that saw them differently must not go on
         starts = [None] * n_ranks
         dist.all_gather_object(starts, start)
@@ -182,13 +202,17 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
             _router_prepass(model, [[records[i] for i in sel] for sel in mbs], aux, pad_id, cfg, device, amp,
                             vision)
         for k, sel in enumerate(mbs):
-            out, pc, pr, seq, n_tok = _micro_step(model, [records[i] for i in sel], sel, reference,
+            out, pc, pr, rc, rr, seq, n_tok = _micro_step(model, [records[i] for i in sel], sel, reference,
                                                   n_pairs / (n_ranks if fsdp else 1), pad_id, loss_cfg, cfg,
                                                   device, amp, scaler, sft_tpp, vision=vision,
                                                   aux=None if aux is None else (aux, k))
             master.grads_in()
+            if check is not None and step == 0:
+                check.add([records[i]["example_id"] for i in sel], out, pc, pr, rc, rr, seq["n_tokens"])
             outs.append(step_record(out, pc, pr, seq))
             tokens += n_tok
+        if check is not None and step == 0:  # before any update: a mismatched reference stops the run here
+            ref_check = check.verify(n_ranks)
         loss_sum = torch.tensor([sum(o["losses"].sum().item() for o in outs), float(tokens)],
                                 dtype=torch.float64)
         if n_ranks > 1:
@@ -249,11 +273,15 @@ def train(model: nn.Module, pairs: pd.DataFrame, ref: pd.DataFrame | nn.Module |
         if progress:
             progress(step, metrics)
         if last_step or (cfg.save_steps and step % cfg.save_steps == 0):
+            best.update(step, metrics)  # a candidate: an evaluated step with a checkpoint
             _save_and_prune(ckpt_dir, step, model, opt, sched, history, keep, rank, n_ranks,
-                            synced, master, scaler)
+                            synced, master, scaler, best)
     if fsdp is not None:
         unshard_in_place(model)
-    return TrainResult(steps=step, history=history, resumed_from=start, stopped_early=step < steps)
+    # rank 0 exports: its model gets the best weights back (load_best_model_at_end)
+    best_out = best.at_end(unwrap_fsdp(unwrap_ddp(model))) if rank == 0 else best.record
+    return TrainResult(steps=step, history=history, resumed_from=start, stopped_early=step < steps,
+                       best=best_out, reference_check=ref_check)
 
 
 def _reference(model, pairs: pd.DataFrame, ref):
@@ -309,7 +337,7 @@ def _micro_step(model, mb: list[dict], sel: list[int], reference, n_pairs: float
     if aux is not None:
         total = total + aux[0].surrogate(aux[1], fw["seq"]["router_logits"], fw["batch"].attention_mask)
     scaler.scale(total).backward()
-    return out, pc.detach(), pr.detach(), fw["seq"], fw["batch"].num_tokens
+    return out, pc.detach(), pr.detach(), rc, rr, fw["seq"], fw["batch"].num_tokens
 
 
 def _forward_kwargs(loss_cfg: LossConfig, cfg: TrainConfig, device: torch.device, vision) -> dict:
@@ -342,8 +370,8 @@ def _evaluate(model: nn.Module, evaluate_fn: Callable[[int], dict], step: int) -
 
 
 def _save_and_prune(ckpt_dir: Path, step: int, model, opt, sched, history: list[dict], keep: int,
-                    rank: int, n_ranks: int, ref_model: nn.Module | None = None,
-                    master: MasterWeights | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
+                    rank: int, n_ranks: int, ref_model: nn.Module | None, master: MasterWeights,
+                    scaler: torch.amp.GradScaler, best: BestCheckpoint) -> None:
     full = gather_fsdp_state(model, opt) if isinstance(model, FSDPRoot) else None  # every rank takes part
     rng = [rng_state()]
     if n_ranks > 1:
@@ -351,8 +379,8 @@ def _save_and_prune(ckpt_dir: Path, step: int, model, opt, sched, history: list[
         dist.all_gather_object(rng, rng_state())
     if rank == 0:
         save_checkpoint(ckpt_dir, step, unwrap_fsdp(unwrap_ddp(model)), opt, sched, history, ref_model, full,
-                        master, scaler, rng)
-        for old in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+                        master, scaler, rng, best.record)
+        for old in best.stale(keep):  # all but the newest ``keep``, the best one kept among them
             shutil.rmtree(old, ignore_errors=True)
     if n_ranks > 1:
         dist.barrier()
