@@ -28,6 +28,9 @@ def bars(monkeypatch):
     seen = []
 
     class Recording(progress._Bar):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False})  # shown although stderr is captured
+
         def close(self):
             if not getattr(self, "_recorded", False):
                 self._recorded = True
@@ -50,6 +53,12 @@ def test_in_memory_rows_bar_reaches_the_row_total(tok, tmp_path, bars, capsys): 
     assert (bar["desc"], bar["unit"], bar["total"], bar["n"]) == ("validate train", "row", 50, 50)
     assert bar["updates"] == [16, 16, 16, 2]  # advanced batch by batch, not at the end
     assert "50/50" in capsys.readouterr().err  # the bar itself, on stderr
+
+
+def test_no_bar_when_stderr_is_not_a_terminal(tok, tmp_path, capsys):  # noqa: F811
+    """`dpo validate` piped: its stderr is the one error line, no bar."""
+    validate_split(_rows(20), tmp_path / "out", tok, CFG)
+    assert capsys.readouterr().err == ""
 
 
 def test_parquet_bar_counts_the_rows_its_metadata_gives(tok, tmp_path, bars):  # noqa: F811

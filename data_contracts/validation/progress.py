@@ -5,7 +5,8 @@ file's metadata), else the bytes of a plain JSON lines, JSON or CSV file (the ba
 size of each row as read; it ends at 100% when the split is done), else there is none and the bar
 counts rows (a folder of shards, a gzip file, a hub dataset, the builtin set). A holdout side
 (``data.eval_fraction``) reads the whole source, so its bar covers the whole source too. With
-workers the bar shows what was read, at most a few batches ahead of what was validated.
+workers the bar shows what was read, at most a few batches ahead of what was validated. It is shown
+on a terminal only (stderr piped or captured: none).
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ class SplitProgress:
     def __init__(self, source: Any, split: str):
         total, unit = progress_total(source)
         self.in_bytes = unit == "B"
+        # on a terminal only: `dpo validate`'s stderr stays its one line of error when piped
         self.bar = _Bar(total=total, desc=f"validate {split}", unit=unit, unit_scale=self.in_bytes,
-                        unit_divisor=1024 if self.in_bytes else 1000)
+                        unit_divisor=1024 if self.in_bytes else 1000, disable=None)
 
     def read(self, rows: list, lines: bool = False) -> None:
         """One batch read (``lines``: undecoded JSON lines)."""
