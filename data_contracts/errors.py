@@ -14,7 +14,7 @@ class DataPolicyError(DataError):
 # line, not a traceback, and a Prefect task does not retry them.
 USER_ERROR_NAMES = frozenset({
     "ConfigError", "DataError", "DataPolicyError", "ModelError", "TrackingUnavailable", "CacheError",
-    "EvaluationError", "TrainingError", "FileNotFoundError", "PrefectUnavailable",
+    "EvaluationError", "TrainingError", "FileNotFoundError", "PrefectUnavailable", "LockKindError",
 })
 
 

@@ -7,7 +7,7 @@ the project's except the state home (for the file-hash memo).
 
 from __future__ import annotations
 
-import fcntl
+import errno
 import glob
 import hashlib
 import json
@@ -18,6 +18,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from filelock import FileLock, SoftFileLock, Timeout
 
 from data_contracts.state import state_home
 
@@ -107,22 +109,59 @@ def dead_writer_temp(name: str) -> bool:
 
 # Locks and liveness.
 
+LOCK_KINDS = ("native", "soft")
+
+
+class LockKindError(ValueError):
+    """``DPO_LOCK_KIND`` does not suit this file system (a user error: one line)."""
+
+
+def lock_kind() -> str:
+    """``$DPO_LOCK_KIND``: ``native`` (default) or ``soft``; see :func:`file_lock`."""
+    kind = os.environ.get("DPO_LOCK_KIND", "").strip().lower() or "native"
+    if kind not in LOCK_KINDS:
+        raise LockKindError(f"DPO_LOCK_KIND={kind!r}: use native (flock; the default) or soft (a state "
+                            "home on a shared file system whose flock is missing or per machine)")
+    return kind
+
+
 @contextmanager
 def file_lock(path: Path, block: bool = True) -> Iterator[bool]:
-    """An exclusive ``flock`` on the file ``path`` (created), shared by threads and processes of
-    this machine; yields True, or False at once when ``block`` is False and another holds it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:  # "a": never truncates, works on a file others hold
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    """An exclusive lock on the file ``path`` (created, parents too), shared by threads and processes;
+    yields True, or False at once when ``block`` is False and another holds it. Not reentrant: each
+    call is its own holder, so two threads of one process exclude each other, and a thread asking
+    again for a lock it holds gets False (``block=False``) or RuntimeError (it would wait forever).
+
+    One ``filelock`` lock object per call, of the kind ``$DPO_LOCK_KIND`` names:
+
+    - ``native`` (default): ``FileLock``, an ``flock`` on the file (which stays). The kernel drops it
+      when its holder dies. Right on one machine, and on NFS, where Linux maps ``flock`` to NFS locks.
+      A file system without ``flock`` is a LockKindError naming the file, not a silent soft lock.
+    - ``soft``: ``SoftFileLock``, the file itself is the lock (created exclusively, holding the
+      holder's pid and host; removed on release), for a state home shared by several machines on a
+      file system whose ``flock`` is missing or per machine (Lustre mounted ``localflock`` or
+      ``noflock``, some FUSE file systems). A holder killed on this machine is seen dead and its
+      lock taken over; one killed on another machine leaves its lock file behind, and every waiter
+      waits until someone deletes it (check first that the process it names is gone).
+    """
+    path = Path(path)  # filelock creates the parents
+    if lock_kind() == "soft":
+        lock = SoftFileLock(path, poll_interval=0.05)
+    else:  # a file system without flock is an error that says so, not a silent soft lock
+        lock = FileLock(path, poll_interval=0.005, fallback_to_soft=False)
+    try:
+        lock.acquire(blocking=block)
+    except Timeout:
+        yield False
+        return
+    except OSError as e:
+        if e.errno == errno.ENOSYS:
+            raise LockKindError(f"{path}: this file system has no flock; set DPO_LOCK_KIND=soft") from None
+        raise
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def pid_alive(pid: int) -> bool:

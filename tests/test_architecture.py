@@ -123,7 +123,10 @@ def test_files_stay_small():
 # Each mechanism has one home: a second implementation anywhere else fails here.
 ONE_HOME = {
     r"\bos\.replace\(": "data_contracts/helpers.py",  # atomic writes: atomic_write / write_text / write_json
-    r"\bfcntl\.flock\(": "data_contracts/helpers.py",  # file locks: file_lock
+    # file locks: file_lock, on the filelock package; no module takes a lock by hand (fcntl, msvcrt,
+    # its own FileLock or portalocker)
+    r"^\s*(import|from)\s+(fcntl|msvcrt|filelock|portalocker)\b|\bfcntl\.(flock|lockf)\(|\b(Soft)?FileLock\(":
+        "data_contracts/helpers.py",
     r"os\.kill\([^,]+,\s*0\)": "data_contracts/helpers.py",  # process liveness: pid_alive
     r"://\)\[\^/@": "data_contracts/helpers.py",  # credential redaction: redact_credentials
 }
@@ -135,6 +138,13 @@ def test_each_helper_has_one_home(pattern):
     hits = [f"{f.relative_to(ROOT)}" for pkg in PACKAGES for f in (ROOT / pkg).rglob("*.py")
             if re.search(pattern, f.read_text(), re.M) and str(f.relative_to(ROOT)) != home]
     assert not hits, f"{pattern!r} belongs in {home} only; also in {hits}"
+
+
+def test_file_lock_is_built_on_filelock():
+    """The one lock (``file_lock``) takes its locks through the filelock package, never by hand."""
+    text = (ROOT / "data_contracts" / "helpers.py").read_text()
+    assert re.search(r"^from filelock import .*\bFileLock\b", text, re.M), "file_lock must use filelock.FileLock"
+    assert not re.search(r"^\s*(import|from)\s+fcntl\b|\bfcntl\.", text, re.M), "no flock by hand in helpers.py"
 
 
 def _body(node) -> str:

@@ -47,6 +47,7 @@ from data_contracts.readers import Rows
 from data_contracts.sources import BATCH_ROWS, decode_line, describe, iter_batches, iter_line_batches
 from data_contracts.validation.encoding import encode_rows
 from data_contracts.validation.holdout import in_holdout
+from data_contracts.validation.progress import SplitProgress
 from data_contracts.validation.report import build_report, check_not_empty, write_report
 from data_contracts.validation.rows import parse_rows, reject_record
 from data_contracts.validation.schemas import REJECT_SCHEMA, VALID_SCHEMA
@@ -77,6 +78,7 @@ class SplitValidation:
         self.scratch: Path | None = None
         self.valid = self.rejects = None
         self.vision: VisionRows | None = None  # rows with images: their store and the processor
+        self.progress: SplitProgress | None = None  # the bar, advanced as the source is read
 
     @property
     def image_store(self) -> ImageStore | None:
@@ -242,12 +244,14 @@ class SplitValidation:
 def _batches(source: Any, batch_rows: int, holdout: tuple[float, int, str] | None,
              run: SplitValidation | None = None):
     """(rows, source indices or None for "running") per non-empty batch of the source; counts the
-    rows read into ``run.source_rows``."""
+    rows read into ``run.source_rows`` and on ``run.progress``."""
     seen = 0
     for rows in iter_batches(source, batch_rows):
         n = len(rows)
         if run is not None:
             run.source_rows += n
+            if run.progress is not None:
+                run.progress.read(rows)
         if holdout is None:
             yield rows, None
         else:
@@ -262,8 +266,10 @@ def _batches(source: Any, batch_rows: int, holdout: tuple[float, int, str] | Non
         seen += n
 
 
-def _unindexed(batches):
+def _unindexed(batches, run: SplitValidation):
     for b in batches:
+        if run.progress is not None:
+            run.progress.read(b, lines=True)
         yield b, None
         b = None  # not kept while the next batch is read
 
@@ -272,7 +278,7 @@ def _feed(run: SplitValidation, source: Any, batch_rows: int, holdout, num_proc:
     """Every batch of the source through ``run``: in this process, or with ``num_proc`` workers."""
     lines = iter_line_batches(source, batch_rows) if num_proc > 1 and holdout is None else None
     if lines is not None:  # JSON lines: the workers decode them too
-        run_parallel(run, _unindexed(lines), num_proc, lines=True)
+        run_parallel(run, _unindexed(lines, run), num_proc, lines=True)
     elif num_proc > 1:
         run_parallel(run, _batches(source, batch_rows, holdout, run), num_proc)
     else:
@@ -339,14 +345,18 @@ def validate_split(source: Any, out_dir: Path, tokenizer, cfg: DataConfig, *, sp
 
     def fill(valid_tmp: Path, rejects_tmp: Path) -> None:
         run.open(valid_tmp, rejects_tmp)
+        run.progress = SplitProgress(source, split)
         try:
             _feed(run, source, batch_rows, holdout, num_proc)
             if run.rows_in == 0:
                 raise DataError(_no_rows_message(run, holdout))
+            run.progress.done()
             written.extend(run.finish_valid())
         except BaseException:
             run.close(failing=True)
             raise
+        finally:
+            run.progress.close()
         run.close()
 
     # valid.parquet is renamed into place first, then rejects.parquet; on any error neither is

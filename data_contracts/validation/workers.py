@@ -89,13 +89,19 @@ def part_bytes(n: int) -> int:
     return max(WORK_BYTES // (2 * n), 2**20)
 
 
+def row_sizes(rows: list, lines: bool) -> list[int] | None:
+    """The size of each row of a batch as read: the bytes of each JSON line (``lines``: undecoded
+    ``(number, line)`` pairs; 0 for one over the row limit, given as its length), else what the
+    reader measured (``rows.sizes``), else None (an in-memory source)."""
+    if lines:
+        return [0 if isinstance(line, int) else len(line) for _, line in rows]
+    return getattr(rows, "sizes", None)
+
+
 def _parts(rows: list, lines: bool, limit: int) -> list[tuple[int, int, int]]:
     """(start, end, bytes) of the consecutive parts of at most ``limit`` bytes (a longer row
     alone) a batch goes to the workers in."""
-    if lines:
-        sizes = [0 if isinstance(line, int) else len(line) for _, line in rows]
-    else:
-        sizes = getattr(rows, "sizes", None)
+    sizes = row_sizes(rows, lines)
     if not sizes:
         return [(0, len(rows), 0)]
     parts, start, size = [], 0, 0
