@@ -4,8 +4,9 @@ A checkpoint is a folder ``step-N/`` holding the trained weights (safetensors: t
 adapter), the synced reference with TR-DPO (``reference/model.safetensors``), ``trainer.pt`` (optimizer,
 scheduler, master weights, loss scale and every rank's RNG states; read with ``weights_only=True``)
 and ``state.json``, written last, with the step, where its metric history ends in the folder's
-``history.jsonl`` (entries, bytes, sha256: :mod:`~dpo_engine.training.history_log`), every other
-file's size and sha256 and a digest of itself. It is written as ``.step-N.tmp<pid>`` and renamed (``atomic_write``),
+``history.jsonl`` (entries, bytes, sha256: :mod:`~dpo_engine.training.history_log`), the best
+checkpoint so far (``best``, :mod:`~dpo_engine.training.best`), every other file's size and sha256 and
+a digest of itself. It is written as ``.step-N.tmp<pid>`` and renamed (``atomic_write``),
 so a killed save leaves no ``step-N``; leftovers of dead writers are removed.
 
 A resume takes the newest checkpoint whose files match their recorded sizes and hashes (older ones
