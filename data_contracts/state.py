@@ -51,6 +51,9 @@ def local_state_env() -> dict[str, str]:
         "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json",  # never pickle (tasks/results.py refuses it on read)
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "true",
+        # the temporary API of a plain `dpo run` gets 3 minutes to start, not Prefect's 20 s: on a busy
+        # 2-core machine it took longer and the run died with "Timed out ... ephemeral Prefect API server"
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "HF_HOME": str(home / "hf"),
         "HF_DATASETS_CACHE": str(home / "hf" / "datasets"),
         "MPLCONFIGDIR": str(home / "matplotlib"),
