@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import time
 from pathlib import Path
 from urllib.parse import quote, urlencode, urlparse
 
@@ -64,6 +65,27 @@ def _warn(what: str, e: BaseException) -> None:
     log.warning("no Prefect artifact for %s: %s", what, redact_credentials(f"{type(e).__name__}: {e}"))
 
 
+# An artifact write to an unreachable Prefect API blocks for the client's retries (over a minute):
+# after one fails, the UI's artifacts (links, plots, progress bars) are skipped for PAUSE_S seconds,
+# so a server restarted mid-run costs training one wait, not one per logging step.
+PAUSE_S = 120.0
+_paused_until = 0.0
+
+
+def ui_write(what: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, an optional write to the Prefect UI: ``None`` (and a warning) when it
+    fails or while writes are paused after a failure; never raises."""
+    global _paused_until
+    if time.monotonic() < _paused_until:
+        return None
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the UI never fails a stage
+        _paused_until = time.monotonic() + PAUSE_S
+        _warn(f"{what} (Prefect artifacts paused for {PAUSE_S:.0f} s)", e)
+        return None
+
+
 def publish_mlflow_run(cfg, trained: dict) -> None:
     """A link artifact (``dpo-mlflow-run``) to the training's MLflow run."""
     run_id = trained.get("mlflow_run_id")
@@ -72,7 +94,7 @@ def publish_mlflow_run(cfg, trained: dict) -> None:
     uri = mlflow_uri(cfg)
     try:
         url = run_url(uri, _experiment_id(cfg, run_id), run_id)
-        create_link_artifact(url, link_text=f"MLflow run {Path(trained['run_dir']).name} ({run_id})",
+        ui_write(f"MLflow run {run_id}", create_link_artifact, url, link_text=f"MLflow run {Path(trained['run_dir']).name} ({run_id})",
                              key="dpo-mlflow-run",
                              description=f"MLflow run `runs:/{run_id}` in experiment "
                                          f"{cfg.registry.experiment!r}{_opened_by(uri)}")
@@ -88,7 +110,8 @@ def publish_model_version(cfg, registered: dict) -> None:
     uri = mlflow_uri(cfg)
     aliases = ", ".join(registered.get("aliases") or []) or "none"
     try:
-        create_link_artifact(model_version_url(uri, name, version), link_text=f"models:/{name}/{version}",
+        ui_write(f"model version {name}/{version}", create_link_artifact, model_version_url(uri, name, version),
+                 link_text=f"models:/{name}/{version}",
                              key="dpo-model-version",
                              description=f"registered model `models:/{name}/{version}` (aliases: {aliases})"
                                          f"{_opened_by(uri)}")
@@ -105,7 +128,7 @@ def publish_plots(cfg, trained: dict, evaluated: dict) -> None:
         if not run_id or not path.is_file():
             continue
         try:
-            create_image_artifact(run_artifact_url(uri, run_id, f"evaluation/{path.name}"),
+            ui_write(f"plot {path}", create_image_artifact, run_artifact_url(uri, run_id, f"evaluation/{path.name}"),
                                   key="dpo-plot-" + path.stem.replace("_", "-"),
                                   description=f"{path.name} of MLflow run {run_id}, file {path}{_opened_by(uri)}")
         except Exception as e:  # noqa: BLE001
@@ -128,7 +151,7 @@ def publish_leaderboard(summary: dict) -> None:
     registered = (f"; registered models:/{summary['registered_model']}/{summary['registered_version']}"
                   if summary.get("registered_version") is not None else "")
     try:
-        create_table_artifact(leaderboard(summary), key="dpo-sweep-leaderboard",
+        ui_write("the sweep leaderboard", create_table_artifact, leaderboard(summary), key="dpo-sweep-leaderboard",
                               description=f"sweep {Path(summary['run_dir']).name}: best by {summary['metric']} "
                                           f"is variant {summary['best']:02d} ({best['overrides']}){registered}")
     except Exception as e:  # noqa: BLE001

@@ -17,6 +17,7 @@ from uuid import UUID
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from dpo_engine import progress
+from tasks.artifacts import ui_write
 
 # the logged metrics a report line shows, and how
 TRAIN_FIELDS = (("loss", "loss {:.4f}"), ("rewards/accuracies", "reward accuracy {:.2f}"),
@@ -54,9 +55,15 @@ class ArtifactReporter:
     def _show(self, stage: str, pct: float, line: str) -> None:
         pct = min(100.0, max(0.0, pct))
         if stage not in self.artifacts:
-            self.artifacts[stage] = create_progress_artifact(pct, key=artifact_key(stage), description=line)
+            made = ui_write(f"progress of {stage}", create_progress_artifact, pct, key=artifact_key(stage),
+                            description=line)
+            if made is None:
+                return
+            self.artifacts[stage] = made
         else:
-            update_progress_artifact(self.artifacts[stage], pct, description=line)
+            if ui_write(f"progress of {stage}", update_progress_artifact, self.artifacts[stage], pct,
+                        description=line) is None:
+                return
             self.updates += 1
         self.last[stage] = (pct, line)
 

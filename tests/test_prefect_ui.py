@@ -247,3 +247,23 @@ def test_stage_retries_back_off_exponentially_with_jitter(dpo_home, monkeypatch)
     assert 2 * 0.62 <= delays[0] <= 3.0 + 0.01 and 4 * 0.62 <= delays[1] <= 6.0 + 0.01, delays
     assert delays[0] != pytest.approx(2.0, abs=1e-3) or delays[1] != pytest.approx(4.0, abs=1e-3)  # jittered
     assert calls[2] - calls[1] >= delays[1] - 0.5  # the second wait really was the longer one's
+
+
+def test_a_failed_ui_write_pauses_the_artifacts_instead_of_blocking_each_step(monkeypatch):
+    """An unreachable API costs one wait (the client's retries), not one per logging step: after a
+    failed artifact write the next ones are skipped for PAUSE_S, then tried again."""
+    from tasks import artifacts
+
+    calls = []
+
+    def down(*a, **k):
+        calls.append(a)
+        raise ConnectionError("All connection attempts failed")
+
+    clock = [1000.0]
+    monkeypatch.setattr(artifacts.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(artifacts, "_paused_until", 0.0)
+    assert artifacts.ui_write("progress of train", down, 1) is None and len(calls) == 1
+    assert artifacts.ui_write("progress of train", down, 2) is None and len(calls) == 1  # paused
+    clock[0] += artifacts.PAUSE_S + 1
+    assert artifacts.ui_write("progress of train", lambda x: x * 2, 21) == 42  # back after the pause
