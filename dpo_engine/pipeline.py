@@ -90,6 +90,12 @@ def preflight(cfg: RunConfig) -> None:
     _check_local_paths(cfg)
     if cfg.eval.judge:
         load_judge(cfg.eval.judge)
+    for name, s in cfg.eval.sets.items():  # named evaluation sets: their files and judges
+        src = fill_date(s.source)
+        if _looks_local(src) and not Path(src).expanduser().exists():
+            raise ConfigError(f"eval.sets.{name}.source: file not found: {src}")
+        if cfg.eval.set_judge(name):
+            load_judge(cfg.eval.set_judge(name))
     check_benchmarks(cfg.eval.benchmarks)  # lm-eval installed, local task files exist
     if cfg.registry.enabled:
         tracking.connect(mlflow_uri(cfg))
