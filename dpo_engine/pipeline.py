@@ -15,7 +15,7 @@ from data_contracts.layouts import LAYOUTS
 from data_contracts.sources import fill_date
 from data_contracts.state import mlflow_uri, state_home
 from dpo_engine import tracking
-from dpo_engine.evaluation import load_judge
+from dpo_engine.evaluation import EvaluationError, load_judge
 from dpo_engine.evaluation.benchmarks import check_benchmarks
 from dpo_engine.modeling import check_config
 from dpo_engine.modeling.router import check_router_setting
@@ -90,6 +90,15 @@ def preflight(cfg: RunConfig) -> None:
     _check_local_paths(cfg)
     if cfg.eval.judge:
         load_judge(cfg.eval.judge)
+    for name, s in cfg.eval.sets.items():  # named evaluation sets: their files and judges
+        src = fill_date(s.source)
+        if _looks_local(src) and not Path(src).expanduser().exists():
+            raise ConfigError(f"eval.sets.{name}.source: file not found: {src}")
+        if cfg.eval.set_judge(name):
+            try:
+                load_judge(cfg.eval.set_judge(name))
+            except EvaluationError as e:  # the line names the set's field, not eval.judge
+                raise EvaluationError(str(e).replace("eval.judge", f"eval.sets.{name}.judge", 1)) from None
     check_benchmarks(cfg.eval.benchmarks)  # lm-eval installed, local task files exist
     if cfg.registry.enabled:
         tracking.connect(mlflow_uri(cfg))

@@ -4,6 +4,7 @@ pydantic descriptions of :mod:`data_contracts.config` in a file that loads back 
 from __future__ import annotations
 
 import textwrap
+import typing
 from typing import Any
 
 import yaml
@@ -17,16 +18,41 @@ def _value(model: BaseModel, name: str) -> Any:
         name, getattr(model, name))
 
 
+def _comment(text: str, pad: str, width: int, out: list[str]) -> None:
+    lines = textwrap.wrap(text, max(40, width - len(pad) - 2), break_on_hyphens=False)
+    out += [f"{pad}# {line}" for line in lines]
+
+
+def _section_values(annotation: Any) -> type[BaseModel] | None:
+    """The section type of a ``dict[str, <Section>]`` field (``eval.sets``), else None."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is dict and len(args) == 2 and isinstance(args[1], type) \
+            and issubclass(args[1], BaseModel):
+        return args[1]
+    return None
+
+
 def _emit(model: BaseModel, indent: int, width: int, out: list[str]) -> None:
     pad = "  " * indent
     for name, info in type(model).model_fields.items():
         value = getattr(model, name)
         if info.description:
-            lines = textwrap.wrap(info.description, max(40, width - len(pad) - 2), break_on_hyphens=False)
-            out += [f"{pad}# {line}" for line in lines]
+            _comment(info.description, pad, width, out)
         if isinstance(value, BaseModel):
             out.append(f"{pad}{name}:")
             _emit(value, indent + 1, width, out)
+            continue
+        entry = _section_values(info.annotation)
+        if entry is not None:  # a mapping of sections: each entry's fields under their descriptions
+            if not value:  # none set: what an entry's fields are, as comments
+                out.append(f"{pad}{name}: {{}}")
+                for field, sub in entry.model_fields.items():
+                    _comment(f"<name>.{field}: {sub.description or ''}", pad + "  ", width, out)
+                continue
+            out.append(f"{pad}{name}:")
+            for key, sub in value.items():
+                out.append(f"{pad}  {key}:")
+                _emit(sub, indent + 2, width, out)
             continue
         text = yaml.safe_dump(_value(model, name), default_flow_style=True, sort_keys=False, width=10**6,
                               allow_unicode=True)  # one line: a scalar, or a flow-style list or mapping

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_serializer
 
 from data_contracts.config.base import Section, Seed
 from data_contracts.config.benchmarks import BenchmarksConfig
+from data_contracts.config.eval_sets import INHERIT, EvalSetConfig, check_sets
 
 
 class EvalConfig(Section):
@@ -27,3 +28,27 @@ class EvalConfig(Section):
                               "orders to cancel position bias, or 'pairwise:reward_model:<folder or hub id>' "
                               "(sigmoid of the score difference). Either gives the raw and the "
                               "length-controlled win-rate; null: no judge.")
+    sets: dict[str, EvalSetConfig] = Field(default_factory=dict, description="Named evaluation sets beside "
+                                           "the default held-out split (whose metrics stay eval/...): name -> "
+                                           "{source, prefix, judge, num_prompts, limit, max_new_tokens}; each "
+                                           "is validated, precomputed and evaluated like the eval split, its "
+                                           "metrics under its own prefix (default eval_<name>/).")
+
+    @field_validator("sets")
+    @classmethod
+    def _sets(cls, v: dict[str, EvalSetConfig]) -> dict[str, EvalSetConfig]:
+        return check_sets(v)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """No ``sets`` key while there are none: a config without named sets hashes (stage keys,
+        registry.config_hash) and saves exactly as before the field existed."""
+        out = handler(self)
+        if isinstance(out, dict) and not out.get("sets"):
+            out.pop("sets", None)
+        return out
+
+    def set_judge(self, name: str) -> str | None:
+        """The judge spec of named set ``name`` (its own, or eval.judge when it inherits)."""
+        judge = self.sets[name].judge
+        return self.judge if judge == INHERIT else judge

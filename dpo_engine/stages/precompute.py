@@ -7,7 +7,8 @@ share it: a hit does zero forward passes and does not even load the model. Befor
 pass every input id of the train and eval rows is checked against the model's vocabulary.
 The reference model is ``reference.model_path`` when set (a different model than the policy's base),
 else the policy's base. With ``reference.source: adapter_disabled`` or ``model`` only the eval split is
-precomputed: training gets its reference online.
+precomputed: training gets its reference online. Each named evaluation set (``eval.sets``) is
+precomputed like the eval split, under its own cache key (split ``sets/<name>``).
 
 With ``train.num_processes > 1`` (or ``train.accelerate_config``) the stage runs under ``accelerate
 launch`` like training: every rank computes its share of each missing cache shard and rank 0 writes
@@ -87,21 +88,41 @@ def cache_key(cfg: RunConfig, validated: dict, split: str, device: torch.device 
     # the reference computes under the training's autocast, as resolved on this device
     extra.append(f"autocast={compute_dtype(cfg, device)}")
     return fingerprint("reference", reference_fingerprint(cfg, validated), validated["tokenizer_fingerprint"],
-                       validated[split]["fingerprint"], cfg.data.max_length, cfg.data.truncation_mode,
+                       split_entry(validated, split)["fingerprint"], cfg.data.max_length, cfg.data.truncation_mode,
                        cfg.model.dtype, cfg.loss.ld_alpha, ENGINE_VERSION, *extra)
 
 
-def splits(cfg: RunConfig) -> tuple[str, ...]:
-    return ("train", "eval") if cfg.reference.source == "precomputed" else ("eval",)
+SET_SPLIT = "sets/"  # the split name of named evaluation set <name>: "sets/<name>"
+
+
+def split_entry(validated: dict, split: str) -> dict:
+    """The validate stage's record of ``split``: "train", "eval" or a named set's "sets/<name>"."""
+    if split.startswith(SET_SPLIT):
+        return validated["sets"][split[len(SET_SPLIT):]]
+    return validated[split]
+
+
+def splits(cfg: RunConfig, validated: dict | None = None) -> tuple[str, ...]:
+    """The splits this run precomputes: train (when the reference is precomputed), eval, and each
+    named evaluation set that ``validated`` holds."""
+    base = ("train", "eval") if cfg.reference.source == "precomputed" else ("eval",)
+    return base + tuple(SET_SPLIT + n for n in (validated or {}).get("sets") or {})
 
 
 def cache_keys(cfg: RunConfig, validated: dict) -> dict[str, str]:
     """``{split: cache key}`` of the splits this run precomputes (resolved once per stage run)."""
-    return {s: cache_key(cfg, validated, s) for s in splits(cfg)}
+    return {s: cache_key(cfg, validated, s) for s in splits(cfg, validated)}
 
 
 def key(cfg: RunConfig, validated: dict, keys: dict[str, str] | None = None) -> str:
     return fingerprint(STAGE, *(keys or cache_keys(cfg, validated)).values())
+
+
+def training_key(keys: dict[str, str]) -> str:
+    """The part of the stage's fingerprint that training depends on: the train and eval splits' keys
+    (the named evaluation sets' left out, so adding one does not train again). Without sets: the
+    stage's fingerprint itself."""
+    return fingerprint(STAGE, *(k for s, k in keys.items() if not s.startswith(SET_SPLIT)))
 
 
 def _cache_dir() -> Path:
@@ -146,10 +167,11 @@ def _computer(cfg: RunConfig, validated: dict, follower: bool = False):
             vision = VisionInputs(proc, model) if proc is not None else None
             _check_vocab(model, tok, cfg.reference.model_path)
             vocab = vocab_size(model)
-            for s in ("train", "eval"):  # before any forward pass, on every rank alike
-                if validated.get(s):
-                    check_token_ids(read_valid(validated[s]["valid"], ["example_id", *ID_COLUMNS]), vocab,
-                                    f"{s} split {validated[s]['valid']}")
+            named = [SET_SPLIT + n for n in validated.get("sets") or {}]
+            for s in [s for s in ("train", "eval") if validated.get(s)] + named:  # before any forward
+                entry = split_entry(validated, s)                                 # pass, on every rank
+                check_token_ids(read_valid(entry["valid"], ["example_id", *ID_COLUMNS]), vocab,
+                                f"{s} split {entry['valid']}")
         with tqdm(total=2 * len(rows), desc=f"precompute {split}", unit="seq", disable=follower) as bar:
             return compute_reference_logps(model, rows, pad_id=tok.pad_token_id,
                                            batch_size=cfg.reference.batch_size,
@@ -159,7 +181,7 @@ def _computer(cfg: RunConfig, validated: dict, follower: bool = False):
                                            vision=vision)
 
     if follower:
-        follow_shards(lambda split: read_valid(validated[split]["valid"], REFERENCE_COLUMNS), compute)
+        follow_shards(lambda split: read_valid(split_entry(validated, split)["valid"], REFERENCE_COLUMNS), compute)
         del model
         gc.collect()
     return compute
@@ -222,17 +244,18 @@ def check_token_ids(pairs: pd.DataFrame, vocab: int, where: str) -> None:
 
 def _run(cfg: RunConfig, run_dir: Path, validated: dict, fp: str, keys: dict[str, str], compute) -> dict:
     out = Path(run_dir) / STAGE
-    result = {"stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False,
-              "train_ref": None, "train_ref_key": None}
-    computed, tokens = 0, 0
+    result = {"stage": STAGE, "fingerprint": fp, "training_fingerprint": training_key(keys), "run_dir": str(run_dir),
+              "reused": False, "train_ref": None, "train_ref_key": None}
+    computed, tokens, paths = 0, 0, {}
     ref_fp = reference_fingerprint(cfg, validated)
     with Timer() as t:
         for split, ck in keys.items():
-            rows = read_valid(validated[split]["valid"], REFERENCE_COLUMNS)  # token ids, not the texts
+            entry = split_entry(validated, split)
+            rows = read_valid(entry["valid"], REFERENCE_COLUMNS)  # token ids, not the texts
             if rows.empty:  # the cache cannot hold zero shards; validate stops such a split first
-                raise DataError(f"data error: {split} split {validated[split]['valid']} has no valid "
+                raise DataError(f"data error: {split} split {entry['valid']} has no valid "
                                 f"rows; fix the data (see its report.json) and re-run validate")
-            meta = {"split": split, "data": validated[split]["fingerprint"], "model": ref_fp,
+            meta = {"split": split, "data": entry["fingerprint"], "model": ref_fp,
                     "tokenizer": validated["tokenizer_fingerprint"],
                     "max_length": cfg.data.max_length, "truncation_mode": cfg.data.truncation_mode,
                     "dtype": f"weights={cfg.model.dtype},autocast={compute_dtype(cfg)}",
@@ -241,24 +264,30 @@ def _run(cfg: RunConfig, run_dir: Path, validated: dict, fp: str, keys: dict[str
                 _, stats = cached_reference_logps(_cache_dir(), ck, rows, meta,
                                                   lambda part, s=split: _computed(compute(part, s), s),
                                                   shard_size=shard_rows(len(rows)))
-            result[f"{split}_ref"], result[f"{split}_ref_key"] = stats["path"], ck
+            paths[split] = stats["path"]
+            if split.startswith(SET_SPLIT):  # a named set's: under "sets"
+                result.setdefault("sets", {})[split[len(SET_SPLIT):]] = {"ref": stats["path"], "ref_key": ck}
+            else:
+                result[f"{split}_ref"], result[f"{split}_ref_key"] = stats["path"], ck
             crash_point(STAGE, f"{split}-cached")
             computed += stats["computed_examples"]
             tokens += int(2 * rows["prompt_len"].sum() + rows["chosen_len"].sum() + rows["rejected_len"].sum())
         gc.collect()
     n_train, n_eval = validated["train"]["rows"], validated["eval"]["rows"]
+    n_sets = {n: s["rows"] for n, s in (validated.get("sets") or {}).items()}
     how = ("all from the shared cache, 0 forward passes" if computed == 0
-           else f"{computed} of {n_train + n_eval} pairs computed")
+           else f"{computed} of {n_train + n_eval + sum(n_sets.values())} pairs computed")
     ranks = world()[1]
     result.update({
         "seconds": t.seconds, "computed_examples": computed, "processes": ranks,
         "reference_model": reference_model_path(cfg.reference.model_path, validated["model_path"]),
-        "outputs": [str(Path(result[f"{s}_ref"]) / "_COMPLETE.json") for s in keys],
+        "outputs": [str(Path(p) / "_COMPLETE.json") for p in paths.values()],
         "metrics": {"precompute/computed_pairs": computed,
                     **({"precompute/tokens_per_second": tokens / max(t.seconds, 1e-9)} if computed else {})},
-        "summary": (f"precompute: reference log-probs of {n_train} train + {n_eval} eval pairs "
+        "summary": (f"precompute: reference log-probs of {n_train} train + {n_eval} eval pairs"
+                    f"{''.join(f' + {k} {n}' for n, k in n_sets.items())} "
                     f"({how}{f', {ranks} processes' if ranks > 1 and computed else ''}) in {t.seconds:.1f}s"),
     })
-    write_json(out / "reference_cache.json", {s: result[f"{s}_ref"] for s in keys})
+    write_json(out / "reference_cache.json", paths)
     crash_point(STAGE, "before-record")
     return record(STAGE, fp, result)

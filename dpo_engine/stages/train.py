@@ -48,7 +48,9 @@ STAGE = "train"
 
 
 def key(cfg: RunConfig, precomputed: dict) -> str:
-    return fingerprint(STAGE, precomputed["fingerprint"], cfg.section_hash("loss", "train", "peft"),
+    # the precompute's train/eval part: a named evaluation set (eval.sets) added or changed trains nothing again
+    upstream = precomputed.get("training_fingerprint") or precomputed["fingerprint"]
+    return fingerprint(STAGE, upstream, cfg.section_hash("loss", "train", "peft"),
                        cfg.reference.source if cfg.reference.source != "model" else cfg.section_hash("reference"),
                        cfg.model.init_kwargs,
                        source_fingerprint(cfg.peft.adapter_path) if cfg.peft.adapter_path else None,

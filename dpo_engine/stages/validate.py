@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,23 @@ def _sources(cfg: RunConfig):
     return source, None  # eval carved out of source by eval_fraction
 
 
-def data_fingerprint(cfg: RunConfig, sources: tuple[str, str | None] | None = None) -> str:
-    """Content hash of the resolved train and eval sources (cheap: file hashes are cached)."""
-    return fingerprint(*(source_fingerprint(s) for s in (sources or _sources(cfg))))
+def set_sources(cfg: RunConfig) -> dict[str, str]:
+    """``{name: resolved source}`` of the named evaluation sets (``eval.sets``), in config order."""
+    return {name: resolve_source(s.resolved_source()) for name, s in cfg.eval.sets.items()}
+
+
+def set_dir(out: Path, name: str) -> Path:
+    """Where named set ``name`` is validated, under the stage folder ``out``."""
+    return Path(out) / "sets" / name
+
+
+def data_fingerprint(cfg: RunConfig, sources: tuple[str, str | None] | None = None,
+                     sets: dict[str, str] | None = None) -> str:
+    """Content hash of the resolved train and eval sources, and of the named evaluation sets' when
+    there are any (cheap: file hashes are cached)."""
+    sets = set_sources(cfg) if sets is None else sets
+    named = [f"{n}={source_fingerprint(s)}" for n, s in sets.items()]  # none: the hash as before sets
+    return fingerprint(*(source_fingerprint(s) for s in (sources or _sources(cfg))), *named)
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,7 @@ class Inputs:
     sources: tuple[str, str | None]  # (train, eval); eval None: carved out of train
     data_fingerprint: str
     processor: Any = None  # a vision-language model's processor (images are validated with it)
+    set_sources: dict[str, str] = field(default_factory=dict)  # eval.sets: name -> resolved source
 
 
 def resolve(cfg: RunConfig, tokenizer=None) -> Inputs:
@@ -52,13 +67,35 @@ def resolve(cfg: RunConfig, tokenizer=None) -> Inputs:
     proc = load_processor(cfg.model, model_path, tok)
     tok_fp = tokenizer_fingerprint(tok)  # a processor's image tokens are part of the tokenization
     tok_fp = fingerprint(tok_fp, processor_fingerprint(proc)) if proc is not None else tok_fp
-    sources = _sources(cfg)
-    return Inputs(model_path, tok, tok_fp, sources, data_fingerprint(cfg, sources), proc)
+    sources, sets = _sources(cfg), set_sources(cfg)
+    return Inputs(model_path, tok, tok_fp, sources, data_fingerprint(cfg, sources, sets), proc, sets)
 
 
 def key(cfg: RunConfig, tokenizer=None, inputs: Inputs | None = None) -> str:
     inputs = inputs or resolve(cfg, tokenizer)
-    return fingerprint(STAGE, inputs.data_fingerprint, inputs.tokenizer_fingerprint, cfg.section_hash("data"))
+    named = [(n, s.limit) for n, s in cfg.eval.sets.items()]  # content: in data_fingerprint
+    return fingerprint(STAGE, inputs.data_fingerprint, inputs.tokenizer_fingerprint, cfg.section_hash("data"),
+                       *([named] if named else []))  # without sets: the key as before
+
+
+def _validate_sets(cfg: RunConfig, inputs: Inputs, out: Path) -> dict[str, dict]:
+    """Each named evaluation set into ``validate/sets/<name>/``, like the eval split (its own
+    report and rejects, row by row); a set with no valid pair stops the stage, naming it."""
+    reports = {}
+    data = cfg.data.model_copy(update={"eval_limit": None})  # a set's limit is its own (null: all)
+    for name, src in inputs.set_sources.items():
+        where = set_dir(out, name)
+        reports[name] = validate_split(src, where, inputs.tokenizer, data, split=f"eval.sets.{name}",
+                                       limit=cfg.eval.sets[name].limit, processor=inputs.processor)
+        check_not_empty(reports[name], where)
+    return reports
+
+
+def _entry(where: Path, r: dict) -> dict:
+    """What later stages read of a validated split in ``where``."""
+    return {"valid": str(where / "valid.parquet"), "rejects": str(where / "rejects.parquet"),
+            "report": str(where / "report.json"), "rows": r["valid"], "rows_in": r["rows_in"],
+            "rejected": r["rejected"], "fingerprint": r["fingerprint"]}
 
 
 def run(cfg: RunConfig, run_dir: Path) -> dict:
@@ -87,23 +124,26 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
                                    limit=cfg.data.eval_limit, holdout=split("eval"), processor=inputs.processor),
         }
         check_not_empty(reports["eval"], out / "eval")  # evaluate needs held-out pairs
-    splits = {name: {"valid": str(out / name / "valid.parquet"),
-                     "rejects": str(out / name / "rejects.parquet"),
-                     "report": str(out / name / "report.json"),
-                     "rows": r["valid"], "rows_in": r["rows_in"], "rejected": r["rejected"],
-                     "fingerprint": r["fingerprint"]} for name, r in reports.items()}
+        set_reports = _validate_sets(cfg, inputs, out)
+    splits = {name: _entry(out / name, r) for name, r in reports.items()}
+    sets = {name: _entry(set_dir(out, name), r) for name, r in set_reports.items()}
     tr, ev = reports["train"], reports["eval"]
+    set_metrics = {f"data/{n}_{k}": r[v] for n, r in set_reports.items() for k, v in (("pairs", "valid"),
+                                                                                      ("rejected", "rejected"))}
+    set_line = "".join(f", set {n} {r['valid']}/{r['rows_in']} valid ({r['rejected']} rejected)"
+                       for n, r in set_reports.items())
     result = {
         "stage": STAGE, "fingerprint": fp, "run_dir": str(run_dir), "reused": False,
-        "seconds": t.seconds, **splits,
+        "seconds": t.seconds, **splits, **({"sets": sets} if sets else {}),
         "model_path": model_path, "model_fingerprint": model_fingerprint(model_path, cfg.model.revision),
         "tokenizer_fingerprint": inputs.tokenizer_fingerprint, "vision": inputs.processor is not None,
-        "sources": {"train": train_src, "eval": eval_src}, "data_fingerprint": inputs.data_fingerprint,
-        "outputs": [s[k] for s in splits.values() for k in ("valid", "rejects", "report")],
+        "sources": {"train": train_src, "eval": eval_src, **({"sets": inputs.set_sources} if sets else {})},
+        "data_fingerprint": inputs.data_fingerprint,
+        "outputs": [s[k] for s in [*splits.values(), *sets.values()] for k in ("valid", "rejects", "report")],
         "metrics": {"data/train_pairs": tr["valid"], "data/eval_pairs": ev["valid"],
-                    "data/train_rejected": tr["rejected"], "data/eval_rejected": ev["rejected"]},
+                    "data/train_rejected": tr["rejected"], "data/eval_rejected": ev["rejected"], **set_metrics},
         "summary": (f"validate: train {tr['valid']}/{tr['rows_in']} valid ({tr['rejected']} rejected), "
-                    f"eval {ev['valid']}/{ev['rows_in']} valid ({ev['rejected']} rejected) "
+                    f"eval {ev['valid']}/{ev['rows_in']} valid ({ev['rejected']} rejected){set_line} "
                     f"in {t.seconds:.1f}s"),
     }
     crash_point(STAGE, "before-record")
