@@ -29,7 +29,7 @@ def test_deterministic_sizes_and_disjoint(splits):
     train, eval_ = splits
     assert (train, eval_) == generate(seed=0)
     assert generate(seed=1) != (train, eval_)
-    assert len(train) >= 2000 and len(eval_) == 300
+    assert len(train) >= 1500 and len(eval_) == 300
     qs_train, qs_eval = [question(r) for r in train], [question(r) for r in eval_]
     assert len(set(qs_train)) == len(qs_train) and len(set(qs_eval)) == len(qs_eval)
     assert not set(qs_train) & set(qs_eval)
@@ -73,6 +73,22 @@ def test_judge_hand_examples():
     assert judge(None, "", row) == 0.0
     assert judge(None, "Answer: 42", {"meta": json.dumps({"answer": "42", "family": "add"})}) == 1.0
     assert judge(None, "Answer: 42", {}) == 0.5
+    # where the answer is a spelling, case counts (row column or validated meta)
+    assert judge(None, "Answer: TRAIN", {"answer": "train", "family": "lower"}) == 0.5
+    assert judge(None, "Answer: train.", {"answer": "train", "family": "lower"}) == 1.0
+    assert judge(None, "Answer: Train", {"meta": json.dumps({"answer": "train", "family": "repeat"})}) == 0.5
+    assert judge(None, "Answer: paris", {"answer": "Paris", "family": "capital"}) == 1.0
+
+
+def test_families_are_answerable_and_case_is_taught(splits):
+    train, eval_ = splits
+    fams = Counter(r["family"] for r in train + eval_)
+    assert set(fams) == set(builtin.QUOTAS) and all(n >= 50 for n in fams.values())
+    # a lowercase question's wrong answers include the uppercase word (what the model tends to echo)
+    lower = [r for r in train if r["family"] == "lower"]
+    assert any(r["rejected"][0]["content"] == f"Answer: {r['answer'].upper()}" for r in lower)
+    for r in train + eval_:  # each wrong answer differs from the right one as the judge compares
+        assert judge(None, r["rejected"][0]["content"], r) < 1.0
 
 
 def test_materialize_idempotent_and_loadable(tmp_path, monkeypatch, splits):
