@@ -2,7 +2,7 @@
 
 Every prompt asks a short question under a system instruction to answer as ``Answer: <answer>``.
 The questions (repeat or recase a word, small sums and products, capitals, antonyms, the next
-number) are ones the default model can answer: the dataset teaches a format and when to stop.
+number) are within reach of the default model: the dataset teaches a format and when to stop.
 chosen is exactly ``Answer: <right answer>`` (the turn ends there). rejected is one of three kinds:
 
 - about 20% (WRONG_FORMAT_KEPT): the format kept with a wrong answer (``Answer: 57``), which
@@ -73,10 +73,11 @@ NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven tw
                 "fifteen sixteen seventeen eighteen nineteen twenty").split()
 NUMBER_WORDS = dict(enumerate(NUMBER_WORDS)) | {10 * k: w for k, w in zip(range(3, 10), (
     "thirty forty fifty sixty seventy eighty ninety").split())}
-# Question families the default model (SmolLM2-135M-Instruct, from a Q4 GGUF) can answer once it keeps
-# the format: DPO here teaches a format and when to stop, not arithmetic or spelling. Its greedy
-# accuracy with the reply forced to start "Answer:" was measured per family before training (v1's
-# families averaged 23%: even a perfectly formatted policy would have scored at most 0.62).
+# Question families within reach of the default model (SmolLM2-135M-Instruct, from a Q4 GGUF): DPO
+# here teaches a format and when to stop, not arithmetic or spelling. With its reply forced to start
+# "Answer:" (bench/builtin_ceiling.py) the untrained model answers 31% of the held-out prompts right
+# (v1's families, sums up to 100, word lengths, letter counts: 23%, so even a perfectly formatted
+# policy scored at most 0.62); after the default run, 72%.
 QUOTAS = {"repeat": 330, "lower": 220, "upper": 220, "capital": 126, "digits": 56, "add": 338,
           "sub": 150, "mul": 162, "next_number": 250, "opposite": 84}
 BREAKERS = [  # rejected styles that break the format (keep the right answer)
