@@ -4,6 +4,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from data_contracts import builtin
@@ -28,7 +29,7 @@ def test_deterministic_sizes_and_disjoint(splits):
     train, eval_ = splits
     assert (train, eval_) == generate(seed=0)
     assert generate(seed=1) != (train, eval_)
-    assert len(train) >= 2000 and len(eval_) == 300
+    assert len(train) >= 1500 and len(eval_) == 300
     qs_train, qs_eval = [question(r) for r in train], [question(r) for r in eval_]
     assert len(set(qs_train)) == len(qs_train) and len(set(qs_eval)) == len(qs_eval)
     assert not set(qs_train) & set(qs_eval)
@@ -37,7 +38,7 @@ def test_deterministic_sizes_and_disjoint(splits):
 
 def test_row_shape_and_preferences(splits):
     train, eval_ = splits
-    kept_format = 0
+    kept_format = continues = 0
     for row in train + eval_:
         assert set(row) == {"prompt", "chosen", "rejected", "answer", "family"}
         assert row["prompt"] == [{"role": "system", "content": SYSTEM},
@@ -48,7 +49,15 @@ def test_row_shape_and_preferences(splits):
         score = judge(row["prompt"], row["rejected"][0]["content"], row)
         assert score < 1.0
         kept_format += score == 0.5
-    assert 0.12 < kept_format / len(train + eval_) < 0.28  # ~20% keep the format, wrong answer
+        head, sep, tail = row["rejected"][0]["content"].partition("\n")
+        if head == row["chosen"][0]["content"]:  # the right answer line, then the turn goes on
+            assert sep and tail.strip() and score == 0.0
+            continues += 1
+    n = len(train + eval_)
+    assert 0.12 < kept_format / n < 0.28  # ~20% keep the format, wrong answer
+    assert 0.28 < continues / n < 0.42  # ~35% teach to stop after the answer line
+    assert 0.28 < sum(r["rejected"][0]["content"].startswith(r["chosen"][0]["content"] + "\n")
+                      for r in train[:256]) / 256 < 0.42  # also in the default run's 256 pairs
     assert max(len(r["rejected"][0]["content"]) for r in train) < 80
 
 
@@ -64,6 +73,22 @@ def test_judge_hand_examples():
     assert judge(None, "", row) == 0.0
     assert judge(None, "Answer: 42", {"meta": json.dumps({"answer": "42", "family": "add"})}) == 1.0
     assert judge(None, "Answer: 42", {}) == 0.5
+    # where the answer is a spelling, case counts (row column or validated meta)
+    assert judge(None, "Answer: TRAIN", {"answer": "train", "family": "lower"}) == 0.5
+    assert judge(None, "Answer: train.", {"answer": "train", "family": "lower"}) == 1.0
+    assert judge(None, "Answer: Train", {"meta": json.dumps({"answer": "train", "family": "repeat"})}) == 0.5
+    assert judge(None, "Answer: paris", {"answer": "Paris", "family": "capital"}) == 1.0
+
+
+def test_families_are_answerable_and_case_is_taught(splits):
+    train, eval_ = splits
+    fams = Counter(r["family"] for r in train + eval_)
+    assert set(fams) == set(builtin.QUOTAS) and all(n >= 50 for n in fams.values())
+    # a lowercase question's wrong answers include the uppercase word (what the model tends to echo)
+    lower = [r for r in train if r["family"] == "lower"]
+    assert any(r["rejected"][0]["content"] == f"Answer: {r['answer'].upper()}" for r in lower)
+    for r in train + eval_:  # each wrong answer differs from the right one as the judge compares
+        assert judge(None, r["rejected"][0]["content"], r) < 1.0
 
 
 def test_materialize_idempotent_and_loadable(tmp_path, monkeypatch, splits):
@@ -92,3 +117,14 @@ def test_builtin_validates_clean(tmp_path, monkeypatch):
     rep = validate_split("builtin:answer-format@eval", tmp_path / "eval", tok, DataConfig(), split="eval")
     assert (rep["rows_in"], rep["valid"], rep["rejected"], rep["duplicates"]) == (300, 300, 0, 0)
     assert rep["is_conversational"] and rep["truncated"]["rows"] == 0 and rep["policy_ok"]
+    # a rejected answer that goes on after the right answer line shares the chosen tokens up to the
+    # end of turn, where chosen has EOS and rejected does not: the pair's only signal is the stop
+    rows = pq.read_table(tmp_path / "eval" / "valid.parquet").to_pylist()
+    stops = 0
+    for r in rows:
+        c, rj = r["chosen_input_ids"], r["rejected_input_ids"]
+        assert c[-1] == rj[-1] == tok.eos_token_id and c.count(tok.eos_token_id) == 1
+        if json.loads(r["rejected"])[0]["content"].startswith(json.loads(r["chosen"])[0]["content"] + "\n"):
+            assert rj[:len(c) - 1] == c[:-1] and rj[len(c) - 1] != tok.eos_token_id
+            stops += 1
+    assert stops > 0.25 * len(rows)
